@@ -1,0 +1,1 @@
+"""Local infrastructure (Kafka broker, Redis, Spark jars) and the settings object."""

@@ -1,0 +1,155 @@
+"""A single-node Apache Kafka broker in KRaft mode, run from the jars in infra/kafka/lib.
+
+Broker and controller share one process on 127.0.0.1 (``process.roles=broker,controller``). Storage is
+formatted once; later starts reuse it, so topics and offsets survive ``make down`` / ``make up``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+
+from infra import process
+from infra.jars import ensure_kafka_jars
+from infra.settings import Settings
+
+LOG4J2 = """\
+status = warn
+appender.file.type = RollingFile
+appender.file.name = file
+appender.file.fileName = ${sys:kafka.logs.dir}/server.log
+appender.file.filePattern = ${sys:kafka.logs.dir}/server.log.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 50MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 3
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = file
+logger.kafka.name = kafka
+logger.kafka.level = INFO
+logger.state.name = state.change.logger
+logger.state.level = WARN
+"""
+
+
+class KafkaBroker:
+    """Start / stop / inspect the local broker described by ``settings``."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.home = settings.var_dir / "kafka"
+        self.data_dir = self.home / "data"
+        self.pidfile = self.home / "kafka.pid"
+        self.logfile = self.home / "stdout.log"
+        host, _, port = settings.kafka.bootstrap_servers.split(",")[0].rpartition(":")
+        self.host, self.port = host, int(port)
+
+    # -- files -------------------------------------------------------------------------------------
+    def _server_properties(self) -> str:
+        k = self.settings.kafka
+        return "\n".join([
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@{self.host}:{k.controller_port}",
+            f"listeners=PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{k.controller_port}",
+            f"advertised.listeners=PLAINTEXT://{self.host}:{self.port}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            f"log.dirs={self.data_dir}",
+            f"num.partitions={k.default_partitions}",
+            "auto.create.topics.enable=true",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=4",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            "log.retention.check.interval.ms=60000",
+            "",
+        ])
+
+    def _write_config(self) -> Path:
+        self.home.mkdir(parents=True, exist_ok=True)
+        props = self.home / "server.properties"
+        props.write_text(self._server_properties())
+        (self.home / "log4j2.properties").write_text(LOG4J2)
+        return props
+
+    def _java(self, main: str, *args: str) -> list[str]:
+        jars = ensure_kafka_jars()
+        return ["java", f"-Xms256m", f"-Xmx{self.settings.kafka.heap}", "-XX:+UseG1GC",
+                f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
+                f"-Dkafka.logs.dir={self.home / 'logs'}", "-cp", f"{jars}/*", main, *args]
+
+    def _format_if_needed(self, props: Path) -> None:
+        if (self.data_dir / "meta.properties").exists():
+            return
+        cluster_id = self._cluster_id()
+        print(f"kafka: formatting {self.data_dir} (cluster {cluster_id})", flush=True)
+        subprocess.run(self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props),
+                                  "--ignore-formatted"), check=True, capture_output=True)
+
+    def _cluster_id(self) -> str:
+        # KRaft wants a base64url UUID (22 chars); any random UUID will do.
+        import base64
+
+        return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def pid(self) -> int | None:
+        return process.pid_of(self.pidfile)
+
+    def ready(self) -> bool:
+        if not process.port_open(self.host, self.port):
+            return False
+        from kafka import KafkaAdminClient
+        from kafka.errors import KafkaError
+
+        try:
+            admin = KafkaAdminClient(**self.settings.kafka.client_config(), request_timeout_ms=3000)
+        except KafkaError:
+            return False
+        try:
+            admin.list_topics()
+            return True
+        except KafkaError:
+            return False
+        finally:
+            admin.close()
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        if self.pid() is not None:
+            process.wait_until(self.ready, timeout_s, "kafka", alive=lambda: self.pid() is not None)
+            print(f"kafka: already running (pid {self.pid()}) on {self.host}:{self.port}")
+            return
+        if process.port_open(self.host, self.port):
+            raise RuntimeError(f"kafka: port {self.port} is taken by a process this project did not start")
+        props = self._write_config()
+        self._format_if_needed(props)
+        pid = process.start_detached(self._java("kafka.Kafka", str(props)), self.pidfile, self.logfile)
+        print(f"kafka: started pid {pid}, waiting for {self.host}:{self.port} ...", flush=True)
+        try:
+            process.wait_until(self.ready, timeout_s, "kafka", interval_s=0.5,
+                               alive=lambda: self.pid() is not None)
+        except (RuntimeError, TimeoutError):
+            print(f"kafka: see {self.home / 'logs' / 'server.log'} and {self.logfile}")
+            raise
+        print("kafka: ready")
+
+    def stop(self) -> None:
+        if process.stop(self.pidfile, "kafka", timeout_s=60):
+            print("kafka: stopped")
+        else:
+            print("kafka: not running")
+
+    def status(self) -> str:
+        pid = self.pid()
+        if pid is None:
+            return "kafka: down"
+        return f"kafka: pid {pid}, {self.host}:{self.port} {'ready' if self.ready() else 'not ready'}"

@@ -1,0 +1,63 @@
+"""Redis from Debian's ``redis-server`` package, on 127.0.0.1, with an append-only file so that a
+restart loses nothing that was acknowledged."""
+
+from __future__ import annotations
+
+import shutil
+
+from infra import process
+from infra.settings import Settings
+
+
+class RedisServer:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.home = settings.var_dir / "redis"
+        self.pidfile = self.home / "redis.pid"
+        self.logfile = self.home / "redis.log"
+
+    def _binary(self) -> str:
+        path = shutil.which("redis-server")
+        if path is None:
+            raise RuntimeError("redis-server not found: run `make install` (apt-get install redis-server)")
+        return path
+
+    def pid(self) -> int | None:
+        return process.pid_of(self.pidfile)
+
+    def ready(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis.from_url(self.settings.redis.url, socket_timeout=1).ping())
+        except redis.RedisError:
+            return False
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        if self.pid() is not None:
+            print(f"redis: already running (pid {self.pid()}) on port {self.settings.redis.port}")
+            return
+        r = self.settings.redis
+        if process.port_open(r.host, r.port):
+            raise RuntimeError(f"redis: port {r.port} is taken by a process this project did not start")
+        self.home.mkdir(parents=True, exist_ok=True)
+        cmd = [self._binary(), "--bind", r.host, "--port", str(r.port), "--dir", str(self.home),
+               "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+               "--protected-mode", "no" if r.password else "yes"]
+        if r.password:
+            cmd += ["--requirepass", r.password]
+        pid = process.start_detached(cmd, self.pidfile, self.logfile)
+        process.wait_until(self.ready, timeout_s, "redis", alive=lambda: self.pid() is not None)
+        print(f"redis: started pid {pid} on {r.host}:{r.port}")
+
+    def stop(self) -> None:
+        if process.stop(self.pidfile, "redis"):
+            print("redis: stopped")
+        else:
+            print("redis: not running")
+
+    def status(self) -> str:
+        pid = self.pid()
+        if pid is None:
+            return "redis: down"
+        return f"redis: pid {pid}, port {self.settings.redis.port} {'ready' if self.ready() else 'not ready'}"

@@ -1,0 +1,117 @@
+"""The one settings object: every address, path, window length and topic name.
+
+Values come from environment variables (prefix ``ADS_``, nested with ``__``, for example
+``ADS_KAFKA__BOOTSTRAP_SERVERS=broker1:9092``) or from a ``.env`` file named by ``ADS_ENV_FILE``
+(default ``.env`` in the working directory). The defaults are the local stack that ``make up`` starts.
+
+>>> s = get_settings()
+>>> s.topics.impressions
+'impressions'
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class KafkaSettings(BaseModel):
+    """Where Kafka is, and how the local broker is laid out."""
+
+    bootstrap_servers: str = "127.0.0.1:19092"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    # Local broker only (infra/kafka_broker.py).
+    controller_port: int = 19093
+    heap: str = "1G"
+    default_partitions: int = 4
+    replication_factor: int = 1
+
+    def client_config(self) -> dict:
+        """Connection settings in kafka-python's spelling (aiokafka accepts the same names)."""
+        cfg: dict = {"bootstrap_servers": self.bootstrap_servers.split(","),
+                     "security_protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            cfg.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                       sasl_plain_password=self.sasl_password)
+        if self.ssl_cafile:
+            cfg["ssl_cafile"] = self.ssl_cafile
+        return cfg
+
+
+class TopicSettings(BaseModel):
+    """Topic names. Raw events are keyed by impression id, so one partition holds a whole impression."""
+
+    impressions: str = "impressions"
+    clicks: str = "clicks"
+    conversions: str = "conversions"
+    prediction_log: str = "prediction_log"
+    training_examples: str = "training_examples"
+    matured_labels: str = "matured_labels"
+    dead_letters: str = "dead_letters"
+
+
+class RedisSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 16379
+    password: str | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
+
+
+class WindowSettings(BaseModel):
+    """Attribution windows, in seconds of event time."""
+
+    click_window_s: float = 30.0
+    conversion_window_s: float = 7 * 24 * 3600.0
+    # How far behind the newest event time an event may arrive and still be joined.
+    allowed_lateness_s: float = 600.0
+
+
+class SparkSettings(BaseModel):
+    master: str = "local[2]"
+    driver_memory: str = "2g"
+    shuffle_partitions: int = 4
+
+
+class Settings(BaseSettings):
+    """Everything configurable in the pipeline."""
+
+    model_config = SettingsConfigDict(env_prefix="ADS_", env_nested_delimiter="__",
+                                      env_file=os.environ.get("ADS_ENV_FILE", ".env"), extra="ignore")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    windows: WindowSettings = Field(default_factory=WindowSettings)
+    spark: SparkSettings = Field(default_factory=SparkSettings)
+    # Local state: broker logs, Redis data, Delta tables, simulator runs.
+    var_dir: Path = ROOT / "var"
+    kafka_jar_dir: Path = ROOT / "infra" / "kafka" / "lib"
+    spark_jar_dir: Path = ROOT / "infra" / "spark" / "lib"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.var_dir / "runs"
+
+    @property
+    def lake_dir(self) -> Path:
+        return self.var_dir / "lake"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,81 @@
+"""The topics, with explicit partitions, retention and cleanup policies; ``ensure_topics`` creates the
+missing ones and raises partition counts that are too low (it never lowers them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infra.settings import Settings
+
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str]
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    """Raw events outlive the conversion window (plus a week of margin for replays and backfills);
+    matured labels are compacted by impression id; dead letters are kept for a month."""
+    t, p = settings.topics, settings.kafka.default_partitions
+    window_ms = int(settings.windows.conversion_window_s * 1000)
+    raw = {"cleanup.policy": "delete", "retention.ms": str(window_ms + 7 * DAY_MS),
+           "message.timestamp.type": "CreateTime"}
+    return [
+        TopicSpec(t.impressions, p, raw),
+        TopicSpec(t.clicks, p, raw),
+        TopicSpec(t.conversions, p, raw),
+        TopicSpec(t.prediction_log, p, {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)}),
+        TopicSpec(t.training_examples, p, {"cleanup.policy": "delete", "retention.ms": str(7 * DAY_MS)}),
+        TopicSpec(t.matured_labels, p, {"cleanup.policy": "compact,delete",
+                                        "retention.ms": str(window_ms + 30 * DAY_MS)}),
+        TopicSpec(t.dead_letters, 1, {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)}),
+    ]
+
+
+def ensure_topics(settings: Settings) -> list[str]:
+    """Create missing topics; return the names created."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewPartitions, NewTopic
+
+    admin = KafkaAdminClient(**settings.kafka.client_config())
+    try:
+        existing = set(admin.list_topics())
+        specs = topic_specs(settings)
+        new = [NewTopic(s.name, s.partitions, settings.kafka.replication_factor, topic_configs=s.config)
+               for s in specs if s.name not in existing]
+        if new:
+            admin.create_topics(new)
+        grow = {}
+        for meta in admin.describe_topics([s.name for s in specs if s.name in existing]):
+            want = next(s.partitions for s in specs if s.name == meta["name"])
+            if len(meta["partitions"]) < want:
+                grow[meta["name"]] = NewPartitions(total_count=want)
+        if grow:
+            admin.create_partitions(grow)
+        return [n.name for n in new]
+    finally:
+        admin.close()
+
+
+def topic_counts(settings: Settings, names: list[str] | None = None) -> dict[str, int]:
+    """Messages currently held per topic (end offset minus beginning offset, over partitions)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    names = names or [s.name for s in topic_specs(settings)]
+    consumer = KafkaConsumer(**settings.kafka.client_config())
+    try:
+        counts = {}
+        for name in names:
+            parts = [TopicPartition(name, p) for p in (consumer.partitions_for_topic(name) or ())]
+            if not parts:
+                counts[name] = 0
+                continue
+            begin, end = consumer.beginning_offsets(parts), consumer.end_offsets(parts)
+            counts[name] = sum(end[tp] - begin[tp] for tp in parts)
+        return counts
+    finally:
+        consumer.close()

@@ -1,0 +1,19 @@
+"""One source of truth for every event and table (see ``schemas.events``)."""
+
+from schemas.codec import InvalidEvent, decode, encode
+from schemas.events import (
+    ALL_EVENTS,
+    Click,
+    Conversion,
+    DeadLetter,
+    Event,
+    Impression,
+    MaturedLabel,
+    PredictionLog,
+    TrainingExample,
+)
+
+__all__ = [
+    "ALL_EVENTS", "Click", "Conversion", "DeadLetter", "Event", "Impression", "InvalidEvent", "MaturedLabel",
+    "PredictionLog", "TrainingExample", "decode", "encode",
+]

@@ -1,0 +1,70 @@
+"""Kafka wire format derived from ``schemas.events``: JSON values, a string key, a ``schema`` header.
+
+>>> from schemas.events import Click
+>>> c = Click(click_id="c1", impression_id="i1", user_id=1, ad_id=2, event_time_ms=0)
+>>> key, value, headers = encode(c)
+>>> decode(Click, value, headers) == c
+True
+>>> decode(Click, b"{not json", headers)  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+schemas.codec.InvalidEvent: not JSON: ...
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import orjson
+from pydantic import ValidationError
+
+from schemas.events import Event
+
+SCHEMA_HEADER = "schema"
+E = TypeVar("E", bound=Event)
+Headers = list[tuple[str, bytes]]
+
+
+class InvalidEvent(ValueError):
+    """Raised by :func:`decode`; the message is the dead-letter reason."""
+
+
+def encode(event: Event) -> tuple[bytes, bytes, Headers]:
+    """Key, value and headers of one event."""
+    return (event.key().encode(), orjson.dumps(event.model_dump()),
+            [(SCHEMA_HEADER, event.schema_id().encode())])
+
+
+def schema_headers(cls: type[Event]) -> Headers:
+    return [(SCHEMA_HEADER, cls.schema_id().encode())]
+
+
+def _check_header(cls: type[Event], headers: Headers | None) -> None:
+    for name, value in headers or ():
+        if name == SCHEMA_HEADER:
+            found = value.decode(errors="replace")
+            name_, _, version = found.partition("/v")
+            if name_ != cls.NAME:
+                raise InvalidEvent(f"wrong schema: expected {cls.NAME}, got {found}")
+            if not version.isdigit() or int(version) > cls.VERSION:
+                raise InvalidEvent(f"unsupported schema version: {found} (reader knows {cls.schema_id()})")
+
+
+def decode(cls: type[E], value: bytes | None, headers: Headers | None = None) -> E:
+    """Parse and validate one Kafka value as ``cls``; raise :class:`InvalidEvent` with the reason."""
+    if value is None:
+        raise InvalidEvent("empty value (tombstone)")
+    _check_header(cls, headers)
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidEvent(f"not a JSON object: {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<record>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise InvalidEvent(f"invalid {cls.NAME}: {problems}") from None

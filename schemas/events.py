@@ -1,0 +1,177 @@
+"""Every event and table of the pipeline, defined once.
+
+Each class is a pydantic model: its fields are the record's fields, its constraints are the checks
+every consumer applies. Kafka (de)serialization (``schemas.codec``), faust Records
+(``schemas.faust_records``), Spark StructTypes (``schemas.spark``) and data-quality expectations are
+all derived from these classes; nothing else lists the fields.
+
+Times are UTC epoch milliseconds of *event time* (``*_ms``); durations are seconds (``*_s``).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Probability = Field(ge=0.0, le=1.0)
+EpochMs = Field(ge=0, description="UTC epoch milliseconds")
+
+
+class Event(BaseModel):
+    """Base of every record. ``NAME``/``VERSION`` travel in the Kafka ``schema`` header."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+
+    NAME: ClassVar[str]
+    VERSION: ClassVar[int] = 1
+    # Field whose value is the Kafka message key.
+    KEY: ClassVar[str] = "impression_id"
+
+    @classmethod
+    def schema_id(cls) -> str:
+        return f"{cls.NAME}/v{cls.VERSION}"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return list(cls.model_fields)
+
+    def key(self) -> str:
+        return str(getattr(self, self.KEY))
+
+
+class Impression(Event):
+    """An ad shown to a user, with what serving used to rank it."""
+
+    NAME: ClassVar[str] = "impression"
+
+    impression_id: str = Field(min_length=1)
+    request_id: str = Field(min_length=1)
+    user_id: int = Field(ge=0)
+    ad_id: int = Field(ge=0)
+    advertiser_id: int = Field(ge=0)
+    campaign_id: int = Field(ge=0)
+    placement: str = Field(min_length=1)
+    position: int = Field(ge=0, le=100)
+    device: str = Field(min_length=1)
+    bid: float = Field(ge=0.0)
+    event_time_ms: int = EpochMs
+    model_version: str
+    served_pctr: float = Probability
+    served_pcvr: float = Probability
+    # Key of the prediction_log record holding the exact feature vector serving scored.
+    feature_ref: str
+
+
+class Click(Event):
+    """A click on an impression."""
+
+    NAME: ClassVar[str] = "click"
+
+    click_id: str = Field(min_length=1)
+    impression_id: str = Field(min_length=1)
+    user_id: int = Field(ge=0)
+    ad_id: int = Field(ge=0)
+    event_time_ms: int = EpochMs
+
+
+class Conversion(Event):
+    """A conversion attributed (last click) to a click."""
+
+    NAME: ClassVar[str] = "conversion"
+
+    conversion_id: str = Field(min_length=1)
+    click_id: str = Field(min_length=1)
+    impression_id: str = Field(min_length=1)
+    user_id: int = Field(ge=0)
+    ad_id: int = Field(ge=0)
+    event_time_ms: int = EpochMs
+    value: float = Field(ge=0.0)
+
+
+class PredictionLog(Event):
+    """What serving scored: the features and scores of one candidate, logged for replay."""
+
+    NAME: ClassVar[str] = "prediction_log"
+
+    request_id: str = Field(min_length=1)
+    impression_id: str = Field(min_length=1)
+    user_id: int = Field(ge=0)
+    ad_id: int = Field(ge=0)
+    model_version: str
+    event_time_ms: int = EpochMs
+    features: dict[str, float]
+    pctr: float = Probability
+    pcvr: float = Probability
+
+
+class TrainingExample(Event):
+    """One example for the streaming trainer, emitted before the conversion window closes.
+
+    ``weight`` and ``label_*`` follow the delay-correction scheme named in ``scheme``; an example with
+    ``is_correction`` set supersedes an earlier one for the same impression.
+    """
+
+    NAME: ClassVar[str] = "training_example"
+
+    impression_id: str = Field(min_length=1)
+    user_id: int = Field(ge=0)
+    ad_id: int = Field(ge=0)
+    advertiser_id: int = Field(ge=0)
+    campaign_id: int = Field(ge=0)
+    placement: str
+    position: int = Field(ge=0)
+    device: str
+    model_version: str
+    impression_time_ms: int = EpochMs
+    clicked: bool
+    converted: bool
+    scheme: str
+    label_ctr: float = Probability
+    label_ctcvr: float = Probability
+    weight: float = Field(ge=0.0)
+    emitted_at_ms: int = EpochMs
+    click_time_ms: int | None = None
+    conversion_time_ms: int | None = None
+    elapsed_since_click_s: float | None = Field(default=None, ge=0.0)
+    delay_cdf: float | None = Field(default=None, ge=0.0, le=1.0)
+    is_correction: bool = False
+
+
+class MaturedLabel(Event):
+    """Final labels of one impression, once both attribution windows have closed."""
+
+    NAME: ClassVar[str] = "matured_label"
+
+    impression_id: str = Field(min_length=1)
+    user_id: int = Field(ge=0)
+    ad_id: int = Field(ge=0)
+    advertiser_id: int = Field(ge=0)
+    campaign_id: int = Field(ge=0)
+    impression_time_ms: int = EpochMs
+    clicked: bool
+    converted: bool
+    click_time_ms: int | None = None
+    conversion_time_ms: int | None = None
+    conversion_value: float = Field(default=0.0, ge=0.0)
+
+
+class DeadLetter(Event):
+    """An input that could not be used, with the reason; nothing bad is dropped silently."""
+
+    NAME: ClassVar[str] = "dead_letter"
+    KEY: ClassVar[str] = "source_topic"
+
+    source_topic: str
+    partition: int = Field(ge=-1)
+    offset: int = Field(ge=-1)
+    stage: str
+    reason: str
+    payload: str
+    failed_at_ms: int = EpochMs
+
+
+ALL_EVENTS: tuple[type[Event], ...] = (
+    Impression, Click, Conversion, PredictionLog, TrainingExample, MaturedLabel, DeadLetter,
+)
+BY_SCHEMA_ID: dict[str, type[Event]] = {cls.schema_id(): cls for cls in ALL_EVENTS}
