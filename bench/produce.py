@@ -1,0 +1,73 @@
+"""Simulator throughput into Kafka versus a bare kafka-python producer sending the same payloads.
+
+``python -m bench.produce --hours 4`` prints a table. The bare producer is the ceiling for this client
+on this machine: it sends pre-built (topic, key, value, headers) tuples in a tight loop. The simulator
+row includes everything it does per run: drawing the traffic, building the schedule, serializing and
+sending. Both use the same producer settings and fresh topics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+
+from infra.settings import Settings, TopicSettings, get_settings
+from infra.topics import ensure_topics
+from streams.simulator.config import SimulatorConfig
+from streams.simulator.delivery import iter_messages
+from streams.simulator.run import generate, make_producer, send
+
+
+def fresh_settings(tag: str) -> Settings:
+    """Settings whose topics are new, so the two runs do not share partitions or batches."""
+    base = get_settings()
+    topics = TopicSettings(**{name: f"bench-{tag}-{value}" for name, value in base.topics.model_dump().items()})
+    settings = base.model_copy(update={"topics": topics})
+    ensure_topics(settings)
+    return settings
+
+
+def bare_producer(cfg: SimulatorConfig) -> tuple[int, float]:
+    settings = fresh_settings(f"bare-{uuid.uuid4().hex[:6]}")
+    messages = [m[:4] for m in iter_messages(generate(cfg, settings).schedule)]
+    producer = make_producer(settings)
+    t0 = time.perf_counter()
+    for topic, key, value, headers in messages:
+        producer.send(topic, value=value, key=key, headers=headers)
+    producer.flush()
+    elapsed = time.perf_counter() - t0
+    producer.close()
+    return len(messages), elapsed
+
+
+def simulator(cfg: SimulatorConfig) -> tuple[int, float]:
+    settings = fresh_settings(f"sim-{uuid.uuid4().hex[:6]}")
+    t0 = time.perf_counter()
+    gen = generate(cfg, settings)
+    counts = send(gen.schedule, settings, speed=0, start_ms=cfg.start_ms, log_every_s=1e9)
+    return sum(counts.values()), time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--hours", type=float, default=4.0)
+    p.add_argument("--repeat", type=int, default=2)
+    a = p.parse_args()
+    cfg = SimulatorConfig(hours=a.hours, speed=0, users=100_000, ads=20_000)
+    rows = []
+    for i in range(a.repeat):
+        for name, fn in (("bare kafka-python producer", bare_producer), ("simulator (end to end)", simulator)):
+            n, s = fn(cfg)
+            rows.append((i, name, n, s, n / s))
+            print(f"run {i}: {name}: {n:,} events in {s:.2f}s", flush=True)
+    best = {name: max(r[4] for r in rows if r[1] == name) for _, name, *_ in rows}
+    ceiling = best["bare kafka-python producer"]
+    print(f"\n{'path':<30} {'events':>10} {'best events/s':>14} {'of ceiling':>11}")
+    for name, rate in best.items():
+        n = next(r[2] for r in rows if r[1] == name)
+        print(f"{name:<30} {n:>10,} {rate:>14,.0f} {rate / ceiling:>10.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Ads traffic simulator with known ground truth (``python -m streams.simulator --help``)."""

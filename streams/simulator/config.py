@@ -1,0 +1,58 @@
+"""Knobs of the traffic simulator. Every rate here is a target the tests check the output against."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, Field
+
+
+class SimulatorConfig(BaseModel):
+    seed: int = 7
+    run_id: str | None = Field(default=None, description="prefix of every id; default sim<seed>")
+    start: datetime = datetime(2026, 11, 2, tzinfo=UTC)
+    hours: float = Field(default=3.0, gt=0)
+    users: int = Field(default=100_000, gt=0)
+    ads: int = Field(default=20_000, gt=0, description="ad slots live at any time")
+    impressions_per_hour: float = Field(default=20_000, gt=0)
+    # Popularity: Zipf exponents of user activity and ad popularity.
+    user_zipf: float = 1.05
+    ad_zipf: float = 1.1
+    latent_dim: int = 8
+    # Targets of the true probabilities, averaged over the run.
+    ctr: float = Field(default=0.03, gt=0, lt=1)
+    cvr: float = Field(default=0.02, gt=0, lt=1, description="P(conversion ever | click)")
+    # Click delay (seconds after the impression, always inside the click window): lognormal.
+    click_delay_median_s: float = 4.0
+    click_delay_sigma: float = 0.8
+    # Conversion delay: a fast exponential part and a slow lognormal tail that crosses the window.
+    conv_fast_share: float = Field(default=0.5, ge=0, le=1)
+    conv_fast_mean_s: float = 3600.0
+    conv_slow_median_s: float = 3 * 86400.0
+    conv_slow_sigma: float = 1.0
+    # Delivery defects (shares of events).
+    duplicate_share: float = Field(default=0.01, ge=0, le=1)
+    out_of_order_share: float = Field(default=0.02, ge=0, le=1)
+    out_of_order_max_s: float = 120.0
+    late_share: float = Field(default=0.003, ge=0, le=1)
+    malformed_share: float = Field(default=0.002, ge=0, le=1)
+    delivery_jitter_mean_s: float = 1.0
+    # Drift and churn.
+    drift_logit_per_day: float = -0.1
+    diurnal_amplitude: float = 0.3
+    ad_churn_per_day: float = 0.05
+    prediction_log: bool = True
+    # Pacing: simulated seconds per wall-clock second; 0 sends as fast as the producer can.
+    speed: float = Field(default=720.0, ge=0)
+
+    @property
+    def prefix(self) -> str:
+        return self.run_id or f"sim{self.seed}"
+
+    @property
+    def start_ms(self) -> int:
+        return int(self.start.timestamp() * 1000)
+
+    @property
+    def end_ms(self) -> int:
+        return self.start_ms + int(self.hours * 3600 * 1000)

@@ -1,0 +1,128 @@
+"""Impressions and their true outcomes: true pCTR / pCVR, click and conversion delays.
+
+Everything is drawn at once with numpy for the whole run (deterministic for a seed); the result is the
+ground truth, one row per impression.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.special import expit
+
+from streams.simulator.config import SimulatorConfig
+from streams.simulator.world import (
+    DEVICE_LOGIT,
+    DEVICE_P,
+    DEVICES,
+    PLACEMENT_LOGIT,
+    PLACEMENT_P,
+    PLACEMENTS,
+    POSITION_LOGIT_PER_SLOT,
+    World,
+)
+
+MAX_SLOTS = 4  # ads per request
+
+
+def solve_offset(logits: np.ndarray, target_mean: float) -> float:
+    """The constant ``b`` with mean(sigmoid(logits + b)) == target_mean (bisection)."""
+    lo, hi = -30.0, 30.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if expit(logits + mid).mean() < target_mean:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def _request_times(cfg: SimulatorConfig, rng: np.random.Generator, mean_slots: float) -> np.ndarray:
+    """Request times (ms) with a diurnal rate; Poisson counts per simulated minute."""
+    minutes = int(np.ceil(cfg.hours * 60))
+    minute_start = cfg.start_ms + np.arange(minutes) * 60_000
+    hour_of_day = (minute_start / 3_600_000.0) % 24
+    rate = cfg.impressions_per_hour / 60.0 / mean_slots
+    rate = rate * (1 + cfg.diurnal_amplitude * np.sin(2 * np.pi * (hour_of_day - 9) / 24))
+    counts = rng.poisson(rate)
+    times = np.repeat(minute_start, counts) + rng.integers(0, 60_000, counts.sum())
+    times = np.sort(times[times < cfg.end_ms])
+    return times
+
+
+def conversion_delays(cfg: SimulatorConfig, rng: np.random.Generator, n: int) -> np.ndarray:
+    """Seconds from click to conversion: fast exponential mass plus a lognormal tail over days."""
+    fast = rng.random(n) < cfg.conv_fast_share
+    return np.where(fast, rng.exponential(cfg.conv_fast_mean_s, n),
+                    rng.lognormal(np.log(cfg.conv_slow_median_s), cfg.conv_slow_sigma, n))
+
+
+def simulate_traffic(cfg: SimulatorConfig, world: World, rng: np.random.Generator,
+                     click_window_s: float, conversion_window_s: float) -> pd.DataFrame:
+    """One row per impression with its served context, true probabilities and true outcomes."""
+    slot_counts = np.arange(1, MAX_SLOTS + 1)
+    slot_p = np.array([0.4, 0.3, 0.2, 0.1])
+    req_time = _request_times(cfg, rng, float(slot_counts @ slot_p))
+    n_req = len(req_time)
+    n_slots = rng.choice(slot_counts, n_req, p=slot_p)
+    req_user = rng.choice(len(world.user_p), n_req, p=world.user_p)
+    req_place = rng.choice(len(PLACEMENTS), n_req, p=PLACEMENT_P)
+    req_device = rng.choice(len(DEVICES), n_req, p=DEVICE_P)
+
+    req_idx = np.repeat(np.arange(n_req), n_slots)
+    n = len(req_idx)
+    position = np.arange(n) - np.repeat(np.cumsum(n_slots) - n_slots, n_slots)
+    t_ms = req_time[req_idx]
+    user = req_user[req_idx]
+    place, device = req_place[req_idx], req_device[req_idx]
+    hour = np.minimum((t_ms - cfg.start_ms) // 3_600_000, world.generation.shape[0] - 1)
+    slot = rng.choice(world.n_slots, n, p=world.slot_p)
+    gen = world.generation[hour, slot]
+    days = (t_ms - cfg.start_ms) / 86_400_000.0
+
+    ctr_logit = (4.0 * np.einsum("ij,ij->i", world.user_ctr_f[user], world.ad_ctr_f[gen, slot])
+                 + world.ad_ctr_bias[gen, slot] + PLACEMENT_LOGIT[place] + DEVICE_LOGIT[device]
+                 + POSITION_LOGIT_PER_SLOT * position + cfg.drift_logit_per_day * days)
+    true_pctr = expit(ctr_logit + solve_offset(ctr_logit, cfg.ctr))
+    clicked = rng.random(n) < true_pctr
+
+    cvr_logit = (4.0 * np.einsum("ij,ij->i", world.user_cvr_f[user], world.ad_cvr_f[gen, slot])
+                 + world.ad_cvr_bias[gen, slot] + cfg.drift_logit_per_day * days)
+    true_pcvr = expit(cvr_logit + solve_offset(cvr_logit[clicked], cfg.cvr))
+    converts = clicked & (rng.random(n) < true_pcvr)
+
+    click_delay = np.minimum(rng.lognormal(np.log(cfg.click_delay_median_s), cfg.click_delay_sigma, n),
+                             0.95 * click_window_s)
+    conv_delay = conversion_delays(cfg, rng, n)
+    # What serving believed: the truth seen through a noisy model.
+    served_pctr = expit(ctr_logit + solve_offset(ctr_logit, cfg.ctr) + rng.normal(0, 0.3, n))
+    served_pcvr = expit(cvr_logit + rng.normal(0, 0.3, n) + solve_offset(cvr_logit, cfg.cvr))
+
+    p = cfg.prefix
+    ids = np.arange(n)
+    campaign = world.campaign_of(slot)
+    return pd.DataFrame({
+        "impression_id": [f"{p}-i{i}" for i in ids],
+        "request_id": [f"{p}-r{i}" for i in req_idx],
+        "user_id": user.astype(np.int64),
+        "ad_id": world.ad_id(gen, slot).astype(np.int64),
+        "advertiser_id": world.advertiser_of(slot).astype(np.int64),
+        "campaign_id": campaign.astype(np.int64),
+        "placement": PLACEMENTS[place],
+        "position": position.astype(np.int64),
+        "device": DEVICES[device],
+        "bid": np.round(world.campaign_bid[campaign], 4),
+        "event_time_ms": t_ms.astype(np.int64),
+        "served_pctr": served_pctr,
+        "served_pcvr": served_pcvr,
+        "true_pctr": true_pctr,
+        "true_pcvr": true_pcvr,
+        "clicked": clicked,
+        "click_time_ms": np.where(clicked, t_ms + (click_delay * 1000).astype(np.int64), -1),
+        "converts": converts,
+        "conversion_delay_s": np.where(converts, conv_delay, np.nan),
+        "conversion_time_ms": np.where(
+            converts, t_ms + (click_delay * 1000).astype(np.int64) + (conv_delay * 1000).astype(np.int64), -1),
+        "converted_in_window": converts & (conv_delay <= conversion_window_s),
+        "conversion_value": np.where(converts, np.round(rng.lognormal(np.log(40), 0.8, n), 2), 0.0),
+    })
