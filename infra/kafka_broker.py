@@ -83,7 +83,7 @@ class KafkaBroker:
 
     def _java(self, main: str, *args: str) -> list[str]:
         jars = ensure_kafka_jars()
-        return ["java", f"-Xms256m", f"-Xmx{self.settings.kafka.heap}", "-XX:+UseG1GC",
+        return ["java", "-Xms256m", f"-Xmx{self.settings.kafka.heap}", "-XX:+UseG1GC",
                 f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
                 f"-Dkafka.logs.dir={self.home / 'logs'}", "-cp", f"{jars}/*", main, *args]
 

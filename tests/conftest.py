@@ -1,0 +1,55 @@
+"""Fixtures for tests against the real local stack (``make up`` starts it; ``make test`` does so).
+
+A test that needs Kafka or Redis fails loudly when the service is down: it never skips.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from infra.kafka_broker import KafkaBroker
+from infra.redis_server import RedisServer
+from infra.settings import Settings, TopicSettings, get_settings
+from infra.topics import ensure_topics
+
+
+@pytest.fixture(scope="session")
+def kafka_settings() -> Settings:
+    """Settings whose topics are fresh for this test session, created on the running broker."""
+    base = get_settings()
+    if not KafkaBroker(base).ready():
+        pytest.fail(f"Kafka is not reachable at {base.kafka.bootstrap_servers}: run `make up`")
+    tag = uuid.uuid4().hex[:8]
+    topics = TopicSettings(**{k: f"t{tag}-{v}" for k, v in base.topics.model_dump().items()})
+    settings = base.model_copy(update={"topics": topics})
+    ensure_topics(settings)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def redis_settings() -> Settings:
+    base = get_settings()
+    if not RedisServer(base).ready():
+        pytest.fail(f"Redis is not reachable at {base.redis.url}: run `make up`")
+    return base
+
+
+def consume_all(settings: Settings, topic: str, expected: int, timeout_s: float = 30.0) -> list:
+    """Read ``topic`` from the beginning until ``expected`` records arrived (or fail on timeout)."""
+    import time
+
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, **settings.kafka.client_config(), auto_offset_reset="earliest",
+                             enable_auto_commit=False, group_id=None, consumer_timeout_ms=1000)
+    records, deadline = [], time.monotonic() + timeout_s
+    try:
+        while len(records) < expected and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+    finally:
+        consumer.close()
+    assert len(records) >= expected, f"{topic}: got {len(records)} records, expected {expected}"
+    return records
