@@ -12,8 +12,8 @@ import argparse
 import time
 import uuid
 
-from infra.settings import Settings, TopicSettings, get_settings
-from infra.topics import ensure_topics
+from infra.settings import Settings, get_settings
+from infra.topics import with_topic_prefix
 from streams.simulator.config import SimulatorConfig
 from streams.simulator.delivery import iter_messages
 from streams.simulator.run import generate, make_producer, send
@@ -21,11 +21,7 @@ from streams.simulator.run import generate, make_producer, send
 
 def fresh_settings(tag: str) -> Settings:
     """Settings whose topics are new, so the two runs do not share partitions or batches."""
-    base = get_settings()
-    topics = TopicSettings(**{name: f"bench-{tag}-{value}" for name, value in base.topics.model_dump().items()})
-    settings = base.model_copy(update={"topics": topics})
-    ensure_topics(settings)
-    return settings
+    return with_topic_prefix(get_settings(), f"bench-{tag}")
 
 
 def bare_producer(cfg: SimulatorConfig) -> tuple[int, float]:

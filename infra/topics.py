@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from infra.settings import Settings
+from infra.settings import Settings, TopicSettings
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -34,6 +34,16 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
                                         "retention.ms": str(window_ms + 30 * DAY_MS)}),
         TopicSpec(t.dead_letters, 1, {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)}),
     ]
+
+
+def with_topic_prefix(settings: Settings, prefix: str, create: bool = True) -> Settings:
+    """A copy of ``settings`` whose topics are named ``<prefix>-<topic>`` (created unless told not to):
+    for tests and benchmarks that must not share topics."""
+    topics = TopicSettings(**{k: f"{prefix}-{v}" for k, v in settings.topics.model_dump().items()})
+    copy = settings.model_copy(update={"topics": topics})
+    if create:
+        ensure_topics(copy)
+    return copy
 
 
 def ensure_topics(settings: Settings) -> list[str]:

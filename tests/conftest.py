@@ -11,8 +11,8 @@ import pytest
 
 from infra.kafka_broker import KafkaBroker
 from infra.redis_server import RedisServer
-from infra.settings import Settings, TopicSettings, get_settings
-from infra.topics import ensure_topics
+from infra.settings import Settings, get_settings
+from infra.topics import with_topic_prefix
 
 
 @pytest.fixture(scope="session")
@@ -21,11 +21,13 @@ def kafka_settings() -> Settings:
     base = get_settings()
     if not KafkaBroker(base).ready():
         pytest.fail(f"Kafka is not reachable at {base.kafka.bootstrap_servers}: run `make up`")
-    tag = uuid.uuid4().hex[:8]
-    topics = TopicSettings(**{k: f"t{tag}-{v}" for k, v in base.topics.model_dump().items()})
-    settings = base.model_copy(update={"topics": topics})
-    ensure_topics(settings)
-    return settings
+    return with_topic_prefix(base, f"t{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def fresh_topics(kafka_settings) -> Settings:
+    """Topics of this test alone."""
+    return with_topic_prefix(kafka_settings, f"t{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,8 @@ def test_samples_cover_every_schema():
     assert {type(s) for s in SAMPLES} == set(ALL_EVENTS)
 
 
-def test_round_trip_through_broker(kafka_settings):
+def test_round_trip_through_broker(fresh_topics):
+    kafka_settings = fresh_topics
     topic = kafka_settings.topics.training_examples  # any topic works; values carry their schema header
     producer = KafkaProducer(**kafka_settings.kafka.client_config(), acks="all")
     for event in SAMPLES:
@@ -90,7 +91,8 @@ def test_wrong_schema_header_is_rejected():
         decode(Click, value, [("schema", b"click/v9")])
 
 
-def test_malformed_event_reaches_dead_letter_topic(kafka_settings):
+def test_malformed_event_reaches_dead_letter_topic(fresh_topics):
+    kafka_settings = fresh_topics
     t = kafka_settings.topics
     good_key, good_value, good_headers = encode(SAMPLES[1])
     bad = [b"{not json", orjson.dumps({"click_id": "c2", "impression_id": "i2", "user_id": -3, "ad_id": 2,

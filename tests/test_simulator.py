@@ -97,9 +97,9 @@ def test_same_seed_same_events():
     assert a != c
 
 
-def test_run_lands_in_kafka_with_ground_truth(kafka_settings, tmp_path):
+def test_run_lands_in_kafka_with_ground_truth(fresh_topics, tmp_path):
     cfg = SimulatorConfig(hours=1, users=5_000, ads=1_000, impressions_per_hour=5_000, speed=0, run_id="t-run")
-    settings = kafka_settings.model_copy(update={"var_dir": tmp_path})
+    settings = fresh_topics.model_copy(update={"var_dir": tmp_path})
     gen = generate(cfg, settings)
     counts = send(gen.schedule, settings, speed=0, start_ms=cfg.start_ms)
     assert sum(counts.values()) == len(gen.schedule)
