@@ -78,6 +78,10 @@ class WindowSettings(BaseModel):
     conversion_window_s: float = 7 * 24 * 3600.0
     # How far behind the newest event time an event may arrive and still be joined.
     allowed_lateness_s: float = 600.0
+    # Wall-clock seconds after which a silent input stops holding the watermark back.
+    idle_timeout_s: float = 10.0
+    # Event-time seconds a finished impression is remembered, to drop events replayed after a crash.
+    done_retention_s: float = 24 * 3600.0
 
 
 class SparkSettings(BaseModel):

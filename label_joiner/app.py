@@ -17,6 +17,7 @@ import faust
 
 from infra.settings import get_settings
 from label_joiner.delay_curve import DelayCurve
+from label_joiner.faust_state import FaustState
 from label_joiner.join import LabelJoiner, Outputs
 from label_joiner.schemes import make_scheme
 from schemas.codec import InvalidEvent, decode, encode
@@ -24,6 +25,8 @@ from schemas.events import Click, Conversion, Impression
 from streams.dead_letter import make_dead_letter
 
 log = logging.getLogger(__name__)
+# faust logs every sent message at debug level; building those records costs more than the join itself.
+logging.getLogger("faust.topics").setLevel(logging.INFO)
 settings = get_settings()
 T = settings.topics
 SCHEME = os.environ.get("ADS_LABEL_SCHEME", "naive")
@@ -39,9 +42,14 @@ app = faust.App(
     topic_replication_factor=settings.kafka.replication_factor,
     web_enabled=False,
     producer_acks=-1,
+    producer_linger=0.01,
+    producer_max_batch_size=256 * 1024,
+    broker_max_poll_records=2000,
     broker_commit_every=1000,
     broker_commit_interval=1.0,
     stream_wait_empty=False,
+    key_serializer="json",
+    value_serializer="json",
 )
 
 raw_events = app.topic(T.impressions, T.clicks, T.conversions, key_type=bytes, value_type=bytes,
@@ -50,9 +58,9 @@ out_examples = app.topic(T.training_examples, key_serializer="raw", value_serial
 out_matured = app.topic(T.matured_labels, key_serializer="raw", value_serializer="raw")
 out_dead = app.topic(T.dead_letters, key_serializer="raw", value_serializer="raw")
 
-state = app.Table("label-joiner-state", default=None, partitions=settings.kafka.default_partitions,
-                  key_serializer="json", value_serializer="json")
-joiner = LabelJoiner(settings.windows, make_scheme(SCHEME, DelayCurve.load_latest(settings)), state)
+# Keys and values of the state table are JSON (the app's default serializers below).
+state = app.Table("label-joiner-state", default=None, partitions=settings.kafka.default_partitions)
+joiner = LabelJoiner(settings.windows, make_scheme(SCHEME, DelayCurve.load_latest(settings)), FaustState(state))
 
 
 def _headers(message) -> list[tuple[str, bytes]]:
@@ -60,18 +68,19 @@ def _headers(message) -> list[tuple[str, bytes]]:
     return list(h.items()) if isinstance(h, Mapping) else list(h)
 
 
-async def _send(topic, event) -> None:
+def _send(topic, event) -> None:
+    """Buffered send; faust flushes the producer before it commits the input offsets (at least once)."""
     key, value, headers = encode(event)
-    await topic.send(key=key, value=value, headers=headers)
+    topic.send_soon(key=key, value=value, headers=headers)
 
 
-async def _emit(out: Outputs, partition: int) -> None:
+def _emit(out: Outputs, partition: int) -> None:
     for ex in out.examples:
-        await _send(out_examples, ex)
+        _send(out_examples, ex)
     for label in out.matured:
-        await _send(out_matured, label)
+        _send(out_matured, label)
     for rej in out.rejected:
-        await _send(out_dead, make_dead_letter(TOPIC_OF_CLASS[type(rej.event)], partition, -1, "label_joiner",
+        _send(out_dead, make_dead_letter(TOPIC_OF_CLASS[type(rej.event)], partition, -1, "label_joiner",
                                                rej.reason, encode(rej.event)[1]))
 
 
@@ -85,7 +94,7 @@ async def join(stream):
             record = decode(cls, msg.value, _headers(msg))
         except InvalidEvent as exc:
             joiner.counts[str(exc).split(":", 1)[0]] += 1
-            await _send(out_dead, make_dead_letter(msg.topic, msg.partition, msg.offset, "label_joiner",
+            _send(out_dead, make_dead_letter(msg.topic, msg.partition, msg.offset, "label_joiner",
                                                    str(exc), msg.value))
             continue
         if cls is Impression:
@@ -95,11 +104,18 @@ async def join(stream):
         else:
             out = joiner.on_conversion(record, msg.partition)
         out.extend(joiner.advance(msg.partition))
-        await _emit(out, msg.partition)
+        _emit(out, msg.partition)
+
+
+@app.timer(interval=1.0)
+async def tick() -> None:
+    """Advance every partition's watermark even when no event arrives (idle inputs, end of a burst)."""
+    for partition in joiner.partitions():
+        _emit(joiner.advance(partition), partition)
 
 
 @app.timer(interval=10.0)
 async def report() -> None:
     """Periodic progress: open state size, watermark and counters."""
-    log.info("label_joiner: %d open impressions, watermark %d, %s", len(state), joiner.watermark_ms,
+    log.info("label_joiner: %d entries in state, watermarks %s, %s", len(state), joiner.watermarks(),
              dict(joiner.counts))

@@ -1,21 +1,26 @@
 """The attribution join as plain state transitions, independent of the stream runtime.
 
-Key: impression id. Windows (event time): click within ``click_window_s`` after the impression,
-conversion within ``conversion_window_s`` after the click. State: one small dict per open impression
-(``state[impression_id]``), any MutableMapping: a dict in tests, a faust Table in the worker.
-Output: training examples (at click, at conversion, at click-window close), matured labels (when the
-last window closes) and rejected events with their reason (late, orphan, outside the window).
+Key: impression id; impressions, clicks and conversions are co-partitioned by it, so one partition
+holds every event of an impression. Windows (event time): click within ``click_window_s`` after the
+impression, conversion within ``conversion_window_s`` after the click. State: one small dict per open
+impression (``state[impression_id]``) in any MutableMapping: a dict in tests, a faust Table in the
+worker. Output: training examples (at click, at conversion, at click-window close), matured labels
+(when the last window closes) and rejected events with their reason (late, orphan, outside a window).
 
-Watermark: ``max event time seen - allowed lateness``. An event older than the watermark is late; an
-entry is finished once the watermark passes its expiry, so state stays bounded by the traffic of one
-click window plus the clicked impressions of one conversion window.
+Watermark, per partition: the *slowest* of its three inputs (the newest event time seen on each of
+impressions, clicks and conversions) minus the allowed lateness, as in Flink. An input silent for
+``idle_timeout_s`` of wall-clock time stops holding the watermark back. An event older than the
+watermark is late. An entry is finished once the watermark passes its expiry; it then leaves a small
+*done marker* (its click and conversion ids) for ``done_retention_s`` of event time, so that an event
+replayed after a crash (at-least-once delivery) is recognised as a duplicate, not joined twice.
 """
 
 from __future__ import annotations
 
 import heapq
+import time
 from collections import Counter
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 
 from infra.settings import WindowSettings
@@ -24,6 +29,7 @@ from schemas.events import Click, Conversion, Event, Impression, MaturedLabel, T
 
 IMPRESSION_FIELDS = ("impression_id", "user_id", "ad_id", "advertiser_id", "campaign_id", "placement", "position",
                      "device", "model_version", "event_time_ms")
+SOURCES = ("impression", "click", "conversion")
 
 
 @dataclass
@@ -46,6 +52,11 @@ class Outputs:
         self.rejected += other.rejected
 
 
+def _held_event(h: dict) -> Click | Conversion:
+    cls = Click if h["kind"] == "click" else Conversion
+    return cls.model_validate({k: v for k, v in h.items() if k != "kind"})
+
+
 class LabelJoiner:
     """Stateful impression -> click -> conversion join with watermarks.
 
@@ -59,80 +70,91 @@ class LabelJoiner:
     >>> click = Click(click_id="c", impression_id="i", user_id=1, ad_id=2, event_time_ms=2000)
     >>> j.on_click(click).examples[0].clicked
     True
-    >>> [m.clicked for m in j.advance(event_time_ms=10**12).matured]
+    >>> [m.clicked for m in j.flush().matured]
     [True]
     """
 
-    def __init__(self, windows: WindowSettings, scheme: LabelScheme, state: MutableMapping[str, dict]):
+    def __init__(self, windows: WindowSettings, scheme: LabelScheme, state: MutableMapping[str, dict],
+                 clock: Callable[[], float] = time.monotonic):
         self.click_ms = int(windows.click_window_s * 1000)
         self.conv_ms = int(windows.conversion_window_s * 1000)
         self.lateness_ms = int(windows.allowed_lateness_s * 1000)
+        self.idle_s = windows.idle_timeout_s
+        self.done_retention_ms = int(windows.done_retention_s * 1000)
         self.scheme = scheme
         self.state = state
-        self.max_event_ms = 0
+        self.clock = clock
+        self.started = clock()
         self.counts: Counter[str] = Counter()
+        self._newest: dict[int, dict[str, int]] = {}  # partition -> source -> newest event time
+        self._seen_at: dict[int, dict[str, float]] = {}  # partition -> source -> wall time last seen
         # Per partition: heap of (expiry, impression id), rebuilt from the state on first use. Entries are
         # finished only while processing an event of their own partition, so a faust table writes each
         # change to the changelog partition that holds the key.
         self._due: dict[int, list[tuple[int, str]]] = {}
         self._indexed = False
 
-    # -- watermark and expiry ---------------------------------------------------------------------------
-    @property
-    def watermark_ms(self) -> int:
-        return self.max_event_ms - self.lateness_ms
+    # -- watermark --------------------------------------------------------------------------------------
+    def now_ms(self, partition: int) -> int:
+        """The newest event time seen on ``partition`` (any input)."""
+        return max(self._newest.get(partition, {}).values(), default=0)
 
-    def _observe(self, t: int) -> None:
-        self.max_event_ms = max(self.max_event_ms, t)
+    def watermark_ms(self, partition: int) -> int:
+        newest, seen = self._newest.get(partition, {}), self._seen_at.get(partition, {})
+        wall = self.clock()
+        holding = [newest[s] if s in newest else 0 for s in SOURCES
+                   if wall - seen.get(s, self.started) < self.idle_s]
+        if not holding:  # every input idle: the newest event time anywhere on the partition
+            holding = [self.now_ms(partition)]
+        return min(holding) - self.lateness_ms
 
-    def _expiry(self, entry: dict) -> int:
-        imp = entry.get("imp")
-        if imp is None:  # only held clicks / conversions: orphans once their impression would be late
-            return min(h["event_time_ms"] for h in entry["held"])
-        if entry.get("click") is not None:
-            return entry["click"]["t"] + self.conv_ms
-        return imp["event_time_ms"] + self.click_ms
+    def partitions(self) -> list[int]:
+        """Partitions that have state or have seen events."""
+        return sorted(set(self._newest) | {p for p, heap in self._due.items() if heap})
 
-    def _index(self, key: str, entry: dict) -> None:
-        heapq.heappush(self._due.setdefault(entry["p"], []), (self._expiry(entry), key))
+    def watermarks(self) -> dict[int, int]:
+        """The watermark of every partition seen so far."""
+        return {p: self.watermark_ms(p) for p in sorted(self._newest)}
 
-    def _late(self, t: int) -> bool:
-        return t < self.watermark_ms
+    def _observe(self, source: str, partition: int, t: int) -> None:
+        newest = self._newest.setdefault(partition, {})
+        newest[source] = max(newest.get(source, 0), t)
+        self._seen_at.setdefault(partition, {})[source] = self.clock()
 
     # -- events -----------------------------------------------------------------------------------------
-    def _entry(self, key: str, partition: int) -> dict:
-        return self.state.get(key) or {"imp": None, "click": None, "conv": None, "held": [], "p": partition}
-
     def on_impression(self, imp: Impression, partition: int = 0) -> Outputs:
         out = Outputs()
-        if self._late(imp.event_time_ms):
-            return self._reject(out, imp, "late event: impression older than the watermark")
-        self._observe(imp.event_time_ms)
         entry = self._entry(imp.impression_id, partition)
-        if entry["imp"] is not None:
+        if entry.get("done") or entry["imp"] is not None:
             self.counts["duplicate impression"] += 1
             return out
+        if imp.event_time_ms < self.watermark_ms(partition):
+            return self._reject(out, imp, "late event: impression older than the watermark")
+        self._observe("impression", partition, imp.event_time_ms)
         entry["imp"] = {f: getattr(imp, f) for f in IMPRESSION_FIELDS}
         held, entry["held"] = entry["held"], []
         for h in sorted(held, key=lambda h: h["event_time_ms"]):
-            cls = Click if h["kind"] == "click" else Conversion
-            event = cls.model_validate({k: v for k, v in h.items() if k != "kind"})
-            self._apply(entry, event, out)
+            self._apply(entry, _held_event(h), partition, out)
         self._store(imp.impression_id, entry)
         return out
 
     def on_click(self, click: Click, partition: int = 0) -> Outputs:
-        return self._on_outcome(click, partition)
+        return self._on_outcome(click, click.click_id, partition)
 
     def on_conversion(self, conv: Conversion, partition: int = 0) -> Outputs:
-        return self._on_outcome(conv, partition)
+        return self._on_outcome(conv, conv.conversion_id, partition)
 
-    def _on_outcome(self, event: Click | Conversion, partition: int) -> Outputs:
+    def _on_outcome(self, event: Click | Conversion, event_id: str, partition: int) -> Outputs:
         out = Outputs()
-        if self._late(event.event_time_ms):
-            return self._reject(out, event, f"late event: {event.NAME} older than the watermark")
-        self._observe(event.event_time_ms)
         entry = self._entry(event.impression_id, partition)
+        if entry.get("done"):
+            if event_id in entry["ids"]:
+                self.counts[f"duplicate {event.NAME}"] += 1
+                return out
+            return self._reject(out, event, f"late event: {event.NAME} after its impression's windows closed")
+        if event.event_time_ms < self.watermark_ms(partition):
+            return self._reject(out, event, f"late event: {event.NAME} older than the watermark")
+        self._observe(event.NAME, partition, event.event_time_ms)
         if entry["imp"] is None or (isinstance(event, Conversion) and entry["click"] is None):
             held = {"kind": event.NAME, **event.model_dump()}
             if held in entry["held"]:
@@ -141,12 +163,12 @@ class LabelJoiner:
                 entry["held"].append(held)
                 self.counts[f"held {event.NAME}"] += 1
         else:
-            self._apply(entry, event, out)
+            self._apply(entry, event, partition, out)
         self._store(event.impression_id, entry)
         return out
 
-    def _apply(self, entry: dict, event: Click | Conversion, out: Outputs) -> None:
-        imp = entry["imp"]
+    def _apply(self, entry: dict, event: Click | Conversion, partition: int, out: Outputs) -> None:
+        imp, now = entry["imp"], self.now_ms(partition)
         if isinstance(event, Click):
             if entry["click"] is not None:
                 same = entry["click"]["id"] == event.click_id
@@ -157,15 +179,15 @@ class LabelJoiner:
                 self._reject(out, event, f"outside click window: {delay / 1000:.1f}s after the impression")
                 return
             entry["click"] = {"id": event.click_id, "t": event.event_time_ms}
-            out.examples.extend(self.scheme.on_click(self._base(entry), self.watermark_ms))
+            out.examples.extend(self.scheme.on_click(self._base(entry), now))
             # A conversion held while the click was missing can be joined now.
             held, entry["held"] = entry["held"], []
             for h in held:
-                self._apply(entry, Conversion.model_validate({k: v for k, v in h.items() if k != "kind"}), out)
+                self._apply(entry, _held_event(h), partition, out)
             return
         if entry["conv"] is not None:
-            self.counts["duplicate conversion" if entry["conv"]["id"] == event.conversion_id
-                        else "repeat conversion"] += 1
+            same = entry["conv"]["id"] == event.conversion_id
+            self.counts["duplicate conversion" if same else "repeat conversion"] += 1
             return
         if event.click_id != entry["click"]["id"]:
             self._reject(out, event, "conversion names another click than the attributed one")
@@ -175,14 +197,30 @@ class LabelJoiner:
             self._reject(out, event, f"outside conversion window: {delay / 3_600_000:.1f}h after the click")
             return
         entry["conv"] = {"id": event.conversion_id, "t": event.event_time_ms, "value": event.value}
-        out.examples.extend(self.scheme.on_conversion(self._base(entry), self.watermark_ms))
+        out.examples.extend(self.scheme.on_conversion(self._base(entry), now))
 
     # -- time passing -----------------------------------------------------------------------------------
-    def advance(self, partition: int = 0, event_time_ms: int | None = None) -> Outputs:
-        """Move the watermark (optionally to ``event_time_ms``) and finish the entries of ``partition``
-        that it passed."""
-        if event_time_ms is not None:
-            self._observe(event_time_ms)
+    def _expiry(self, entry: dict) -> int:
+        if entry.get("done"):
+            return entry["t"] + self.done_retention_ms
+        if entry["imp"] is None:  # only held clicks / conversions: orphans once their impression would be late
+            return min(h["event_time_ms"] for h in entry["held"])
+        if entry["click"] is not None:
+            return entry["click"]["t"] + self.conv_ms
+        return entry["imp"]["event_time_ms"] + self.click_ms
+
+    def advance(self, partition: int = 0) -> Outputs:
+        """Finish the entries of ``partition`` whose expiry the watermark has passed."""
+        return self._finish_due(partition, self.watermark_ms(partition))
+
+    def flush(self) -> Outputs:
+        """Finish every open entry now, as if every window had closed (end of a finite input)."""
+        out = Outputs()
+        for partition in {e["p"] for e in self.state.values()}:
+            out.extend(self._finish_due(partition, 2**62))
+        return out
+
+    def _finish_due(self, partition: int, wm: int) -> Outputs:
         if not self._indexed:
             self._due = {}
             for k, e in self.state.items():
@@ -190,7 +228,7 @@ class LabelJoiner:
             for heap in self._due.values():
                 heapq.heapify(heap)
             self._indexed = True
-        out, wm = Outputs(), self.watermark_ms
+        out = Outputs()
         due = self._due.setdefault(partition, [])
         while due and due[0][0] < wm:
             expiry, key = heapq.heappop(due)
@@ -198,29 +236,26 @@ class LabelJoiner:
             if entry is None:
                 continue
             now_expiry = self._expiry(entry)
-            if now_expiry != expiry:  # the entry moved on (a click arrived): re-index it
-                if now_expiry >= wm:
-                    heapq.heappush(due, (now_expiry, key))
-                    continue
-            self._finish(key, entry, out)
-        # Time-driven examples (e.g. a scheme that waits an elapsed window after the click).
-        out.examples.extend(self.scheme.on_watermark(wm))
+            if now_expiry != expiry:  # stale: the entry moved on and was indexed again when stored
+                continue
+            if entry.get("done"):
+                del self.state[key]
+            else:
+                self._finish(key, entry, wm, out)
         return out
 
-    def _finish(self, key: str, entry: dict, out: Outputs) -> None:
-        del self.state[key]
+    def _finish(self, key: str, entry: dict, wm: int, out: Outputs) -> None:
         if entry["imp"] is None:
             for h in entry["held"]:
-                cls = Click if h["kind"] == "click" else Conversion
-                self._reject(out, cls.model_validate({k: v for k, v in h.items() if k != "kind"}),
-                             f"orphan {h['kind']}: no open impression (never arrived, or its window had closed)")
+                self._reject(out, _held_event(h),
+                             f"orphan {h['kind']}: no open impression (never arrived, or its windows had closed)")
+            del self.state[key]
             return
         for h in entry["held"]:  # a conversion whose click never arrived
-            self._reject(out, Conversion.model_validate({k: v for k, v in h.items() if k != "kind"}),
-                         "orphan conversion: its click never arrived")
+            self._reject(out, _held_event(h), "orphan conversion: its click never arrived")
         base = self._base(entry)
         if entry["click"] is None:
-            out.examples.extend(self.scheme.on_click_window_closed(base, self.watermark_ms))
+            out.examples.extend(self.scheme.on_click_window_closed(base, self.now_ms(entry["p"])))
         out.matured.append(MaturedLabel(
             impression_id=key, user_id=base["user_id"], ad_id=base["ad_id"], advertiser_id=base["advertiser_id"],
             campaign_id=base["campaign_id"], impression_time_ms=base["impression_time_ms"],
@@ -228,12 +263,17 @@ class LabelJoiner:
             click_time_ms=base["click_time_ms"], conversion_time_ms=base["conversion_time_ms"],
             conversion_value=entry["conv"]["value"] if entry["conv"] else 0.0))
         self.counts["matured"] += 1
+        ids = [x["id"] for x in (entry["click"], entry["conv"]) if x is not None]
+        self._store(key, {"done": True, "p": entry["p"], "t": min(wm, 2**53), "ids": ids})
 
     # -- helpers ----------------------------------------------------------------------------------------
+    def _entry(self, key: str, partition: int) -> dict:
+        return self.state.get(key) or {"imp": None, "click": None, "conv": None, "held": [], "p": partition}
+
     def _store(self, key: str, entry: dict) -> None:
         self.state[key] = entry
         if self._indexed:
-            self._index(key, entry)
+            heapq.heappush(self._due.setdefault(entry["p"], []), (self._expiry(entry), key))
 
     def _reject(self, out: Outputs, event: Event, reason: str) -> Outputs:
         out.rejected.append(Rejected(event, reason))

@@ -22,10 +22,10 @@ from label_joiner.delay_curve import DelayCurve
 from schemas.events import TrainingExample
 
 
-def example(base: dict, scheme: str, *, clicked: bool, converted: bool, label_ctcvr: float, watermark_ms: int,
+def example(base: dict, scheme: str, *, clicked: bool, converted: bool, label_ctcvr: float, now_ms: int,
             weight: float = 1.0, delay_cdf: float | None = None, is_correction: bool = False) -> TrainingExample:
     click_t = base["click_time_ms"]
-    elapsed = max(0.0, (watermark_ms - click_t) / 1000.0) if click_t is not None else None
+    elapsed = max(0.0, (now_ms - click_t) / 1000.0) if click_t is not None else None  # in event time
     return TrainingExample(
         **base, clicked=clicked, converted=converted, scheme=scheme, label_ctr=float(clicked),
         label_ctcvr=label_ctcvr, weight=weight, emitted_at_ms=int(time.time() * 1000),
@@ -38,20 +38,17 @@ class LabelScheme:
     name: ClassVar[str] = "naive"
     correction_replaces: ClassVar[bool] = True
 
-    def on_click(self, base: dict, watermark_ms: int) -> list[TrainingExample]:
+    def on_click(self, base: dict, now_ms: int) -> list[TrainingExample]:
         return [example(base, self.name, clicked=True, converted=False, label_ctcvr=0.0,
-                        watermark_ms=watermark_ms)]
+                        now_ms=now_ms)]
 
-    def on_conversion(self, base: dict, watermark_ms: int) -> list[TrainingExample]:
+    def on_conversion(self, base: dict, now_ms: int) -> list[TrainingExample]:
         return [example(base, self.name, clicked=True, converted=True, label_ctcvr=1.0,
-                        watermark_ms=watermark_ms, is_correction=self.correction_replaces)]
+                        now_ms=now_ms, is_correction=self.correction_replaces)]
 
-    def on_click_window_closed(self, base: dict, watermark_ms: int) -> list[TrainingExample]:
+    def on_click_window_closed(self, base: dict, now_ms: int) -> list[TrainingExample]:
         return [example(base, self.name, clicked=False, converted=False, label_ctcvr=0.0,
-                        watermark_ms=watermark_ms)]
-
-    def on_watermark(self, watermark_ms: int) -> list[TrainingExample]:
-        return []
+                        now_ms=now_ms)]
 
 
 class NaiveScheme(LabelScheme):
@@ -69,10 +66,10 @@ class DelayCurveScheme(LabelScheme):
     def __init__(self, curve: DelayCurve):
         self.curve = curve
 
-    def on_click(self, base: dict, watermark_ms: int) -> list[TrainingExample]:
-        elapsed_s = max(0.0, (watermark_ms - base["click_time_ms"]) / 1000.0)
+    def on_click(self, base: dict, now_ms: int) -> list[TrainingExample]:
+        elapsed_s = max(0.0, (now_ms - base["click_time_ms"]) / 1000.0)
         f = self.curve.cdf(elapsed_s)
-        return [example(base, self.name, clicked=True, converted=False, watermark_ms=watermark_ms,
+        return [example(base, self.name, clicked=True, converted=False, now_ms=now_ms,
                         label_ctcvr=self.curve.eventual_conversion(elapsed_s), delay_cdf=f)]
 
 
