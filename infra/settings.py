@@ -106,6 +106,16 @@ class Settings(BaseSettings):
     kafka_jar_dir: Path = ROOT / "infra" / "kafka" / "lib"
     spark_jar_dir: Path = ROOT / "infra" / "spark" / "lib"
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``ADS_`` environment variables, for a child process (a worker, a job)."""
+        env = {}
+        for name, value in self.model_dump(mode="json").items():
+            if isinstance(value, dict):
+                env.update({f"ADS_{name}__{k}".upper(): str(v) for k, v in value.items() if v is not None})
+            elif value is not None:
+                env[f"ADS_{name}".upper()] = str(value)
+        return env
+
     @property
     def runs_dir(self) -> Path:
         return self.var_dir / "runs"

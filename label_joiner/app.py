@@ -48,6 +48,9 @@ app = faust.App(
     broker_commit_every=1000,
     broker_commit_interval=1.0,
     stream_wait_empty=False,
+    # A crashed worker's partitions move to a live one after this long.
+    broker_session_timeout=10.0,
+    broker_heartbeat_interval=2.0,
     key_serializer="json",
     value_serializer="json",
 )
@@ -58,9 +61,11 @@ out_examples = app.topic(T.training_examples, key_serializer="raw", value_serial
 out_matured = app.topic(T.matured_labels, key_serializer="raw", value_serializer="raw")
 out_dead = app.topic(T.dead_letters, key_serializer="raw", value_serializer="raw")
 
-# Keys and values of the state table are JSON (the app's default serializers below).
+# Keys and values of the tables are JSON (the app's default serializers above).
 state = app.Table("label-joiner-state", default=None, partitions=settings.kafka.default_partitions)
-joiner = LabelJoiner(settings.windows, make_scheme(SCHEME, DelayCurve.load_latest(settings)), FaustState(state))
+progress = app.Table("label-joiner-progress", default=None, partitions=settings.kafka.default_partitions)
+joiner = LabelJoiner(settings.windows, make_scheme(SCHEME, DelayCurve.load_latest(settings)), FaustState(state),
+                     progress=FaustState(progress))
 
 
 def _headers(message) -> list[tuple[str, bytes]]:
@@ -112,6 +117,7 @@ async def tick() -> None:
     """Advance every partition's watermark even when no event arrives (idle inputs, end of a burst)."""
     for partition in joiner.partitions():
         _emit(joiner.advance(partition), partition)
+    joiner.checkpoint()
 
 
 @app.timer(interval=10.0)

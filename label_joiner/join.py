@@ -75,7 +75,7 @@ class LabelJoiner:
     """
 
     def __init__(self, windows: WindowSettings, scheme: LabelScheme, state: MutableMapping[str, dict],
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, progress: MutableMapping[int, dict] | None = None):
         self.click_ms = int(windows.click_window_s * 1000)
         self.conv_ms = int(windows.conversion_window_s * 1000)
         self.lateness_ms = int(windows.allowed_lateness_s * 1000)
@@ -86,7 +86,11 @@ class LabelJoiner:
         self.clock = clock
         self.started = clock()
         self.counts: Counter[str] = Counter()
-        self._newest: dict[int, dict[str, int]] = {}  # partition -> source -> newest event time
+        # partition -> source -> newest event time; checkpointed to ``progress`` so that a restarted worker
+        # resumes with the watermark it had (else recovered entries would wait for new events).
+        self.progress = progress if progress is not None else {}
+        self._newest: dict[int, dict[str, int]] = {}
+        self._checkpointed: dict[int, dict[str, int]] = {}
         self._seen_at: dict[int, dict[str, float]] = {}  # partition -> source -> wall time last seen
         # Per partition: heap of (expiry, impression id), rebuilt from the state on first use. Entries are
         # finished only while processing an event of their own partition, so a faust table writes each
@@ -95,12 +99,27 @@ class LabelJoiner:
         self._indexed = False
 
     # -- watermark --------------------------------------------------------------------------------------
+    def _newest_of(self, partition: int) -> dict[str, int]:
+        newest = self._newest.get(partition)
+        if newest is None:
+            saved = self.progress.get(partition)
+            newest = self._newest[partition] = dict(saved["newest"]) if saved else {}
+            self._checkpointed[partition] = dict(newest)
+        return newest
+
+    def checkpoint(self) -> None:
+        """Save each partition's input progress if it moved since the last checkpoint."""
+        for p, newest in self._newest.items():
+            if newest != self._checkpointed.get(p):
+                self.progress[p] = {"p": p, "newest": dict(newest)}
+                self._checkpointed[p] = dict(newest)
+
     def now_ms(self, partition: int) -> int:
         """The newest event time seen on ``partition`` (any input)."""
-        return max(self._newest.get(partition, {}).values(), default=0)
+        return max(self._newest_of(partition).values(), default=0)
 
     def watermark_ms(self, partition: int) -> int:
-        newest, seen = self._newest.get(partition, {}), self._seen_at.get(partition, {})
+        newest, seen = self._newest_of(partition), self._seen_at.get(partition, {})
         wall = self.clock()
         holding = [newest[s] if s in newest else 0 for s in SOURCES
                    if wall - seen.get(s, self.started) < self.idle_s]
@@ -109,15 +128,16 @@ class LabelJoiner:
         return min(holding) - self.lateness_ms
 
     def partitions(self) -> list[int]:
-        """Partitions that have state or have seen events."""
-        return sorted(set(self._newest) | {p for p, heap in self._due.items() if heap})
+        """Partitions that have open state or have seen events."""
+        self._ensure_index()
+        return sorted(set(self._newest) | set(self.progress) | {p for p, heap in self._due.items() if heap})
 
     def watermarks(self) -> dict[int, int]:
         """The watermark of every partition seen so far."""
         return {p: self.watermark_ms(p) for p in sorted(self._newest)}
 
     def _observe(self, source: str, partition: int, t: int) -> None:
-        newest = self._newest.setdefault(partition, {})
+        newest = self._newest_of(partition)
         newest[source] = max(newest.get(source, 0), t)
         self._seen_at.setdefault(partition, {})[source] = self.clock()
 
@@ -220,7 +240,7 @@ class LabelJoiner:
             out.extend(self._finish_due(partition, 2**62))
         return out
 
-    def _finish_due(self, partition: int, wm: int) -> Outputs:
+    def _ensure_index(self) -> None:
         if not self._indexed:
             self._due = {}
             for k, e in self.state.items():
@@ -228,6 +248,9 @@ class LabelJoiner:
             for heap in self._due.values():
                 heapq.heapify(heap)
             self._indexed = True
+
+    def _finish_due(self, partition: int, wm: int) -> Outputs:
+        self._ensure_index()
         out = Outputs()
         due = self._due.setdefault(partition, [])
         while due and due[0][0] < wm:

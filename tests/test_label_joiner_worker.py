@@ -1,0 +1,108 @@
+"""The faust worker against the real broker: labels equal the ground truth, also across a kill -9."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pandas as pd
+import pytest
+
+from label_joiner.delay_curve import read_matured
+from label_joiner.evaluate import join_accuracy
+from label_joiner.worker import start_worker, stop_worker
+from schemas import DeadLetter, decode
+from streams.simulator.config import SimulatorConfig
+from streams.simulator.run import generate, send
+from tests.conftest import consume_all
+
+# A short conversion window so that a few simulated hours close every window.
+CFG = SimulatorConfig(hours=2, users=10_000, ads=2_000, impressions_per_hour=8_000, cvr=0.08, speed=0,
+                      prediction_log=False, seed=11)
+
+
+@pytest.fixture
+def run(fresh_topics, tmp_path):
+    settings = fresh_topics.model_copy(update={
+        "var_dir": tmp_path,
+        "windows": fresh_topics.windows.model_copy(update={"conversion_window_s": 3600.0, "idle_timeout_s": 5.0}),
+    })
+    gen = generate(CFG, settings, drain=True)
+    send(gen.schedule, settings, speed=0, start_ms=CFG.start_ms)
+    truth = gen.truth
+    expected = int((~truth["impression_malformed"]).sum())  # each is matured or dead-lettered as late
+    return settings, gen, expected
+
+
+def wait_for_labels(settings, want: int, proc, timeout_s: float = 180) -> pd.DataFrame:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "worker exited"
+        matured = read_matured(settings, timeout_ms=1500)
+        if len(matured) >= want:
+            return matured
+        time.sleep(2)
+    raise AssertionError(f"only {len(matured)} of {want} matured labels after {timeout_s}s")
+
+
+def late_impressions(settings) -> int:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(settings.topics.dead_letters, **settings.kafka.client_config(), group_id=None,
+                             auto_offset_reset="earliest", consumer_timeout_ms=1500)
+    ids = set()
+    for r in consumer:
+        dl = decode(DeadLetter, r.value, r.headers)
+        if dl.source_topic == settings.topics.impressions and dl.reason.startswith("late event"):
+            ids.add(dl.payload)
+    consumer.close()
+    return len(ids)
+
+
+def test_worker_labels_equal_ground_truth(run, tmp_path):
+    settings, gen, expected = run
+    proc = start_worker(settings, f"lj-{uuid.uuid4().hex[:6]}", tmp_path / "worker.log")
+    try:
+        matured = wait_for_labels(settings, expected - late_impressions(settings) - 50, proc)
+        time.sleep(8)  # let the last windows close on idle inputs
+        matured = read_matured(settings)
+    finally:
+        stop_worker(proc)
+    acc = join_accuracy(matured, gen.truth, settings.windows)
+    assert acc.exact, acc
+    assert len(matured) + late_impressions(settings) == expected
+    reasons = {decode(DeadLetter, r.value, r.headers).reason.split(":")[0]
+               for r in consume_all(settings, settings.topics.dead_letters, 10)}
+    assert {"not JSON", "invalid impression", "late event", "outside conversion window"} <= reasons
+
+
+def test_kill_9_and_restart_loses_nothing(run, tmp_path):
+    settings, gen, expected = run
+    app_id = f"lj-{uuid.uuid4().hex[:6]}"
+    proc = start_worker(settings, app_id, tmp_path / "worker.log")
+    try:
+        wait_for_labels(settings, expected // 3, proc)
+    finally:
+        stop_worker(proc, kill=True)
+    proc = start_worker(settings, app_id, tmp_path / "worker.log")
+    try:
+        wait_for_labels(settings, expected - late_impressions(settings) - 50, proc)
+        time.sleep(8)
+    finally:
+        stop_worker(proc)
+    # Read every matured label, duplicates included: a replayed impression must repeat the same label.
+    from kafka import KafkaConsumer
+
+    from schemas import MaturedLabel
+
+    consumer = KafkaConsumer(settings.topics.matured_labels, **settings.kafka.client_config(), group_id=None,
+                             auto_offset_reset="earliest", consumer_timeout_ms=2000)
+    rows = [decode(MaturedLabel, r.value, r.headers).model_dump() for r in consumer]
+    consumer.close()
+    labels = pd.DataFrame(rows)
+    distinct = labels.drop_duplicates(["impression_id", "clicked", "converted", "click_time_ms",
+                                       "conversion_time_ms"])
+    assert distinct["impression_id"].is_unique, "an impression got two different labels"
+    acc = join_accuracy(distinct, gen.truth, settings.windows)
+    assert acc.exact, acc
+    assert distinct["impression_id"].nunique() + late_impressions(settings) == expected
