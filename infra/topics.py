@@ -89,3 +89,28 @@ def topic_counts(settings: Settings, names: list[str] | None = None) -> dict[str
         return counts
     finally:
         consumer.close()
+
+
+def read_topic(settings: Settings, topic: str, timeout_s: float = 60.0) -> list:
+    """Every record now in ``topic`` (up to the end offsets at the time of the call), all partitions."""
+    import time
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(**settings.kafka.client_config(), group_id=None, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not parts:
+            return []
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        end = consumer.end_offsets(parts)
+        records, deadline = [], time.monotonic() + timeout_s
+        while any(consumer.position(tp) < end[tp] for tp in parts):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: could not read up to the end offsets in {timeout_s}s")
+            for tp, batch in consumer.poll(timeout_ms=500).items():
+                records.extend(r for r in batch if r.offset < end[tp])
+        return records
+    finally:
+        consumer.close()

@@ -105,24 +105,19 @@ def artifact_dir(settings: Settings) -> Path:
     return settings.var_dir / "artifacts" / "delay_curve"
 
 
-def read_matured(settings: Settings, timeout_ms: int = 5000) -> pd.DataFrame:
-    """Every matured label currently in the topic (latest per impression id)."""
-    from kafka import KafkaConsumer
-
+def read_matured(settings: Settings) -> pd.DataFrame:
+    """Every matured label currently in the topic (the latest per impression id)."""
+    from infra.topics import read_topic
     from schemas.codec import InvalidEvent, decode
     from schemas.events import MaturedLabel
 
-    consumer = KafkaConsumer(settings.topics.matured_labels, **settings.kafka.client_config(), group_id=None,
-                             auto_offset_reset="earliest", enable_auto_commit=False,
-                             consumer_timeout_ms=timeout_ms)
     rows = {}
-    for record in consumer:
+    for record in read_topic(settings, settings.topics.matured_labels):
         try:
             label = decode(MaturedLabel, record.value, record.headers)
         except InvalidEvent:
             continue
         rows[label.impression_id] = label.model_dump()
-    consumer.close()
     return pd.DataFrame(list(rows.values()))
 
 

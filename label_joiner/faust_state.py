@@ -1,9 +1,14 @@
-"""The joiner's state as a faust table, written to the changelog partition that owns each key.
+"""The joiner's state as a faust table, with changelog writes held back until the outputs are durable.
 
-faust writes a table change to the partition of the event being processed, which is wrong when a timer
-(no event) or an event of another key finishes an entry. Every entry here carries its partition
-(``entry["p"]``, the partition of the impression's events), and changes go to exactly that partition of
-the changelog, so a restarted or rebalanced worker recovers each entry with its input partition.
+Two rules make restarts lose nothing:
+
+* every change goes to the changelog partition that owns the key (``entry["p"]``, the partition of the
+  impression's events), not to the partition of whatever event or timer caused it, so a restarted or
+  rebalanced worker recovers each entry with its input partition;
+* changes are written only by :meth:`FaustState.write_changelog`, which the worker calls after it has
+  flushed the outputs those changes account for, and the worker flushes the changelog before faust may
+  commit the input offsets. A crash can then lose state (the events are replayed and the outputs sent
+  again: at least once) but never record an output as sent that was not, nor skip an event.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Iterator, MutableMapping
 class FaustState(MutableMapping):
     def __init__(self, table):
         self.table = table
+        self.pending: dict[str, tuple[int, dict | None]] = {}
 
     def __getitem__(self, key: str) -> dict:
         return self.table.data[key]
@@ -23,14 +29,30 @@ class FaustState(MutableMapping):
 
     def __setitem__(self, key: str, entry: dict) -> None:
         self.table.data[key] = entry
-        self.table.send_changelog(entry["p"], key, entry)
+        self.pending.pop(key, None)  # re-insert: changes are written in the order of their last update
+        self.pending[key] = (entry["p"], entry)
 
     def __delitem__(self, key: str) -> None:
         entry = self.table.data.pop(key)
-        self.table.send_changelog(entry["p"], key, None, value_serializer="raw")
+        self.pending.pop(key, None)
+        self.pending[key] = (entry["p"], None)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.table.data)
 
     def __len__(self) -> int:
         return len(self.table.data)
+
+    async def write_changelog(self) -> int:
+        """Hand the pending changes (the last one per key) to the producer; return how many.
+
+        Sent straight to the Kafka client, not through faust's send buffer, so that a producer flush
+        afterwards covers them."""
+        pending, self.pending = self.pending, {}
+        topic = self.table.changelog_topic
+        for key, (partition, entry) in pending.items():
+            if entry is None:
+                await topic.send(key=key, value=None, partition=partition, value_serializer="raw")
+            else:
+                await topic.send(key=key, value=entry, partition=partition)
+        return len(pending)

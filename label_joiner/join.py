@@ -8,10 +8,11 @@ worker. Output: training examples (at click, at conversion, at click-window clos
 (when the last window closes) and rejected events with their reason (late, orphan, outside a window).
 
 Watermark, per partition: the *slowest* of its three inputs (the newest event time seen on each of
-impressions, clicks and conversions) minus the allowed lateness, as in Flink. An input silent for
-``idle_timeout_s`` of wall-clock time stops holding the watermark back. An event older than the
-watermark is late. An entry is finished once the watermark passes its expiry; it then leaves a small
-*done marker* (its click and conversion ids) for ``done_retention_s`` of event time, so that an event
+impressions, clicks and conversions) minus the allowed lateness, as in Flink. Once the whole stream has
+been silent for ``idle_timeout_s`` of wall-clock time, the newest event time of the partition counts
+instead, so that the last windows close. An event older than the watermark is late. An entry is
+finished once the watermark passes its expiry; it then leaves a small *done marker* (its click and
+conversion ids) for ``done_retention_s`` of event time, so that an event
 replayed after a crash (at-least-once delivery) is recognised as a duplicate, not joined twice.
 """
 
@@ -30,6 +31,7 @@ from schemas.events import Click, Conversion, Event, Impression, MaturedLabel, T
 IMPRESSION_FIELDS = ("impression_id", "user_id", "ad_id", "advertiser_id", "campaign_id", "placement", "position",
                      "device", "model_version", "event_time_ms")
 SOURCES = ("impression", "click", "conversion")
+PROGRESS_KEY = "__progress__/"  # + partition: the newest event time per input, kept in the state itself
 
 
 @dataclass
@@ -75,7 +77,7 @@ class LabelJoiner:
     """
 
     def __init__(self, windows: WindowSettings, scheme: LabelScheme, state: MutableMapping[str, dict],
-                 clock: Callable[[], float] = time.monotonic, progress: MutableMapping[int, dict] | None = None):
+                 clock: Callable[[], float] = time.monotonic):
         self.click_ms = int(windows.click_window_s * 1000)
         self.conv_ms = int(windows.conversion_window_s * 1000)
         self.lateness_ms = int(windows.allowed_lateness_s * 1000)
@@ -84,14 +86,15 @@ class LabelJoiner:
         self.scheme = scheme
         self.state = state
         self.clock = clock
-        self.started = clock()
         self.counts: Counter[str] = Counter()
-        # partition -> source -> newest event time; checkpointed to ``progress`` so that a restarted worker
-        # resumes with the watermark it had (else recovered entries would wait for new events).
-        self.progress = progress if progress is not None else {}
+        # partition -> source -> newest event time seen by this process. A restarted worker starts empty
+        # (each input holds the watermark until its replayed events arrive, in order from the committed
+        # offset); the newest time in the recovered state counts only once the stream is idle.
         self._newest: dict[int, dict[str, int]] = {}
-        self._checkpointed: dict[int, dict[str, int]] = {}
-        self._seen_at: dict[int, dict[str, float]] = {}  # partition -> source -> wall time last seen
+        self._recovered: dict[int, int] = {}
+        # Wall time since which no event arrived; None while the stream is not known to be running
+        # (starting, recovering, rebalancing): then it is never idle.
+        self._quiet_since: float | None = None
         # Per partition: heap of (expiry, impression id), rebuilt from the state on first use. Entries are
         # finished only while processing an event of their own partition, so a faust table writes each
         # change to the changelog partition that holds the key.
@@ -100,37 +103,57 @@ class LabelJoiner:
 
     # -- watermark --------------------------------------------------------------------------------------
     def _newest_of(self, partition: int) -> dict[str, int]:
-        newest = self._newest.get(partition)
-        if newest is None:
-            saved = self.progress.get(partition)
-            newest = self._newest[partition] = dict(saved["newest"]) if saved else {}
-            self._checkpointed[partition] = dict(newest)
-        return newest
+        self._ensure_index()
+        return self._newest.setdefault(partition, {})
 
-    def checkpoint(self) -> None:
-        """Save each partition's input progress if it moved since the last checkpoint."""
+    def save_progress(self) -> None:
+        """Store each partition's input progress in the state, after the changes it accounts for.
+
+        Written to the same changelog partition as those changes, and after them, so a recovered
+        progress never runs ahead of the recovered state."""
         for p, newest in self._newest.items():
-            if newest != self._checkpointed.get(p):
-                self.progress[p] = {"p": p, "newest": dict(newest)}
-                self._checkpointed[p] = dict(newest)
+            key = f"{PROGRESS_KEY}{p}"
+            saved = self.state.get(key)
+            if saved is None or saved["newest"] != newest:
+                self.state[key] = {"p": p, "progress": True, "newest": dict(newest)}
 
     def now_ms(self, partition: int) -> int:
         """The newest event time seen on ``partition`` (any input)."""
         return max(self._newest_of(partition).values(), default=0)
 
+    def idle(self) -> bool:
+        """True once no event at all has arrived for ``idle_timeout_s`` of a running stream."""
+        return self._quiet_since is not None and self.clock() - self._quiet_since >= self.idle_s
+
+    def running(self, is_running: bool) -> None:
+        """Tell the joiner whether its input is live (start the idle clock) or being recovered or
+        reassigned (stop the clock, and index the state again once it is back)."""
+        if not is_running:
+            self._quiet_since = None
+            self._indexed = False
+        elif self._quiet_since is None:
+            self._quiet_since = self.clock()
+
+    def lateness_watermark_ms(self, partition: int) -> int:
+        """The slowest input's progress minus the lateness: an event older than this is late.
+
+        An input that is behind (a backlog being caught up, a replay after a restart, or simply sparse)
+        holds it back, so it never declares its own in-flight events late."""
+        newest = self._newest_of(partition)
+        return min(newest.get(s, 0) for s in SOURCES) - self.lateness_ms
+
     def watermark_ms(self, partition: int) -> int:
-        newest, seen = self._newest_of(partition), self._seen_at.get(partition, {})
-        wall = self.clock()
-        holding = [newest[s] if s in newest else 0 for s in SOURCES
-                   if wall - seen.get(s, self.started) < self.idle_s]
-        if not holding:  # every input idle: the newest event time anywhere on the partition
-            holding = [self.now_ms(partition)]
-        return min(holding) - self.lateness_ms
+        """What closes windows: the lateness watermark, or the newest event's once the stream is idle."""
+        if self.idle():
+            self._ensure_index()
+            progress = max(self.now_ms(partition), self._recovered.get(partition, 0))
+            return progress - self.lateness_ms
+        return self.lateness_watermark_ms(partition)
 
     def partitions(self) -> list[int]:
         """Partitions that have open state or have seen events."""
         self._ensure_index()
-        return sorted(set(self._newest) | set(self.progress) | {p for p, heap in self._due.items() if heap})
+        return sorted(set(self._newest) | {p for p, heap in self._due.items() if heap})
 
     def watermarks(self) -> dict[int, int]:
         """The watermark of every partition seen so far."""
@@ -139,7 +162,7 @@ class LabelJoiner:
     def _observe(self, source: str, partition: int, t: int) -> None:
         newest = self._newest_of(partition)
         newest[source] = max(newest.get(source, 0), t)
-        self._seen_at.setdefault(partition, {})[source] = self.clock()
+        self._quiet_since = self.clock()
 
     # -- events -----------------------------------------------------------------------------------------
     def on_impression(self, imp: Impression, partition: int = 0) -> Outputs:
@@ -148,13 +171,16 @@ class LabelJoiner:
         if entry.get("done") or entry["imp"] is not None:
             self.counts["duplicate impression"] += 1
             return out
-        if imp.event_time_ms < self.watermark_ms(partition):
+        if imp.event_time_ms < self.lateness_watermark_ms(partition):
             return self._reject(out, imp, "late event: impression older than the watermark")
         self._observe("impression", partition, imp.event_time_ms)
         entry["imp"] = {f: getattr(imp, f) for f in IMPRESSION_FIELDS}
         held, entry["held"] = entry["held"], []
         for h in sorted(held, key=lambda h: h["event_time_ms"]):
-            self._apply(entry, _held_event(h), partition, out)
+            if h["kind"] == "conversion" and entry["click"] is None:
+                entry["held"].append(h)  # still waiting for its click
+            else:
+                self._apply(entry, _held_event(h), partition, out)
         self._store(imp.impression_id, entry)
         return out
 
@@ -172,20 +198,26 @@ class LabelJoiner:
                 self.counts[f"duplicate {event.NAME}"] += 1
                 return out
             return self._reject(out, event, f"late event: {event.NAME} after its impression's windows closed")
-        if event.event_time_ms < self.watermark_ms(partition):
+        if self._known(entry, event, event_id):  # e.g. replayed after a restart: already joined or held
+            self.counts[f"duplicate {event.NAME}"] += 1
+            return out
+        if event.event_time_ms < self.lateness_watermark_ms(partition):
             return self._reject(out, event, f"late event: {event.NAME} older than the watermark")
         self._observe(event.NAME, partition, event.event_time_ms)
         if entry["imp"] is None or (isinstance(event, Conversion) and entry["click"] is None):
-            held = {"kind": event.NAME, **event.model_dump()}
-            if held in entry["held"]:
-                self.counts[f"duplicate {event.NAME}"] += 1
-            else:
-                entry["held"].append(held)
-                self.counts[f"held {event.NAME}"] += 1
+            entry["held"].append({"kind": event.NAME, **event.model_dump()})
+            self.counts[f"held {event.NAME}"] += 1
         else:
             self._apply(entry, event, partition, out)
         self._store(event.impression_id, entry)
         return out
+
+    @staticmethod
+    def _known(entry: dict, event: Click | Conversion, event_id: str) -> bool:
+        joined = entry["click"] if isinstance(event, Click) else entry["conv"]
+        if joined is not None and joined["id"] == event_id:
+            return True
+        return {"kind": event.NAME, **event.model_dump()} in entry["held"]
 
     def _apply(self, entry: dict, event: Click | Conversion, partition: int, out: Outputs) -> None:
         imp, now = entry["imp"], self.now_ms(partition)
@@ -236,18 +268,39 @@ class LabelJoiner:
     def flush(self) -> Outputs:
         """Finish every open entry now, as if every window had closed (end of a finite input)."""
         out = Outputs()
-        for partition in {e["p"] for e in self.state.values()}:
+        for partition in {e["p"] for e in self.state.values() if not e.get("progress")}:
             out.extend(self._finish_due(partition, 2**62))
         return out
 
     def _ensure_index(self) -> None:
-        if not self._indexed:
-            self._due = {}
-            for k, e in self.state.items():
-                self._due.setdefault(e["p"], []).append((self._expiry(e), k))
-            for heap in self._due.values():
-                heapq.heapify(heap)
-            self._indexed = True
+        """Build the expiry heaps and the newest recovered event time from the state (once, at start)."""
+        if self._indexed:
+            return
+        self._indexed = True
+        self._due, self._recovered = {}, {}
+        for k, e in self.state.items():
+            if e.get("progress"):
+                newest = self._newest.setdefault(e["p"], {})
+                for source, t in e["newest"].items():
+                    newest[source] = max(newest.get(source, 0), t)
+                continue
+            self._due.setdefault(e["p"], []).append((self._expiry(e), k))
+            for _source, t in self._event_times(e):
+                self._recovered[e["p"]] = max(self._recovered.get(e["p"], 0), t)
+        for heap in self._due.values():
+            heapq.heapify(heap)
+
+    def _event_times(self, entry: dict) -> list[tuple[str, int]]:
+        if entry.get("done"):  # finished at watermark t: every input had reached t + lateness
+            return [(s, entry["t"] + self.lateness_ms) for s in SOURCES]
+        times = [(h["kind"], h["event_time_ms"]) for h in entry["held"]]
+        if entry["imp"] is not None:
+            times.append(("impression", entry["imp"]["event_time_ms"]))
+        if entry["click"] is not None:
+            times.append(("click", entry["click"]["t"]))
+        if entry["conv"] is not None:
+            times.append(("conversion", entry["conv"]["t"]))
+        return times
 
     def _finish_due(self, partition: int, wm: int) -> Outputs:
         self._ensure_index()

@@ -40,11 +40,8 @@ def conv(i: str, t: int) -> Conversion:
 
 @pytest.fixture
 def joiner() -> LabelJoiner:
-    """A joiner whose unseen inputs are already idle; a seen input stays active (the clock stands still)."""
-    clock = FakeClock()
-    j = LabelJoiner(W.model_copy(update={"idle_timeout_s": 5}), NaiveScheme(), state={}, clock=clock)
-    clock.now = 100
-    return j
+    """A joiner on a clock that stands still: the stream never goes idle."""
+    return LabelJoiner(W, NaiveScheme(), state={}, clock=FakeClock())
 
 
 def test_click_before_impression_is_held_then_joined(joiner):
@@ -53,6 +50,18 @@ def test_click_before_impression_is_held_then_joined(joiner):
     out = joiner.on_impression(imp("a", 1_000))
     assert [e.clicked for e in out.examples] == [True]
     assert [m.clicked for m in joiner.flush().matured] == [True]
+
+
+def test_conversion_before_impression_and_click(joiner):
+    joiner.on_conversion(conv("a", 60_000))
+    joiner.on_impression(imp("a", 0))
+    assert joiner.state["a"]["held"][0]["kind"] == "conversion"
+    out = joiner.on_click(click("a", 1_000))
+    assert [(e.clicked, e.converted) for e in out.examples] == [(True, False), (True, True)]
+    joiner.on_conversion(conv("b", 70_000))
+    joiner.on_impression(imp("b", 0))  # its click never comes
+    reasons = [r.reason.split(":")[0] for r in joiner.flush().rejected]
+    assert reasons == ["orphan conversion"]
 
 
 def test_duplicates_count_once(joiner):
@@ -97,6 +106,7 @@ def test_replayed_events_after_maturity_are_duplicates_not_new_entries(joiner):
     joiner.on_click(click("a", 1_000))
     joiner.on_impression(imp("later", 4_000_000))
     joiner.on_click(click("later", 4_000_500))
+    joiner.on_conversion(conv("later", 4_001_000))
     assert [m.impression_id for m in joiner.advance(0).matured] == ["a"]
     joiner.on_impression(imp("a", 0))  # a replay after a crash
     out = joiner.on_click(click("a", 1_000))
@@ -107,20 +117,26 @@ def test_replayed_events_after_maturity_are_duplicates_not_new_entries(joiner):
 def test_state_is_released(joiner):
     for k in range(1000):
         joiner.on_impression(imp(f"i{k}", k * 1000))
+        if k % 10 == 0:
+            joiner.on_click(click(f"i{k}", k * 1000 + 500))
+            joiner.on_conversion(conv(f"i{k}", k * 1000 + 700))
         joiner.advance(0)
-    # Only the click window plus lateness stays open: ~90 of 1000 impressions, plus done markers.
+    # Unclicked impressions stay open for the click window plus lateness (~90 s: ~90 of them); clicked
+    # ones for the conversion window (all 100 here); finished ones leave done markers.
     open_entries = [e for e in joiner.state.values() if not e.get("done")]
-    assert len(open_entries) < 100
+    assert len([e for e in open_entries if e["click"] is None]) < 110
+    assert len([e for e in open_entries if e["click"] is not None]) == 100
     joiner.flush()
     assert not [e for e in joiner.state.values() if not e.get("done")]
 
 
-def test_idle_input_stops_holding_the_watermark():
+def test_idle_stream_closes_the_last_windows():
     clock = FakeClock()
     j = LabelJoiner(W.model_copy(update={"idle_timeout_s": 5}), NaiveScheme(), state={}, clock=clock)
     j.on_impression(imp("a", 0))
     j.on_impression(imp("b", 500_000))
     assert j.watermark_ms(0) < 0  # clicks and conversions never seen: they hold it back
+    assert j.advance(0).matured == []
     clock.now = 10
     assert j.watermark_ms(0) == 500_000 - 60_000
     assert [m.impression_id for m in j.advance(0).matured] == ["a"]
