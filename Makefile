@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HOURS  ?= 3
 
-.PHONY: install system-deps jars up down status topics demo simulate test lint bench-produce clean
+.PHONY: install system-deps jars up down status topics demo simulate joiner delay-curve test lint bench-produce clean
 
 install: system-deps $(VENV)/.installed jars
 
@@ -43,15 +43,22 @@ topics:
 simulate: up
 	$(PY) -m streams.simulator --hours $(HOURS) --speed 720 --run-id demo-$$(date +%s)
 
-# The main job, end to end on the local stack: install, start Kafka and Redis, create topics,
-# simulate a few hours of traffic, print what landed in each topic.
+# The always-on label joiner (faust worker); ADS_LABEL_SCHEME=naive|fnw|delay_curve picks the labels.
+joiner: up
+	$(VENV)/bin/faust -A label_joiner.app worker -l info --without-web
+
+# Fit the conversion-delay curve on the matured labels and publish it (JSON + PNG under var/artifacts).
+delay-curve: up
+	$(PY) -m label_joiner.delay_curve
+
+# The main job, end to end on the local stack: install, start Kafka and Redis, create topics, run the
+# label joiner while simulating a few hours of traffic, print what landed in each topic.
 demo: up
-	$(PY) -m streams.simulator --hours $(HOURS) --speed 720 --run-id demo-$$(date +%s)
-	$(PY) -m infra.stack topics
+	$(PY) -m infra.demo --hours $(HOURS)
 
 test: up
 	$(PY) -m ruff check .
-	$(PY) -m pytest tests --doctest-modules schemas streams/dead_letter.py infra/settings.py
+	$(PY) -m pytest tests --doctest-modules schemas streams/dead_letter.py infra/settings.py label_joiner/join.py
 
 lint: install
 	$(PY) -m ruff check .
