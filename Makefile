@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HOURS  ?= 3
 
-.PHONY: install system-deps jars up down status topics demo simulate joiner delay-curve test lint bench-produce clean
+.PHONY: install system-deps jars up down status topics demo simulate joiner batch-labels delay-curve test lint bench-produce clean
 
 install: system-deps $(VENV)/.installed jars
 
@@ -46,6 +46,10 @@ simulate: up
 # The always-on label joiner (faust worker); ADS_LABEL_SCHEME=naive|fnw|delay_curve picks the labels.
 joiner: up
 	$(VENV)/bin/faust -A label_joiner.app worker -l info --without-web
+
+# The batch twin: matured labels of one UTC day from the raw topics into Delta (DS=YYYY-MM-DD).
+batch-labels: up
+	$(PY) -m batch_jobs.matured_labels --ds $(DS)
 
 # Fit the conversion-delay curve on the matured labels and publish it (JSON + PNG under var/artifacts).
 delay-curve: up
