@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,10 +67,11 @@ class DelayCurve:
         folder = artifact_dir(settings)
         folder.mkdir(parents=True, exist_ok=True)
         version = time.strftime("v%Y%m%dT%H%M%SZ", time.gmtime())
+        published = replace(self, version=version)
         path = folder / f"{version}.json"
-        path.write_text(json.dumps({**asdict(self), "version": version}))
+        path.write_text(json.dumps(asdict(published)))
+        published.plot(folder / f"{version}.png")
         (folder / "latest.json").write_text(json.dumps({"version": version, "path": path.name}))
-        self.plot(folder / f"{version}.png")
         return path
 
     @classmethod
