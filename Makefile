@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HOURS  ?= 3
 
-.PHONY: install system-deps jars up down status topics demo simulate joiner batch-labels delay-curve test lint bench-produce clean
+.PHONY: install system-deps jars up down status topics demo simulate joiner batch-labels delay-curve test lint bench-produce bench-joiner clean
 
 install: system-deps $(VENV)/.installed jars
 
@@ -69,6 +69,9 @@ lint: install
 
 bench-produce: up
 	$(PY) -m bench.produce --hours 4
+
+bench-joiner: up
+	$(PY) -m bench.joiner --hours 2
 
 clean: down
 	rm -rf var
