@@ -55,3 +55,17 @@ def consume_all(settings: Settings, topic: str, expected: int, timeout_s: float 
         consumer.close()
     assert len(records) >= expected, f"{topic}: got {len(records)} records, expected {expected}"
     return records
+
+
+def simulated_run(topics: Settings, var_dir, cfg, conversion_window_s: float = 3600.0):
+    """Send a drained simulator run to ``topics`` with a short conversion window (every window closes
+    within the run); return the settings a worker must use and the generated run."""
+    from streams.simulator.run import generate, send
+
+    settings = topics.model_copy(update={
+        "var_dir": var_dir,
+        "windows": topics.windows.model_copy(update={"conversion_window_s": conversion_window_s}),
+    })
+    gen = generate(cfg, settings, drain=True)
+    send(gen.schedule, settings, speed=0, start_ms=cfg.start_ms)
+    return settings, gen

@@ -13,7 +13,7 @@ from label_joiner.delay_curve import read_matured
 from label_joiner.evaluate import join_accuracy
 from label_joiner.worker import start_worker, stop_worker
 from streams.simulator.config import SimulatorConfig
-from streams.simulator.run import generate, send
+from tests.conftest import simulated_run
 
 # Every defect but late arrival (the batch job sees all events at once, so lateness cannot differ).
 CFG = SimulatorConfig(hours=2, users=10_000, ads=2_000, impressions_per_hour=6_000, cvr=0.08, speed=0,
@@ -22,12 +22,7 @@ COLUMNS = ["clicked", "converted", "click_time_ms", "conversion_time_ms", "conve
 
 
 def test_batch_equals_stream(fresh_topics, tmp_path):
-    settings = fresh_topics.model_copy(update={
-        "var_dir": tmp_path,
-        "windows": fresh_topics.windows.model_copy(update={"conversion_window_s": 3600.0}),
-    })
-    gen = generate(CFG, settings, drain=True)
-    send(gen.schedule, settings, speed=0, start_ms=CFG.start_ms)
+    settings, gen = simulated_run(fresh_topics, tmp_path, CFG)
     expected = int((~gen.truth["impression_malformed"]).sum())
 
     worker = start_worker(settings, f"lj-{uuid.uuid4().hex[:6]}", tmp_path / "worker.log")

@@ -14,8 +14,7 @@ from label_joiner.evaluate import join_accuracy
 from label_joiner.worker import start_worker, stop_worker
 from schemas import DeadLetter, MaturedLabel, decode
 from streams.simulator.config import SimulatorConfig
-from streams.simulator.run import generate, send
-from tests.conftest import consume_all
+from tests.conftest import consume_all, simulated_run
 
 # A short conversion window so that a few simulated hours close every window.
 CFG = SimulatorConfig(hours=2, users=10_000, ads=2_000, impressions_per_hour=8_000, cvr=0.08, speed=0,
@@ -24,14 +23,8 @@ CFG = SimulatorConfig(hours=2, users=10_000, ads=2_000, impressions_per_hour=8_0
 
 @pytest.fixture
 def run(fresh_topics, tmp_path):
-    settings = fresh_topics.model_copy(update={
-        "var_dir": tmp_path,
-        "windows": fresh_topics.windows.model_copy(update={"conversion_window_s": 3600.0}),
-    })
-    gen = generate(CFG, settings, drain=True)
-    send(gen.schedule, settings, speed=0, start_ms=CFG.start_ms)
-    truth = gen.truth
-    expected = int((~truth["impression_malformed"]).sum())  # each is matured or dead-lettered as late
+    settings, gen = simulated_run(fresh_topics, tmp_path, CFG)
+    expected = int((~gen.truth["impression_malformed"]).sum())  # each is matured or dead-lettered as late
     return settings, gen, expected
 
 
