@@ -285,22 +285,19 @@ class LabelJoiner:
                     newest[source] = max(newest.get(source, 0), t)
                 continue
             self._due.setdefault(e["p"], []).append((self._expiry(e), k))
-            for _source, t in self._event_times(e):
-                self._recovered[e["p"]] = max(self._recovered.get(e["p"], 0), t)
+            self._recovered[e["p"]] = max(self._recovered.get(e["p"], 0), self._newest_time(e))
         for heap in self._due.values():
             heapq.heapify(heap)
 
-    def _event_times(self, entry: dict) -> list[tuple[str, int]]:
-        if entry.get("done"):  # finished at watermark t: every input had reached t + lateness
-            return [(s, entry["t"] + self.lateness_ms) for s in SOURCES]
-        times = [(h["kind"], h["event_time_ms"]) for h in entry["held"]]
+    def _newest_time(self, entry: dict) -> int:
+        """The newest event time an entry records (a done marker: its watermark plus the lateness)."""
+        if entry.get("done"):
+            return entry["t"] + self.lateness_ms
+        times = [h["event_time_ms"] for h in entry["held"]]
         if entry["imp"] is not None:
-            times.append(("impression", entry["imp"]["event_time_ms"]))
-        if entry["click"] is not None:
-            times.append(("click", entry["click"]["t"]))
-        if entry["conv"] is not None:
-            times.append(("conversion", entry["conv"]["t"]))
-        return times
+            times.append(entry["imp"]["event_time_ms"])
+        times += [x["t"] for x in (entry["click"], entry["conv"]) if x is not None]
+        return max(times)
 
     def _finish_due(self, partition: int, wm: int) -> Outputs:
         self._ensure_index()
