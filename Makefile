@@ -71,7 +71,7 @@ bench-produce: up
 	$(PY) -m bench.produce --hours 4
 
 bench-joiner: up
-	$(PY) -m bench.joiner --hours 2
+	$(PY) -m bench.joiner --hours 6
 
 clean: down
 	rm -rf var

@@ -91,6 +91,22 @@ def topic_counts(settings: Settings, names: list[str] | None = None) -> dict[str
         consumer.close()
 
 
+def group_lag(settings: Settings, group_id: str, names: list[str]) -> tuple[int, int]:
+    """(messages the consumer group has committed, messages in the topics) over ``names``' partitions."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    # A consumer that never subscribes does not join the group; it only reads the group's offsets.
+    consumer = KafkaConsumer(**settings.kafka.client_config(), group_id=group_id, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(n, p) for n in names for p in (consumer.partitions_for_topic(n) or ())]
+        begin, end = consumer.beginning_offsets(parts), consumer.end_offsets(parts)
+        committed = {tp: consumer.committed(tp) for tp in parts}
+        done = sum(max(c - begin[tp], 0) for tp, c in committed.items() if c is not None)
+        return done, sum(end[tp] - begin[tp] for tp in parts)
+    finally:
+        consumer.close()
+
+
 def read_topic(settings: Settings, topic: str, timeout_s: float = 60.0) -> list:
     """Every record now in ``topic`` (up to the end offsets at the time of the call), all partitions."""
     import time

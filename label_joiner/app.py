@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from collections import Counter
 from collections.abc import Mapping
 
 import faust
@@ -19,8 +21,10 @@ import faust
 from infra.settings import get_settings
 from label_joiner.delay_curve import DelayCurve
 from label_joiner.faust_state import FaustState
+from label_joiner.input_reader import InputReader
 from label_joiner.join import LabelJoiner, Outputs
 from label_joiner.schemes import make_scheme
+from label_joiner.sink import KafkaSink
 from schemas.codec import InvalidEvent, decode, encode
 from schemas.events import Click, Conversion, DeadLetter, Impression
 from streams.dead_letter import make_dead_letter
@@ -33,6 +37,7 @@ T = settings.topics
 SCHEME = os.environ.get("ADS_LABEL_SCHEME", "naive")
 CLASS_OF_TOPIC = {T.impressions: Impression, T.clicks: Click, T.conversions: Conversion}
 TOPIC_OF_CLASS = {cls: topic for topic, cls in CLASS_OF_TOPIC.items()}
+SOURCE_OF_TOPIC = {topic: cls.NAME for topic, cls in CLASS_OF_TOPIC.items()}
 
 app = faust.App(
     os.environ.get("ADS_LABEL_JOINER_ID", "label-joiner"),
@@ -58,9 +63,10 @@ app = faust.App(
 
 raw_events = app.topic(T.impressions, T.clicks, T.conversions, key_type=bytes, value_type=bytes,
                        key_serializer="raw", value_serializer="raw")
-out_examples = app.topic(T.training_examples, key_serializer="raw", value_serializer="raw")
-out_matured = app.topic(T.matured_labels, key_serializer="raw", value_serializer="raw")
-out_dead = app.topic(T.dead_letters, key_serializer="raw", value_serializer="raw")
+# Outputs and changelog records bypass faust's per-message send path (see label_joiner/sink.py).
+sink = KafkaSink(settings, client_id=f"{app.conf.id}-sink")
+# Input messages faust fetched but never delivered are read again from here (see input_reader.py).
+input_reader = InputReader(settings, app.conf.id)
 
 # Keys and values of the table are JSON (the app's default serializers above).
 table = app.Table("label-joiner-state", default=None, partitions=settings.kafka.default_partitions)
@@ -68,6 +74,7 @@ state = FaustState(table)
 joiner = LabelJoiner(settings.windows, make_scheme(SCHEME, DelayCurve.load_latest(settings)), state)
 # The agent and the timer both change state; each runs process -> flush outputs -> write changelog alone.
 step = asyncio.Lock()
+stats: Counter[str] = Counter()  # batches, events, join_s, write_s since the last report
 HANDLERS = {Impression: joiner.on_impression, Click: joiner.on_click, Conversion: joiner.on_conversion}
 
 
@@ -76,10 +83,9 @@ def _headers(message) -> list[tuple[str, bytes]]:
     return list(h.items()) if isinstance(h, Mapping) else list(h)
 
 
-async def _send(topic, event) -> None:
-    """Straight to the Kafka client (faust's send buffer is not covered by a reliable flush)."""
+def _send(topic: str, event) -> None:
     key, value, headers = encode(event)
-    await topic.send(key=key, value=value, headers=headers)
+    sink.add(topic, key, value, headers)
 
 
 def _dead_letters(out: Outputs, partition: int):
@@ -92,15 +98,15 @@ async def _emit(outputs: list[tuple[Outputs, int]]) -> None:
     """Send the outputs, then the state changes that account for them, each flushed (at least once)."""
     for out, partition in outputs:
         for ex in out.examples:
-            await _send(out_examples, ex)
+            _send(T.training_examples, ex)
         for label in out.matured:
-            await _send(out_matured, label)
+            _send(T.matured_labels, label)
         for dead in _dead_letters(out, partition):
-            await _send(out_dead, dead)
-    await app.producer.flush()
+            _send(T.dead_letters, dead)
+    await sink.flush()
     joiner.save_progress()
-    if await state.write_changelog():
-        await app.producer.flush()
+    state.write_changelog(sink)
+    await sink.flush()
 
 
 def _process(msg, undecodable: list[DeadLetter]) -> Outputs:
@@ -125,17 +131,79 @@ def _process(msg, undecodable: list[DeadLetter]) -> Outputs:
     return out
 
 
+def _die(reason: str) -> None:
+    """End the process at once: nothing is acknowledged or committed, so a restart replays the batch."""
+    log.critical("label_joiner: %s; exiting without acknowledging the batch (a restart replays it)", reason,
+                 exc_info=True)
+    logging.shutdown()
+    os._exit(70)
+
+
+async def _whole(step_coro) -> None:
+    """Run one join -> flush outputs -> write state step to its end.
+
+    faust acknowledges a batch as soon as the agent body leaves it, even by an exception or a
+    cancellation (a worker being stopped), and later commits it. So a stop waits here until the step's
+    writes are flushed, and a failed write (the broker unreachable past the producer's retries) ends the
+    process instead of letting the batch be acknowledged."""
+    work = asyncio.ensure_future(step_coro)
+    try:
+        await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait([work])
+        if work.cancelled() or work.exception() is not None:
+            _die("interrupted while writing a batch")
+        raise
+    except Exception:
+        _die("could not write a batch")
+
+
+async def _in_order(msg) -> list:
+    """``msg`` preceded by the input messages of its partition that faust skipped, or nothing when the
+    state already accounts for it (a replay after a restart)."""
+    source = SOURCE_OF_TOPIC[msg.topic]
+    expected = joiner.position(msg.partition, source)
+    if expected is None:
+        expected = await input_reader.start_offset(msg.topic, msg.partition)
+    if msg.offset < expected:
+        joiner.counts["replayed message skipped"] += 1
+        return []
+    if msg.offset == expected:
+        return [msg]
+    missed = await input_reader.read(msg.topic, msg.partition, expected, msg.offset)
+    log.warning("label_joiner: %s[%d] offsets %d..%d were not delivered by the stream; read %d of them "
+                "directly", msg.topic, msg.partition, expected, msg.offset - 1, len(missed))
+    joiner.counts["undelivered message read"] += len(missed)
+    return [*missed, msg]
+
+
+async def _join_batch(events) -> None:
+    async with step:
+        started = time.perf_counter()
+        undecodable: list[DeadLetter] = []
+        outputs = []
+        for event in events:
+            for msg in await _in_order(event.message):
+                outputs.append((_process(msg, undecodable), msg.partition))
+                joiner.processed(msg.partition, SOURCE_OF_TOPIC[msg.topic], msg.offset)
+        for letter in undecodable:
+            _send(T.dead_letters, letter)
+        joined = time.perf_counter()
+        await _emit(outputs)
+        stats.update(events=len(events), batches=1, join_s=joined - started, write_s=time.perf_counter() - joined)
+
+
+async def _advance_all() -> None:
+    async with step:
+        await _emit([(joiner.advance(p), p) for p in joiner.partitions()])
+
+
 @app.agent(raw_events)
 async def join(stream):
     """Key: impression id. Per batch of events: decode, join, advance watermarks, emit, write state.
     faust acks the batch's events when this body returns, and commits their offsets later."""
-    async for events in stream.take_events(2000, within=0.1):
-        async with step:
-            undecodable: list[DeadLetter] = []
-            outputs = [(_process(e.message, undecodable), e.message.partition) for e in events]
-            for letter in undecodable:
-                await _send(out_dead, letter)
-            await _emit(outputs)
+    async for events in stream.take_events(2000, within=0.03):
+        await _whole(_join_batch(events))
 
 
 @app.timer(interval=1.0)
@@ -143,10 +211,14 @@ async def tick() -> None:
     """Advance every partition's watermark even when no event arrives (idle inputs, end of a burst)."""
     live = not (app.rebalancing or app.in_recovery) and app.tables.recovery.completed.is_set()
     joiner.running(live)
-    if not live:
-        return
-    async with step:
-        await _emit([(joiner.advance(p), p) for p in joiner.partitions()])
+    if live:
+        await _whole(_advance_all())
+
+
+@app.on_before_shutdown.connect
+async def close_clients(app, **kwargs) -> None:
+    await sink.stop()
+    await input_reader.stop()
 
 
 @app.timer(interval=10.0)
@@ -155,5 +227,8 @@ async def report() -> None:
     if app.rebalancing or app.in_recovery:
         log.info("label_joiner: recovering or rebalancing; %d entries in state so far", len(state))
         return
-    log.info("label_joiner: %d entries in state, idle %s, watermarks %s, %s", len(state), joiner.idle(),
-             joiner.watermarks(), dict(joiner.counts))
+    n, b = stats["events"], max(stats["batches"], 1)
+    log.info("label_joiner: %d events in %d batches (join %.1f ms, write %.1f ms per batch); %d entries in "
+             "state, idle %s, watermarks %s, %s", n, stats["batches"], 1000 * stats["join_s"] / b,
+             1000 * stats["write_s"] / b, len(state), joiner.idle(), joiner.watermarks(), dict(joiner.counts))
+    stats.clear()

@@ -2,10 +2,13 @@
 
 Fitted on matured labels: once the window has closed, every in-window conversion delay is observed, so
 the Kaplan-Meier estimate has no censored durations and equals the empirical CDF of the converters'
-delays; it is computed directly with numpy. Published as a versioned JSON artifact (with a PNG plot)
-under ``var/artifacts/delay_curve/``; the joiner and the trainers read the latest one.
+delays; it is computed directly with numpy. Optionally per segment (``--segment advertiser_id`` or
+``campaign_id``): a segment with at least ``min_conversions`` matured conversions gets its own curve
+and CVR on the same grid, any other falls back to the overall curve. Published as a versioned JSON
+artifact (with a PNG plot) under ``var/artifacts/delay_curve/``; the joiner and the trainers read the
+latest one.
 
-``python -m label_joiner.delay_curve`` fits from the matured_labels topic and publishes.
+``python -m label_joiner.delay_curve [--segment FIELD]`` fits from the matured_labels topic and publishes.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,7 @@ import pandas as pd
 from infra.settings import Settings, get_settings
 
 GRID_POINTS = 200
+SEGMENT_FIELDS = ("advertiser_id", "campaign_id")
 
 
 @dataclass(frozen=True)
@@ -36,30 +41,60 @@ class DelayCurve:
     n_conversions: int
     window_s: float
     version: str = ""
+    # Per-segment curves on the same grid: segment value (as a string) -> cdf_values, cvr, n_clicks,
+    # n_conversions. Empty when the curve was fitted overall only.
+    segment_field: str | None = None
+    segments: dict[str, dict] = field(default_factory=dict)
 
-    def cdf(self, elapsed_s: float) -> float:
+    def cdf(self, elapsed_s: float, segment: object = None) -> float:
         """F(e): share of (eventual, in-window) conversions that have arrived by ``elapsed_s``."""
         if elapsed_s >= self.window_s:
             return 1.0
-        return float(np.interp(elapsed_s, self.grid_s, self.cdf_values, left=0.0, right=1.0))
+        return float(np.interp(elapsed_s, self.grid_s, self._values(segment), left=0.0, right=1.0))
 
-    def eventual_conversion(self, elapsed_s: float, prior: float | None = None) -> float:
+    def segment_cvr(self, segment: object = None) -> float:
+        """The matured post-click CVR of ``segment`` (the overall one for an unknown segment)."""
+        return self.segments.get(str(segment), {}).get("cvr", self.cvr) if segment is not None else self.cvr
+
+    def eventual_conversion(self, elapsed_s: float, prior: float | None = None, segment: object = None) -> float:
         """P(converts eventually | not converted after ``elapsed_s``) = p (1 - F) / (1 - p F)."""
-        p, f = (self.cvr if prior is None else prior), self.cdf(elapsed_s)
+        p = self.segment_cvr(segment) if prior is None else prior
+        f = self.cdf(elapsed_s, segment)
         return p * (1 - f) / (1 - p * f) if p * f < 1 else 0.0
 
+    def _values(self, segment: object) -> np.ndarray:
+        if segment is not None and (seg := self._segment_values.get(str(segment))) is not None:
+            return seg
+        return self._overall_values
+
+    @cached_property
+    def _overall_values(self) -> np.ndarray:
+        return np.asarray(self.cdf_values)
+
+    @cached_property
+    def _segment_values(self) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v["cdf_values"]) for k, v in self.segments.items()}
+
     @classmethod
-    def fit(cls, matured: pd.DataFrame, window_s: float) -> DelayCurve:
-        """Fit on matured labels (columns clicked, converted, click_time_ms, conversion_time_ms)."""
+    def fit(cls, matured: pd.DataFrame, window_s: float, segment_field: str | None = None,
+            min_conversions: int = 200) -> DelayCurve:
+        """Fit on matured labels (columns clicked, converted, click_time_ms, conversion_time_ms, and
+        ``segment_field`` when given)."""
         clicks = matured[matured["clicked"]]
-        conv = clicks[clicks["converted"]]
-        delays = np.sort((conv["conversion_time_ms"] - conv["click_time_ms"]).to_numpy() / 1000.0)
-        if len(delays) == 0:
-            raise ValueError("no matured conversions to fit a delay curve on")
         grid = np.unique(np.concatenate([[0.0], np.geomspace(1.0, window_s, GRID_POINTS)]))
-        cdf = np.searchsorted(delays, grid, side="right") / len(delays)
-        return cls(grid_s=grid.tolist(), cdf_values=cdf.tolist(), cvr=len(conv) / max(len(clicks), 1),
-                   n_clicks=len(clicks), n_conversions=len(conv), window_s=window_s)
+        overall = _fit_on_grid(clicks, grid)
+        if overall is None:
+            raise ValueError("no matured conversions to fit a delay curve on")
+        segments = {}
+        if segment_field is not None:
+            if segment_field not in SEGMENT_FIELDS:
+                raise ValueError(f"segment field must be one of {SEGMENT_FIELDS}, not {segment_field!r}")
+            for value, group in clicks.groupby(segment_field):
+                fitted = _fit_on_grid(group, grid)
+                if fitted is not None and fitted["n_conversions"] >= min_conversions:
+                    segments[str(value)] = fitted
+        return cls(grid_s=grid.tolist(), window_s=window_s, segment_field=segment_field, segments=segments,
+                   **overall)
 
     # -- artifact ---------------------------------------------------------------------------------------
     def publish(self, settings: Settings) -> Path:
@@ -90,7 +125,13 @@ class DelayCurve:
 
         fig, ax = plt.subplots(figsize=(7, 4))
         hours = np.asarray(self.grid_s) / 3600
-        ax.step(hours, self.cdf_values, where="post")
+        largest = sorted(self.segments.items(), key=lambda kv: -kv[1]["n_conversions"])[:8]
+        for value, seg in largest:
+            ax.step(hours, seg["cdf_values"], where="post", alpha=0.5, linewidth=0.8,
+                    label=f"{self.segment_field}={value} ({seg['n_conversions']:,})")
+        ax.step(hours, self.cdf_values, where="post", color="black", linewidth=2, label="all")
+        if largest:
+            ax.legend(fontsize=7, loc="upper left")
         ax.set_xscale("symlog", linthresh=1.0)
         ax.set_xlabel("hours after the click")
         ax.set_ylabel("share of conversions arrived, F(e)")
@@ -100,6 +141,17 @@ class DelayCurve:
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
+
+
+def _fit_on_grid(clicks: pd.DataFrame, grid: np.ndarray) -> dict | None:
+    """Empirical delay CDF of the converted clicks on ``grid``, with the CVR; None without conversions."""
+    conv = clicks[clicks["converted"]]
+    if len(conv) == 0:
+        return None
+    delays = np.sort((conv["conversion_time_ms"] - conv["click_time_ms"]).to_numpy() / 1000.0)
+    cdf = np.searchsorted(delays, grid, side="right") / len(delays)
+    return {"cdf_values": cdf.tolist(), "cvr": len(conv) / len(clicks), "n_clicks": len(clicks),
+            "n_conversions": len(conv)}
 
 
 def artifact_dir(settings: Settings) -> Path:
@@ -123,14 +175,18 @@ def read_matured(settings: Settings) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(prog="python -m label_joiner.delay_curve", description=__doc__).parse_args(argv)
+    p = argparse.ArgumentParser(prog="python -m label_joiner.delay_curve", description=__doc__)
+    p.add_argument("--segment", choices=SEGMENT_FIELDS, help="also fit one curve per value of this field")
+    p.add_argument("--min-conversions", type=int, default=200, help="a segment's own curve needs this many")
+    a = p.parse_args(argv)
     settings = get_settings()
     matured = read_matured(settings)
     print(f"delay curve: {len(matured):,} matured labels read")
-    curve = DelayCurve.fit(matured, settings.windows.conversion_window_s)
+    curve = DelayCurve.fit(matured, settings.windows.conversion_window_s, a.segment, a.min_conversions)
     path = curve.publish(settings)
     print(f"delay curve: {curve.n_conversions:,} conversions, CVR {curve.cvr:.3%}, F(1h)={curve.cdf(3600):.2f}, "
-          f"F(1d)={curve.cdf(86400):.2f}; published {path} (+ .png)")
+          f"F(1d)={curve.cdf(86400):.2f}, {len(curve.segments)} segments with their own curve; "
+          f"published {path} (+ .png)")
     return 0
 
 

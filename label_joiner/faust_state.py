@@ -15,6 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, MutableMapping
 
+import orjson
+
+from label_joiner.sink import KafkaSink
+
 
 class FaustState(MutableMapping):
     def __init__(self, table):
@@ -43,16 +47,14 @@ class FaustState(MutableMapping):
     def __len__(self) -> int:
         return len(self.table.data)
 
-    async def write_changelog(self) -> int:
-        """Hand the pending changes (the last one per key) to the producer; return how many.
+    def write_changelog(self, sink: KafkaSink) -> int:
+        """Hand the pending changes (the last one per key) to ``sink``; return how many.
 
-        Sent straight to the Kafka client, not through faust's send buffer, so that a producer flush
-        afterwards covers them."""
+        Keys and values are JSON, as the table's ``json`` serializers read them back at recovery; a
+        deleted key is a tombstone."""
         pending, self.pending = self.pending, {}
-        topic = self.table.changelog_topic
+        topic = self.table.changelog_topic.get_topic_name()
         for key, (partition, entry) in pending.items():
-            if entry is None:
-                await topic.send(key=key, value=None, partition=partition, value_serializer="raw")
-            else:
-                await topic.send(key=key, value=entry, partition=partition)
+            value = None if entry is None else orjson.dumps(entry)
+            sink.add(topic, orjson.dumps(key), value, partition=partition)
         return len(pending)

@@ -31,7 +31,8 @@ from schemas.events import Click, Conversion, Event, Impression, MaturedLabel, T
 IMPRESSION_FIELDS = ("impression_id", "user_id", "ad_id", "advertiser_id", "campaign_id", "placement", "position",
                      "device", "model_version", "event_time_ms")
 SOURCES = ("impression", "click", "conversion")
-PROGRESS_KEY = "__progress__/"  # + partition: the newest event time per input, kept in the state itself
+# + partition: the newest event time and the next offset per input, kept in the state itself
+PROGRESS_KEY = "__progress__/"
 
 
 @dataclass
@@ -91,6 +92,8 @@ class LabelJoiner:
         # (each input holds the watermark until its replayed events arrive, in order from the committed
         # offset); the newest time in the recovered state counts only once the stream is idle.
         self._newest: dict[int, dict[str, int]] = {}
+        # partition -> source -> next input offset to process, saved with the state (see ``position``).
+        self._positions: dict[int, dict[str, int]] = {}
         self._recovered: dict[int, int] = {}
         # Wall time since which no event arrived; None while the stream is not known to be running
         # (starting, recovering, rebalancing): then it is never idle.
@@ -111,11 +114,26 @@ class LabelJoiner:
 
         Written to the same changelog partition as those changes, and after them, so a recovered
         progress never runs ahead of the recovered state."""
-        for p, newest in self._newest.items():
+        for p in set(self._newest) | set(self._positions):
             key = f"{PROGRESS_KEY}{p}"
-            saved = self.state.get(key)
-            if saved is None or saved["newest"] != newest:
-                self.state[key] = {"p": p, "progress": True, "newest": dict(newest)}
+            progress = {"p": p, "progress": True, "newest": dict(self._newest.get(p, {})),
+                        "positions": dict(self._positions.get(p, {}))}
+            if self.state.get(key) != progress:
+                self.state[key] = progress
+
+    def position(self, partition: int, source: str) -> int | None:
+        """The next offset of ``source``'s ``partition`` that the state does not account for yet.
+
+        The runtime marks every input message it hands to the join (:meth:`processed`); the positions
+        are saved with the state, so after a restart a message below its position is known to be in the
+        recovered state already, and one above it reveals messages the runtime never delivered."""
+        self._ensure_index()
+        return self._positions.get(partition, {}).get(source)
+
+    def processed(self, partition: int, source: str, offset: int) -> None:
+        """Record that the input message at ``offset`` has been joined (or dead-lettered)."""
+        positions = self._positions.setdefault(partition, {})
+        positions[source] = max(positions.get(source, 0), offset + 1)
 
     def now_ms(self, partition: int) -> int:
         """The newest event time seen on ``partition`` (any input)."""
@@ -283,6 +301,9 @@ class LabelJoiner:
                 newest = self._newest.setdefault(e["p"], {})
                 for source, t in e["newest"].items():
                     newest[source] = max(newest.get(source, 0), t)
+                positions = self._positions.setdefault(e["p"], {})
+                for source, offset in e.get("positions", {}).items():
+                    positions[source] = max(positions.get(source, 0), offset)
                 continue
             self._due.setdefault(e["p"], []).append((self._expiry(e), k))
             self._recovered[e["p"]] = max(self._recovered.get(e["p"], 0), self._newest_time(e))

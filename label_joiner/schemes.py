@@ -10,7 +10,8 @@ window closes. They differ in what the click example says about the conversion i
   its own stop-gradient prediction.
 * ``delay_curve`` (importance weighting by the historical delay curve F): an unconverted click at
   elapsed time e carries the soft label p (1 - F(e)) / (1 - p F(e)), the probability that it converts
-  eventually, and ``delay_cdf`` = F(e); a later conversion replaces it with label 1.
+  eventually, and ``delay_cdf`` = F(e); a later conversion replaces it with label 1. With a segmented
+  curve, F and p are those of the click's segment (e.g. its advertiser).
 """
 
 from __future__ import annotations
@@ -68,9 +69,10 @@ class DelayCurveScheme(LabelScheme):
 
     def on_click(self, base: dict, now_ms: int) -> list[TrainingExample]:
         elapsed_s = max(0.0, (now_ms - base["click_time_ms"]) / 1000.0)
-        f = self.curve.cdf(elapsed_s)
+        segment = base.get(self.curve.segment_field) if self.curve.segment_field else None
+        f = self.curve.cdf(elapsed_s, segment)
         return [example(base, self.name, clicked=True, converted=False, now_ms=now_ms,
-                        label_ctcvr=self.curve.eventual_conversion(elapsed_s), delay_cdf=f)]
+                        label_ctcvr=self.curve.eventual_conversion(elapsed_s, segment=segment), delay_cdf=f)]
 
 
 def make_scheme(name: str, curve: DelayCurve | None = None) -> LabelScheme:

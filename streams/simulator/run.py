@@ -51,7 +51,7 @@ def send(schedule: Schedule, settings: Settings, speed: float, start_ms: int,
     sent = 0
     try:
         for topic, key, value, headers, when in iter_messages(schedule):
-            if speed > 0 and sent % 256 == 0:
+            if speed > 0 and sent % 16 == 0:
                 ahead = (when - start_ms) / 1000.0 / speed - (time.monotonic() - wall0)
                 if ahead > 0:
                     time.sleep(ahead)
