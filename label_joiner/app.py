@@ -72,6 +72,7 @@ input_reader = InputReader(settings, app.conf.id)
 table = app.Table("label-joiner-state", default=None, partitions=settings.kafka.default_partitions)
 state = FaustState(table)
 joiner = LabelJoiner(settings.windows, make_scheme(SCHEME, DelayCurve.load_latest(settings)), state)
+joiner.caught_up(False)  # until the tick has checked the inputs' end offsets
 # The agent and the timer both change state; each runs process -> flush outputs -> write changelog alone.
 step = asyncio.Lock()
 stats: Counter[str] = Counter()  # batches, events, join_s, write_s since the last report
@@ -212,7 +213,25 @@ async def tick() -> None:
     live = not (app.rebalancing or app.in_recovery) and app.tables.recovery.completed.is_set()
     joiner.running(live)
     if live:
+        joiner.caught_up(joiner.quiet() and await _inputs_read_to_end())
         await _whole(_advance_all())
+
+
+async def _inputs_read_to_end() -> bool:
+    """True when every assigned input partition has been joined up to its log end."""
+    assigned = sorted({tp.partition for tp in app.consumer.assignment() if tp.topic in SOURCE_OF_TOPIC})
+    try:
+        ends = await asyncio.wait_for(input_reader.end_offsets(list(SOURCE_OF_TOPIC), assigned), timeout=5)
+    except Exception as exc:  # the broker unreachable: not idle, whatever the silence
+        log.warning("label_joiner: cannot read the inputs' end offsets (%r); not treating the stream as idle", exc)
+        return False
+    for (topic, partition), end in ends.items():
+        position = joiner.position(partition, SOURCE_OF_TOPIC[topic])
+        if position is None:
+            position = await input_reader.start_offset(topic, partition)
+        if position < end:
+            return False
+    return True
 
 
 @app.on_before_shutdown.connect

@@ -50,6 +50,14 @@ class InputReader:
                 return committed
             return (await consumer.beginning_offsets([tp]))[tp]
 
+    async def end_offsets(self, topics: list[str], partitions: list[int]) -> dict[tuple[str, int], int]:
+        """The log-end offset of every (topic, partition); raises when the broker cannot be reached."""
+        async with self._lock:
+            consumer = await self._ready()
+            tps = [TopicPartition(t, p) for t in topics for p in partitions]
+            ends = await consumer.end_offsets(tps)
+            return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+
     async def read(self, topic: str, partition: int, start: int, end: int, timeout_s: float = 30.0) -> list:
         """The messages with ``start`` <= offset < ``end`` (fewer where the log has no such offset)."""
         async with self._lock:

@@ -9,8 +9,9 @@ worker. Output: training examples (at click, at conversion, at click-window clos
 
 Watermark, per partition: the *slowest* of its three inputs (the newest event time seen on each of
 impressions, clicks and conversions) minus the allowed lateness, as in Flink. Once the whole stream has
-been silent for ``idle_timeout_s`` of wall-clock time, the newest event time of the partition counts
-instead, so that the last windows close. An event older than the watermark is late. An entry is
+been silent for ``idle_timeout_s`` of wall-clock time and the runtime confirms that every input has
+been read to its end, the newest event time of the partition counts instead, so that the last windows
+close. An event older than the watermark is late. An entry is
 finished once the watermark passes its expiry; it then leaves a small *done marker* (its click and
 conversion ids) for ``done_retention_s`` of event time, so that an event
 replayed after a crash (at-least-once delivery) is recognised as a duplicate, not joined twice.
@@ -98,6 +99,7 @@ class LabelJoiner:
         # Wall time since which no event arrived; None while the stream is not known to be running
         # (starting, recovering, rebalancing): then it is never idle.
         self._quiet_since: float | None = None
+        self._caught_up = True  # a runtime that can tell (the faust worker) keeps this up to date
         # Per partition: heap of (expiry, impression id), rebuilt from the state on first use. Entries are
         # finished only while processing an event of their own partition, so a faust table writes each
         # change to the changelog partition that holds the key.
@@ -139,9 +141,19 @@ class LabelJoiner:
         """The newest event time seen on ``partition`` (any input)."""
         return max(self._newest_of(partition).values(), default=0)
 
-    def idle(self) -> bool:
+    def quiet(self) -> bool:
         """True once no event at all has arrived for ``idle_timeout_s`` of a running stream."""
         return self._quiet_since is not None and self.clock() - self._quiet_since >= self.idle_s
+
+    def idle(self) -> bool:
+        """Quiet, and the runtime has confirmed that no input is waiting (:meth:`caught_up`)."""
+        return self._caught_up and self.quiet()
+
+    def caught_up(self, no_input_waiting: bool) -> None:
+        """The runtime's word on whether every input partition has been read to its end. A stream that
+        is quiet because the broker is unreachable or the consumer lags is not idle: closing windows on
+        the newest event time then would reject the clicks still on their way as late."""
+        self._caught_up = no_input_waiting
 
     def running(self, is_running: bool) -> None:
         """Tell the joiner whether its input is live (start the idle clock) or being recovered or

@@ -8,6 +8,8 @@ import uuid
 import pandas as pd
 import pytest
 
+from infra.kafka_broker import KafkaBroker
+from infra.settings import get_settings
 from infra.topics import read_topic, topic_counts
 from label_joiner.delay_curve import read_matured
 from label_joiner.evaluate import join_accuracy
@@ -101,3 +103,26 @@ def test_kill_9_and_restart_loses_nothing(run, tmp_path):
     # Every impression has exactly its uninterrupted label: none lost, none changed by the replay.
     assert acc.exact, acc
     assert len(distinct) + late_impressions(settings) == expected
+
+
+def test_broker_restart_loses_nothing(run, tmp_path):
+    """The broker goes away mid-run for longer than the idle timeout and comes back: the worker rides it
+    out (the silence is not taken for an idle stream) and every label is exact."""
+    settings, gen, expected = run
+    broker = KafkaBroker(get_settings())  # the shared broker (the run's settings point var_dir elsewhere)
+    proc = start_worker(settings, f"lj-{uuid.uuid4().hex[:6]}", tmp_path / "worker.log")
+    try:
+        wait_for_examples(settings, expected // 8, proc)
+        broker.stop()
+        time.sleep(settings.windows.idle_timeout_s + 2)
+        broker.start()
+        wait_for_labels(settings, expected - late_impressions(settings) - 50, proc, timeout_s=240)
+        time.sleep(8)
+        matured = read_matured(settings)
+    finally:
+        stop_worker(proc)
+        if not broker.ready():
+            broker.start()
+    acc = join_accuracy(matured, gen.truth, settings.windows)
+    assert acc.exact, acc
+    assert len(matured) + late_impressions(settings) == expected
