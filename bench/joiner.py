@@ -66,11 +66,11 @@ def bare_consume(settings: Settings, n: int) -> float:
 
 
 # -- our joiner ---------------------------------------------------------------------------------------
-def our_throughput(settings: Settings, n: int, log: Path) -> float:
-    """From the worker's first committed input offset until it has committed every input event (each
+def our_throughput(settings: Settings, n: int, log: Path, workers: int = 1) -> float:
+    """From the workers' first committed input offset until they have committed every input event (each
     commit follows the flush of the outputs and state of the events before it)."""
     app_id = f"bench-{uuid.uuid4().hex[:6]}"
-    worker = start_worker(settings, app_id, log)
+    procs = [start_worker(settings, app_id, log.with_suffix(f".{i}.log")) for i in range(workers)]
     t = settings.topics
     try:
         t0 = None
@@ -82,7 +82,8 @@ def our_throughput(settings: Settings, n: int, log: Path) -> float:
                 return (n - done0) / (time.perf_counter() - t0)
             time.sleep(0.1)
     finally:
-        stop_worker(worker)
+        for proc in procs:
+            stop_worker(proc)
 
 
 def click_latencies(settings: Settings, output_topic: str, click_key) -> np.ndarray:
@@ -191,6 +192,7 @@ def main() -> None:
     p.add_argument("--live-hours", type=float, default=1.0)
     p.add_argument("--live-rate", type=float, default=500.0, help="events/s for the latency runs")
     p.add_argument("--paths", default="bare,ours,spark", help="comma-separated subset of bare,ours,spark")
+    p.add_argument("--workers", type=int, default=1, help="faust workers (processes) for the throughput run")
     p.add_argument("--no-latency", action="store_true", help="throughput only")
     a = p.parse_args()
     paths = set(a.paths.split(","))
@@ -209,7 +211,7 @@ def main() -> None:
     if "ours" in paths:
         s = fresh("ours")
         n = load(s, cfg)
-        thr = our_throughput(s, n, tmp / "ours.log")
+        thr = our_throughput(s, n, tmp / "ours.log", workers=a.workers)
         lat = None if a.no_latency else our_latency(fresh("ours-live"), live, a.live_rate, tmp / "ours-live.log")
         rows.append(("label joiner (faust worker)", thr, lat))
         print(rows[-1][:2], flush=True)

@@ -57,6 +57,9 @@ app = faust.App(
     # A crashed worker's partitions move to a live one after this long.
     broker_session_timeout=10.0,
     broker_heartbeat_interval=2.0,
+    # No standby copies of other workers' partitions in this worker's table: the join indexes and
+    # advances every entry it holds, so it must hold only the partitions it owns.
+    table_standby_replicas=0,
     key_serializer="json",
     value_serializer="json",
 )
@@ -159,7 +162,7 @@ async def _whole(step_coro) -> None:
         _die("could not write a batch")
 
 
-async def _in_order(msg) -> list:
+async def _in_order(msg, gaps: list) -> list:
     """``msg`` preceded by the input messages of its partition that faust skipped, or nothing when the
     state already accounts for it (a replay after a restart)."""
     source = SOURCE_OF_TOPIC[msg.topic]
@@ -175,6 +178,10 @@ async def _in_order(msg) -> list:
     log.warning("label_joiner: %s[%d] offsets %d..%d were not delivered by the stream; read %d of them "
                 "directly", msg.topic, msg.partition, expected, msg.offset - 1, len(missed))
     joiner.counts["undelivered message read"] += len(missed)
+    # faust never acks the messages it skipped, so its commits would stop in front of them for good.
+    # Its own bookkeeping for offsets handled outside the stream (compacted or control records) is the
+    # "gap" list; the range is registered there once the batch's outputs and state are flushed.
+    gaps.append((msg.tp, expected, msg.offset - 1))
     return [*missed, msg]
 
 
@@ -182,15 +189,17 @@ async def _join_batch(events) -> None:
     async with step:
         started = time.perf_counter()
         undecodable: list[DeadLetter] = []
-        outputs = []
+        outputs, gaps = [], []
         for event in events:
-            for msg in await _in_order(event.message):
+            for msg in await _in_order(event.message, gaps):
                 outputs.append((_process(msg, undecodable), msg.partition))
                 joiner.processed(msg.partition, SOURCE_OF_TOPIC[msg.topic], msg.offset)
         for letter in undecodable:
             _send(T.dead_letters, letter)
         joined = time.perf_counter()
         await _emit(outputs)
+        for tp, first, last in gaps:
+            await app.consumer._add_gap(tp, first, last)
         stats.update(events=len(events), batches=1, join_s=joined - started, write_s=time.perf_counter() - joined)
 
 
@@ -211,7 +220,8 @@ async def join(stream):
 async def tick() -> None:
     """Advance every partition's watermark even when no event arrives (idle inputs, end of a burst)."""
     live = not (app.rebalancing or app.in_recovery) and app.tables.recovery.completed.is_set()
-    joiner.running(live)
+    async with step:
+        joiner.running(live)
     if live:
         joiner.caught_up(joiner.quiet() and await _inputs_read_to_end())
         await _whole(_advance_all())
@@ -232,6 +242,18 @@ async def _inputs_read_to_end() -> bool:
         if position < end:
             return False
     return True
+
+
+@app.on_rebalance_complete.connect
+async def keep_owned_partitions(app, **kwargs) -> None:
+    """After a rebalance (state recovered, streams not resumed yet): drop what now belongs to another
+    worker and rebuild the join's index, watermarks and input positions from the state."""
+    owned = {tp.partition for tp in app.consumer.assignment() if tp.topic in SOURCE_OF_TOPIC}
+    async with step:
+        dropped = state.retain(owned)
+        joiner.running(False)
+    log.info("label_joiner: rebalanced; owns input partitions %s (%d entries of other partitions dropped)",
+             sorted(owned), dropped)
 
 
 @app.on_before_shutdown.connect

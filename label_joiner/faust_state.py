@@ -47,6 +47,15 @@ class FaustState(MutableMapping):
     def __len__(self) -> int:
         return len(self.table.data)
 
+    def retain(self, partitions: set[int]) -> int:
+        """Forget (locally, without writing the changelog) every entry of a partition not in
+        ``partitions``: after a rebalance their owner is another worker. Return how many."""
+        gone = [k for k, e in self.table.data.items() if e["p"] not in partitions]
+        for key in gone:
+            del self.table.data[key]
+            self.pending.pop(key, None)
+        return len(gone)
+
     def write_changelog(self, sink: KafkaSink) -> int:
         """Hand the pending changes (the last one per key) to ``sink``; return how many.
 

@@ -307,7 +307,9 @@ class LabelJoiner:
         if self._indexed:
             return
         self._indexed = True
-        self._due, self._recovered = {}, {}
+        # Everything below is rebuilt from the state alone, which after a rebalance holds just the
+        # partitions this worker owns now, each as of its last write.
+        self._due, self._recovered, self._newest, self._positions = {}, {}, {}, {}
         for k, e in self.state.items():
             if e.get("progress"):
                 newest = self._newest.setdefault(e["p"], {})

@@ -10,7 +10,7 @@ import pytest
 
 from infra.kafka_broker import KafkaBroker
 from infra.settings import get_settings
-from infra.topics import read_topic, topic_counts
+from infra.topics import group_lag, read_topic, topic_counts
 from label_joiner.delay_curve import read_matured
 from label_joiner.evaluate import join_accuracy
 from label_joiner.worker import start_worker, stop_worker
@@ -90,8 +90,11 @@ def test_kill_9_and_restart_loses_nothing(run, tmp_path):
     try:
         wait_for_labels(settings, expected - late_impressions(settings) - 50, proc)
         time.sleep(8)
+        t = settings.topics
+        committed, total = group_lag(settings, app_id, [t.impressions, t.clicks, t.conversions])
     finally:
         stop_worker(proc)
+    assert committed == total, f"the group committed {committed} of {total} input messages: its lag never closes"
     # Read every matured label, duplicates included: a replayed impression must repeat the same label.
     labels = pd.DataFrame([decode(MaturedLabel, r.value, r.headers).model_dump()
                            for r in read_topic(settings, settings.topics.matured_labels)])
@@ -123,6 +126,30 @@ def test_broker_restart_loses_nothing(run, tmp_path):
         stop_worker(proc)
         if not broker.ready():
             broker.start()
+    acc = join_accuracy(matured, gen.truth, settings.windows)
+    assert acc.exact, acc
+    assert len(matured) + late_impressions(settings) == expected
+
+
+def test_second_worker_joining_mid_run_rebalances_without_loss(run, tmp_path):
+    """A second worker of the same app joins mid-run: half of the partitions move to it with their state
+    (recovered from the changelog) and every label is still exact."""
+    settings, gen, expected = run
+    app_id = f"lj-{uuid.uuid4().hex[:6]}"
+    first = start_worker(settings, app_id, tmp_path / "first.log")
+    second = None
+    try:
+        wait_for_examples(settings, expected // 8, first)
+        second = start_worker(settings, app_id, tmp_path / "second.log")
+        wait_for_labels(settings, expected - late_impressions(settings) - 50, first, timeout_s=240)
+        time.sleep(10)
+        assert second.poll() is None, "the second worker exited"
+        matured = read_matured(settings)
+    finally:
+        stop_worker(first)
+        if second is not None:
+            stop_worker(second)
+    assert "rebalanced; owns input partitions" in (tmp_path / "second.log").read_text()
     acc = join_accuracy(matured, gen.truth, settings.windows)
     assert acc.exact, acc
     assert len(matured) + late_impressions(settings) == expected
