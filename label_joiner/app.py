@@ -79,6 +79,8 @@ joiner.caught_up(False)  # until the tick has checked the inputs' end offsets
 # The agent and the timer both change state; each runs process -> flush outputs -> write changelog alone.
 step = asyncio.Lock()
 stats: Counter[str] = Counter()  # batches, events, join_s, write_s since the last report
+# Per input partition: the offset after the last one faust delivered since the partition was assigned.
+next_delivered: dict = {}
 HANDLERS = {Impression: joiner.on_impression, Click: joiner.on_click, Conversion: joiner.on_conversion}
 
 
@@ -164,11 +166,25 @@ async def _whole(step_coro) -> None:
 
 async def _in_order(msg, gaps: list) -> list:
     """``msg`` preceded by the input messages of its partition that faust skipped, or nothing when the
-    state already accounts for it (a replay after a restart)."""
+    state already accounts for it (a replay after a restart).
+
+    faust drops some fetched messages around start-up and rebalances without acknowledging them, and
+    its commits stop in front of any offset never acknowledged. So every offset it skipped since the
+    assignment began (where it seeks: the committed offset) is registered as a commit "gap" once the
+    batch is flushed: those below the state's position are in the recovered state already, the others
+    are read here straight from Kafka and joined first."""
     source = SOURCE_OF_TOPIC[msg.topic]
+    delivered = next_delivered.get(msg.tp)
+    if delivered is None:
+        delivered = await input_reader.start_offset(msg.topic, msg.partition)
+    next_delivered[msg.tp] = max(delivered, msg.offset + 1)
     expected = joiner.position(msg.partition, source)
     if expected is None:
-        expected = await input_reader.start_offset(msg.topic, msg.partition)
+        expected = delivered
+    if msg.offset > min(delivered, expected):
+        # faust's commit bookkeeping for offsets handled outside the stream (compacted or control
+        # records) is this gap list: its commits pass the range once it is registered.
+        gaps.append((msg.tp, min(delivered, expected), msg.offset - 1))
     if msg.offset < expected:
         joiner.counts["replayed message skipped"] += 1
         return []
@@ -178,10 +194,6 @@ async def _in_order(msg, gaps: list) -> list:
     log.warning("label_joiner: %s[%d] offsets %d..%d were not delivered by the stream; read %d of them "
                 "directly", msg.topic, msg.partition, expected, msg.offset - 1, len(missed))
     joiner.counts["undelivered message read"] += len(missed)
-    # faust never acks the messages it skipped, so its commits would stop in front of them for good.
-    # Its own bookkeeping for offsets handled outside the stream (compacted or control records) is the
-    # "gap" list; the range is registered there once the batch's outputs and state are flushed.
-    gaps.append((msg.tp, expected, msg.offset - 1))
     return [*missed, msg]
 
 
@@ -252,6 +264,7 @@ async def keep_owned_partitions(app, **kwargs) -> None:
     async with step:
         dropped = state.retain(owned)
         joiner.running(False)
+        next_delivered.clear()  # faust seeks every assigned partition to its committed offset
     log.info("label_joiner: rebalanced; owns input partitions %s (%d entries of other partitions dropped)",
              sorted(owned), dropped)
 
