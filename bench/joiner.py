@@ -9,7 +9,8 @@ aiokafka consume loop, on the same topics and events in one run.
   start (session up) until the joined clicks are in Kafka (it takes the backlog in one micro-batch).
   Bare aiokafka: a consume loop that only counts records.
 * latency: the simulator sends live at ``--live-rate`` events/s while the join runs; for every click the
-  time from the click's arrival in Kafka (its log timestamp) to its joined record in Kafka (ditto).
+  time from the arrival in Kafka (log timestamp) of the event that completes its join (the later of the
+  click and its impression) to its joined record in Kafka (ditto).
 The Spark peer joins impressions with clicks (30 s window, watermarks) and writes to Kafka; it is the
 join a user would otherwise pick. It does the click join only (no conversions, no dedup state), so it
 does less work per event than ours.
@@ -87,10 +88,17 @@ def our_throughput(settings: Settings, n: int, log: Path, workers: int = 1) -> f
 
 
 def click_latencies(settings: Settings, output_topic: str, click_key) -> np.ndarray:
-    """ms from each click's log time to its joined record's log time, matched by impression id."""
-    click_ts = {r.key: r.timestamp for r in read_topic(settings, settings.topics.clicks)}
-    lat = [r.timestamp - click_ts[k] for r in read_topic(settings, output_topic)
-           if (k := click_key(r)) in click_ts]
+    """ms from the arrival of the event that completes each click's join to its joined record, by log time.
+
+    That event is the later of the click and its impression: a click delivered before its impression
+    (out of order) can only be joined once the impression is in Kafka, by either joiner."""
+    arrived = {r.key: r.timestamp for r in read_topic(settings, settings.topics.impressions)}
+    clicked = set()
+    for r in read_topic(settings, settings.topics.clicks):
+        clicked.add(r.key)
+        arrived[r.key] = max(arrived.get(r.key, 0), r.timestamp)
+    lat = [r.timestamp - arrived[k] for r in read_topic(settings, output_topic)
+           if (k := click_key(r)) in clicked]
     return np.asarray(lat, dtype=float)
 
 
