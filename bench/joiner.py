@@ -7,7 +7,8 @@ aiokafka consume loop, on the same topics and events in one run.
   committed input offset until it has committed every input event (a commit follows the flush of the
   outputs and the state of the events before it; worker start-up excluded). Spark: from the query's
   start (session up) until the joined clicks are in Kafka (it takes the backlog in one micro-batch).
-  Bare aiokafka: a consume loop that only counts records.
+  Bare aiokafka: a consume loop that only counts records. Bare faust (``bench/faust_ceiling.py``): a faust
+  agent with the joiner's settings and batches that does nothing, measured like ours.
 * latency: the simulator sends live at ``--live-rate`` events/s while the join runs; for every click the
   time from the arrival in Kafka (log timestamp) of the event that completes its join (the later of the
   click and its impression) to its joined record in Kafka (ditto).
@@ -67,11 +68,14 @@ def bare_consume(settings: Settings, n: int) -> float:
 
 
 # -- our joiner ---------------------------------------------------------------------------------------
-def our_throughput(settings: Settings, n: int, log: Path, workers: int = 1) -> float:
+def our_throughput(settings: Settings, n: int, log: Path, workers: int = 1,
+                   app_module: str = "label_joiner.app") -> float:
     """From the workers' first committed input offset until they have committed every input event (each
-    commit follows the flush of the outputs and state of the events before it)."""
+    commit follows the flush of the outputs and state of the events before it). ``app_module``
+    ``bench.faust_ceiling`` measures a faust agent that does nothing, the same way."""
     app_id = f"bench-{uuid.uuid4().hex[:6]}"
-    procs = [start_worker(settings, app_id, log.with_suffix(f".{i}.log")) for i in range(workers)]
+    procs = [start_worker(settings, app_id, log.with_suffix(f".{i}.log"), app_module=app_module)
+             for i in range(workers)]
     t = settings.topics
     try:
         t0 = None
@@ -199,7 +203,7 @@ def main() -> None:
     p.add_argument("--hours", type=float, default=6.0)
     p.add_argument("--live-hours", type=float, default=1.0)
     p.add_argument("--live-rate", type=float, default=500.0, help="events/s for the latency runs")
-    p.add_argument("--paths", default="bare,ours,spark", help="comma-separated subset of bare,ours,spark")
+    p.add_argument("--paths", default="bare,faust,ours,spark", help="comma-separated subset of bare,faust,ours,spark")
     p.add_argument("--workers", type=int, default=1, help="faust workers (processes) for the throughput run")
     p.add_argument("--no-latency", action="store_true", help="throughput only")
     a = p.parse_args()
@@ -215,6 +219,13 @@ def main() -> None:
         n = load(s, cfg)
         rows.append(("bare aiokafka consume (ceiling)", bare_consume(s, n), None))
         print(rows[-1], flush=True)
+
+    if "faust" in paths:
+        s = fresh("faust")
+        n = load(s, cfg)
+        rows.append(("bare faust agent (faust's ceiling)", our_throughput(s, n, tmp / "faust.log",
+                                                                         app_module="bench.faust_ceiling"), None))
+        print(rows[-1][:2], flush=True)
 
     if "ours" in paths:
         s = fresh("ours")

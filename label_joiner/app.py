@@ -16,8 +16,6 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 
-import faust
-
 from infra.settings import get_settings
 from label_joiner.delay_curve import DelayCurve
 from label_joiner.faust_state import FaustState
@@ -28,10 +26,9 @@ from label_joiner.sink import KafkaSink
 from schemas.codec import InvalidEvent, decode, encode
 from schemas.events import Click, Conversion, DeadLetter, Impression
 from streams.dead_letter import make_dead_letter
+from streams.faust_app import faust_app
 
 log = logging.getLogger(__name__)
-# faust logs every sent message at debug level; building those records costs more than the join itself.
-logging.getLogger("faust.topics").setLevel(logging.INFO)
 settings = get_settings()
 T = settings.topics
 SCHEME = os.environ.get("ADS_LABEL_SCHEME", "naive")
@@ -39,30 +36,7 @@ CLASS_OF_TOPIC = {T.impressions: Impression, T.clicks: Click, T.conversions: Con
 TOPIC_OF_CLASS = {cls: topic for topic, cls in CLASS_OF_TOPIC.items()}
 SOURCE_OF_TOPIC = {topic: cls.NAME for topic, cls in CLASS_OF_TOPIC.items()}
 
-app = faust.App(
-    os.environ.get("ADS_LABEL_JOINER_ID", "label-joiner"),
-    broker=[f"kafka://{b}" for b in settings.kafka.bootstrap_servers.split(",")],
-    store="memory://",
-    datadir=str(settings.var_dir / "faust"),
-    topic_partitions=settings.kafka.default_partitions,
-    topic_replication_factor=settings.kafka.replication_factor,
-    web_enabled=False,
-    producer_acks=-1,
-    producer_linger=0.01,
-    producer_max_batch_size=256 * 1024,
-    broker_max_poll_records=2000,
-    broker_commit_every=1000,
-    broker_commit_interval=1.0,
-    stream_wait_empty=False,
-    # A crashed worker's partitions move to a live one after this long.
-    broker_session_timeout=10.0,
-    broker_heartbeat_interval=2.0,
-    # No standby copies of other workers' partitions in this worker's table: the join indexes and
-    # advances every entry it holds, so it must hold only the partitions it owns.
-    table_standby_replicas=0,
-    key_serializer="json",
-    value_serializer="json",
-)
+app = faust_app(os.environ.get("ADS_LABEL_JOINER_ID", "label-joiner"), settings)
 
 raw_events = app.topic(T.impressions, T.clicks, T.conversions, key_type=bytes, value_type=bytes,
                        key_serializer="raw", value_serializer="raw")

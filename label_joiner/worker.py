@@ -11,17 +11,18 @@ from pathlib import Path
 from infra.settings import Settings
 
 
-def worker_command() -> list[str]:
+def worker_command(app_module: str = "label_joiner.app") -> list[str]:
     faust = Path(sys.executable).with_name("faust")
-    return [str(faust), "-A", "label_joiner.app", "worker", "-l", "info", "--without-web"]
+    return [str(faust), "-A", app_module, "worker", "-l", "info", "--without-web"]
 
 
-def start_worker(settings: Settings, app_id: str, log_path: Path, scheme: str = "naive") -> subprocess.Popen:
+def start_worker(settings: Settings, app_id: str, log_path: Path, scheme: str = "naive",
+                 app_module: str = "label_joiner.app") -> subprocess.Popen:
     """A worker in its own process group, logging to ``log_path``; stop it with :func:`stop_worker`."""
     env = {**os.environ, **settings.to_env(), "ADS_LABEL_JOINER_ID": app_id, "ADS_LABEL_SCHEME": scheme}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        return subprocess.Popen(worker_command(), env=env, stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen(worker_command(app_module), env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
 

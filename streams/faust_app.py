@@ -1,0 +1,44 @@
+"""The faust App every worker of the project runs in, configured from the settings.
+
+One place for the consumer, producer and group settings, so that the label joiner and any other faust
+worker (and the benchmark's bare faust agent) behave alike.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import faust
+
+from infra.settings import Settings
+
+# faust logs every sent message at debug level; building those records costs more than most agents' work.
+logging.getLogger("faust.topics").setLevel(logging.INFO)
+
+
+def faust_app(app_id: str, settings: Settings) -> faust.App:
+    """A faust App (consumer group ``app_id``) on the settings' brokers, with in-memory tables."""
+    return faust.App(
+        app_id,
+        broker=[f"kafka://{b}" for b in settings.kafka.bootstrap_servers.split(",")],
+        store="memory://",
+        datadir=str(settings.var_dir / "faust"),
+        topic_partitions=settings.kafka.default_partitions,
+        topic_replication_factor=settings.kafka.replication_factor,
+        web_enabled=False,
+        producer_acks=-1,
+        producer_linger=0.01,
+        producer_max_batch_size=256 * 1024,
+        broker_max_poll_records=2000,
+        broker_commit_every=1000,
+        broker_commit_interval=1.0,
+        stream_wait_empty=False,
+        # A crashed worker's partitions move to a live one after this long.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
+        # No standby copies of other workers' partitions in this worker's tables: an agent that indexes
+        # and advances every entry it holds must hold only the partitions it owns.
+        table_standby_replicas=0,
+        key_serializer="json",
+        value_serializer="json",
+    )
