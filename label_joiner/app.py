@@ -171,6 +171,22 @@ async def _in_order(msg, gaps: list) -> list:
     return [*missed, msg]
 
 
+async def _skip_in_commits(tp, first: int, last: int) -> None:
+    """Let faust's commits pass offsets ``first``..``last``, which its stream skipped.
+
+    faust merges such a gap into its list of acknowledged offsets when it commits. It may also deliver
+    some of those offsets again later (after a seek); acknowledging one a second time would put it in
+    that list twice, and faust's commits would then crawl forward an offset per commit. So the range is
+    also marked as acknowledged in faust's index, which its ``ack`` checks first."""
+    consumer = app.consumer
+    committed = consumer._committed_offset[tp]
+    first = first if committed is None else max(first, committed + 1)
+    if first > last:
+        return
+    await consumer._add_gap(tp, first, last)
+    consumer._acked_index[tp].update(range(first, last + 1))
+
+
 async def _join_batch(events) -> None:
     async with step:
         started = time.perf_counter()
@@ -185,7 +201,7 @@ async def _join_batch(events) -> None:
         joined = time.perf_counter()
         await _emit(outputs)
         for tp, first, last in gaps:
-            await app.consumer._add_gap(tp, first, last)
+            await _skip_in_commits(tp, first, last)
         stats.update(events=len(events), batches=1, join_s=joined - started, write_s=time.perf_counter() - joined)
 
 
