@@ -68,7 +68,7 @@ def bare_consume(settings: Settings, n: int) -> float:
 
 
 # -- our joiner ---------------------------------------------------------------------------------------
-def our_throughput(settings: Settings, n: int, log: Path, workers: int = 1,
+def committed_throughput(settings: Settings, n: int, log: Path, workers: int = 1,
                    app_module: str = "label_joiner.app") -> float:
     """From the workers' first committed input offset until they have committed every input event (each
     commit follows the flush of the outputs and state of the events before it). ``app_module``
@@ -223,14 +223,14 @@ def main() -> None:
     if "faust" in paths:
         s = fresh("faust")
         n = load(s, cfg)
-        rows.append(("bare faust agent (faust's ceiling)", our_throughput(s, n, tmp / "faust.log",
+        rows.append(("bare faust agent (faust's ceiling)", committed_throughput(s, n, tmp / "faust.log",
                                                                          app_module="bench.faust_ceiling"), None))
         print(rows[-1][:2], flush=True)
 
     if "ours" in paths:
         s = fresh("ours")
         n = load(s, cfg)
-        thr = our_throughput(s, n, tmp / "ours.log", workers=a.workers)
+        thr = committed_throughput(s, n, tmp / "ours.log", workers=a.workers)
         lat = None if a.no_latency else our_latency(fresh("ours-live"), live, a.live_rate, tmp / "ours-live.log")
         rows.append(("label joiner (faust worker)", thr, lat))
         print(rows[-1][:2], flush=True)
