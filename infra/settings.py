@@ -76,12 +76,21 @@ class WindowSettings(BaseModel):
 
     click_window_s: float = 30.0
     conversion_window_s: float = 7 * 24 * 3600.0
-    # How far behind the newest event time an event may arrive and still be joined.
+    # How long after it happened an impression or click may arrive (Kafka record time) and still be joined.
     allowed_lateness_s: float = 600.0
-    # Wall-clock seconds after which a silent input stops holding the watermark back.
+    # The same for conversions, counted from the end of their click's conversion window: advertisers'
+    # postbacks arrive in batches, hours late.
+    conversion_lateness_s: float = 24 * 3600.0
+    # An event time this far ahead of its record's arrival, or older than ``max_event_age_s`` (the raw
+    # topics' retention), is not trusted: it is dead-lettered and moves no clock.
+    max_future_skew_s: float = 300.0
+    max_event_age_s: float = 14 * 24 * 3600.0
+    # Wall-clock seconds after which an input read to its end stops holding the partition's clock back.
     idle_timeout_s: float = 10.0
-    # Event-time seconds a finished impression is remembered, to drop events replayed after a crash.
+    # Arrival-time seconds a finished impression's ids are remembered, to drop events repeated by producers.
     done_retention_s: float = 24 * 3600.0
+    # delay_curve scheme (ES-DFM style): how long after the click the first example waits for a conversion.
+    elapsed_window_s: float = 3600.0
 
 
 class SparkSettings(BaseModel):

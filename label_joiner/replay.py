@@ -1,4 +1,8 @@
-"""Run the join in-process over a simulator schedule (tests, evaluation and benchmarks)."""
+"""Run the join in-process over a simulator schedule (tests, evaluation, reports): no broker.
+
+Each delivery's simulated time is its arrival (what the simulator stamps on the Kafka record), so an
+in-process replay and the worker reading the same run from Kafka make the same decisions.
+"""
 
 from __future__ import annotations
 
@@ -6,30 +10,37 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from label_joiner.join import LabelJoiner, Outputs
+from label_joiner.join import Emitted, PartitionJoin
 from schemas.codec import InvalidEvent, decode
 from schemas.events import Click, Conversion, Impression
 from streams.simulator.delivery import Schedule, iter_messages
+from streams.state import MemoryStore
+
+SOURCE = {Impression: "impression", Click: "click", Conversion: "conversion"}
+# One merged input in arrival order: nothing is waiting behind what was read, so the newest arrival is the clock.
+ALL_IDLE = set(SOURCE.values())
 
 
 @dataclass
 class ReplayResult:
-    outputs: Outputs = field(default_factory=Outputs)
+    outputs: Emitted = field(default_factory=Emitted)
     undecodable: int = 0
 
     def matured_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([m.model_dump() for m in self.outputs.matured])
+        return pd.DataFrame(self.outputs.matured)
 
     def examples_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([e.model_dump() for e in self.outputs.examples])
+        return pd.DataFrame(self.outputs.examples)
 
 
-def replay(joiner: LabelJoiner, schedule: Schedule, flush: bool = True) -> ReplayResult:
-    """Feed every delivery, in delivery order, to ``joiner`` (one partition); optionally close all windows."""
-    cls_of = {schedule.topics[c]: c for c in (Impression, Click, Conversion) if c in schedule.topics}
-    handler = {Impression: joiner.on_impression, Click: joiner.on_click, Conversion: joiner.on_conversion}
+def replay(join: PartitionJoin, schedule: Schedule, flush: bool = True, advance_every: int = 1) -> ReplayResult:
+    """Feed every delivery, in delivery order, to ``join`` (one partition holding everything), moving
+    its clock every ``advance_every`` events; with ``flush``, close every window at the end."""
+    cls_of = {schedule.topics[c]: c for c in SOURCE if c in schedule.topics}
     result = ReplayResult()
-    for topic, _key, value, headers, _when in iter_messages(schedule):
+    out = result.outputs
+    store = join.store
+    for n, (topic, _key, value, headers, when) in enumerate(iter_messages(schedule)):
         cls = cls_of.get(topic)
         if cls is None:
             continue
@@ -38,8 +49,16 @@ def replay(joiner: LabelJoiner, schedule: Schedule, flush: bool = True) -> Repla
         except InvalidEvent:
             result.undecodable += 1
             continue
-        result.outputs.extend(handler[cls](event))
-        result.outputs.extend(joiner.advance(0))
+        join.on_event(SOURCE[cls], event.model_dump(), arrival=when, offset=n, out=out)
+        if n % advance_every == 0:
+            join.advance(idle=ALL_IDLE, wall_ms=0, out=out)
+        store.commit()
     if flush:
-        result.outputs.extend(joiner.flush())
+        join.finish_all(out)
+        store.commit()
     return result
+
+
+def new_join(rules, scheme) -> PartitionJoin:
+    """A join on an in-memory store."""
+    return PartitionJoin(rules, scheme, MemoryStore())

@@ -109,11 +109,14 @@ class TrainingExample(Event):
     """One example for the streaming trainer, emitted before the conversion window closes.
 
     ``weight`` and ``label_*`` follow the delay-correction scheme named in ``scheme``; an example with
-    ``is_correction`` set supersedes an earlier one for the same impression.
+    ``is_correction`` set supersedes an earlier one for the same impression. ``example_id`` is the same on
+    every replay (readers drop repeats by it); ``as_of_ms`` is the event time the example describes.
     """
 
     NAME: ClassVar[str] = "training_example"
+    VERSION: ClassVar[int] = 2
 
+    example_id: str = Field(min_length=1)
     impression_id: str = Field(min_length=1)
     user_id: int = Field(ge=0)
     ad_id: int = Field(ge=0)
@@ -130,7 +133,7 @@ class TrainingExample(Event):
     label_ctr: float = Probability
     label_ctcvr: float = Probability
     weight: float = Field(ge=0.0)
-    emitted_at_ms: int = EpochMs
+    as_of_ms: int = EpochMs
     click_time_ms: int | None = None
     conversion_time_ms: int | None = None
     elapsed_since_click_s: float | None = Field(default=None, ge=0.0)
@@ -157,18 +160,24 @@ class MaturedLabel(Event):
 
 
 class DeadLetter(Event):
-    """An input that could not be used, with the reason; nothing bad is dropped silently."""
+    """An input that could not be used, with the reason; nothing bad is dropped silently.
+
+    ``dead_letter_id`` names the input (stage, topic, partition, offset), so a replay repeats the same id;
+    ``arrival_ms`` is the input record's Kafka timestamp. A payload over 64 KiB is cut (``truncated``)."""
 
     NAME: ClassVar[str] = "dead_letter"
+    VERSION: ClassVar[int] = 2
     KEY: ClassVar[str] = "source_topic"
 
+    dead_letter_id: str = Field(min_length=1)
     source_topic: str
     partition: int = Field(ge=-1)
     offset: int = Field(ge=-1)
     stage: str
     reason: str
     payload: str
-    failed_at_ms: int = EpochMs
+    truncated: bool = False
+    arrival_ms: int = Field(ge=-1, description="Kafka timestamp of the input record; -1 when unknown")
 
 
 ALL_EVENTS: tuple[type[Event], ...] = (

@@ -35,16 +35,16 @@ SAMPLES = [
                event_time_ms=T0 + 60_000, value=12.5),
     PredictionLog(request_id="r1", impression_id="i1", user_id=1, ad_id=2, model_version="m1",
                   event_time_ms=T0, features={"position": 0.0, "bid": 1.25}, pctr=0.03, pcvr=0.01),
-    TrainingExample(impression_id="i1", user_id=1, ad_id=2, advertiser_id=3, campaign_id=4, placement="feed",
-                    position=0, device="mobile", model_version="m1", impression_time_ms=T0, clicked=True,
+    TrainingExample(example_id="i1/click/c1", impression_id="i1", user_id=1, ad_id=2, advertiser_id=3,
+                    campaign_id=4, placement="feed", position=0, device="mobile", model_version="m1", impression_time_ms=T0, clicked=True,
                     converted=False, scheme="fnw", label_ctr=1.0, label_ctcvr=0.0, weight=0.97,
-                    emitted_at_ms=T0 + 5000, click_time_ms=T0 + 3000, elapsed_since_click_s=2.0,
+                    as_of_ms=T0 + 5000, click_time_ms=T0 + 3000, elapsed_since_click_s=2.0,
                     delay_cdf=0.01),
     MaturedLabel(impression_id="i1", user_id=1, ad_id=2, advertiser_id=3, campaign_id=4,
                  impression_time_ms=T0, clicked=True, converted=True, click_time_ms=T0 + 3000,
                  conversion_time_ms=T0 + 60_000, conversion_value=12.5),
-    DeadLetter(source_topic="clicks", partition=0, offset=7, stage="test", reason="not JSON: x",
-               payload="{", failed_at_ms=T0),
+    DeadLetter(dead_letter_id="test/clicks/0/7", source_topic="clicks", partition=0, offset=7, stage="test",
+               reason="not JSON: x", payload="{", arrival_ms=T0),
 ]
 
 

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel, Field
+
+
+def recent_start(days_back: int = 9) -> datetime:
+    """Midnight UTC ``days_back`` days ago: a run and its conversion window (7 days) lie in the past, and
+    every record's timestamp stays inside the raw topics' retention (14 days)."""
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return today - timedelta(days=days_back)
 
 
 class SimulatorConfig(BaseModel):
     seed: int = 7
     run_id: str | None = Field(default=None, description="prefix of every id; default sim<seed>")
-    start: datetime = datetime(2026, 11, 2, tzinfo=UTC)
+    # Records are stamped with their simulated delivery time (the producer's clock in the simulated
+    # world), so the simulated world must lie in the real past: pass a fixed start to repeat a run exactly.
+    start: datetime = Field(default_factory=recent_start)
     hours: float = Field(default=3.0, gt=0)
     users: int = Field(default=100_000, gt=0)
     ads: int = Field(default=20_000, gt=0, description="ad slots live at any time")

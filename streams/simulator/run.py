@@ -55,7 +55,8 @@ def send(schedule: Schedule, settings: Settings, speed: float, start_ms: int,
                 ahead = (when - start_ms) / 1000.0 / speed - (time.monotonic() - wall0)
                 if ahead > 0:
                     time.sleep(ahead)
-            producer.send(topic, value=value, key=key, headers=headers)
+            # The record's timestamp is the simulated delivery time: what a real producer's clock would say.
+            producer.send(topic, value=value, key=key, headers=headers, timestamp_ms=when)
             counts[topic] = counts.get(topic, 0) + 1
             sent += 1
             if sent % 4096 == 0 and time.monotonic() - last_log >= log_every_s:

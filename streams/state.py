@@ -1,0 +1,220 @@
+"""State per input partition: a key -> record store with a due-time index and a changelog of its changes.
+
+A processor reads and writes plain JSON-able dicts by key. A record may carry a due time under ``"d"``
+(epoch ms): :meth:`due` lists the keys whose due time has passed, so a processor can close windows
+without holding an index of every open key in memory. Writes collect in :attr:`pending` until the
+runtime has made them durable (a Kafka transaction with the outputs they produced), then :meth:`commit`
+applies them to the store; :meth:`changes` gives them as changelog records.
+
+Two implementations with one interface: :class:`MemoryStore` (tests, in-process replays) and
+:class:`RocksStore` (the workers: RocksDB through rocksdict, so state larger than memory survives a
+restart on local disk and only the changelog's tail is read back).
+
+>>> s = MemoryStore()
+>>> s.put("a", {"d": 5, "x": 1}); s.put("b", {"d": 9})
+>>> s.due(6)
+['a']
+>>> s.delete("a"); s.due(100)
+['b']
+"""
+
+from __future__ import annotations
+
+import heapq
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+
+META = "\x00meta/"  # keys of the processor's own bookkeeping (clocks), changelogged like records
+_NO_DUE = -1
+
+
+def _due_of(record: dict | None) -> int:
+    return _NO_DUE if record is None else record.get("d", _NO_DUE)
+
+
+class Store:
+    """The interface a processor uses; subclasses keep the committed records."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, dict | None] = {}
+
+    # -- committed records (subclasses) -------------------------------------------------------------------
+    def _committed(self, key: str) -> dict | None:
+        raise NotImplementedError
+
+    def _committed_due(self, upto_ms: int) -> Iterator[tuple[int, str]]:
+        raise NotImplementedError
+
+    def _apply(self, changes: dict[str, dict | None], changelog_next: int | None) -> None:
+        raise NotImplementedError
+
+    # -- reads and writes -----------------------------------------------------------------------------------
+    def get(self, key: str) -> dict | None:
+        if key in self.pending:
+            return self.pending[key]
+        return self._committed(key)
+
+    def put(self, key: str, record: dict) -> None:
+        self.pending[key] = record
+
+    def delete(self, key: str) -> None:
+        self.pending[key] = None
+
+    def due(self, upto_ms: int) -> list[str]:
+        """Keys whose current due time is before ``upto_ms``, earliest first."""
+        found: list[tuple[int, str]] = []
+        for d, key in self._committed_due(upto_ms):
+            if key in self.pending:
+                continue  # its pending version decides
+            found.append((d, key))
+        for key, record in self.pending.items():
+            d = _due_of(record)
+            if d != _NO_DUE and d < upto_ms:
+                found.append((d, key))
+        found.sort()
+        return [key for _, key in found]
+
+    # -- durability -----------------------------------------------------------------------------------------
+    def changes(self) -> list[tuple[bytes, bytes | None]]:
+        """The pending changes as changelog records (key, JSON value or None for a deletion)."""
+        return [(k.encode(), None if v is None else orjson.dumps(v)) for k, v in self.pending.items()]
+
+    def commit(self, changelog_next: int | None = None) -> None:
+        """Apply the pending changes (once they are durable); remember the changelog position."""
+        if self.pending:
+            self._apply(self.pending, changelog_next)
+            self.pending = {}
+        elif changelog_next is not None:
+            self._apply({}, changelog_next)
+
+    def rollback(self) -> None:
+        """Forget the pending changes (their transaction was aborted)."""
+        self.pending = {}
+
+    def restore(self, records: list[tuple[bytes, bytes | None]], changelog_next: int) -> None:
+        """Apply changelog records read back from Kafka (recovery)."""
+        changes = {k.decode(): (None if v is None else orjson.loads(v)) for k, v in records}
+        self._apply(changes, changelog_next)
+
+    @property
+    def changelog_next(self) -> int | None:
+        """The changelog offset after the last change this store holds (None: nothing restored yet)."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryStore(Store):
+    """Records in a dict, due times in a heap (with lazy deletion)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: dict[str, dict] = {}
+        self._heap: list[tuple[int, str]] = []
+        self._next: int | None = None
+
+    def _committed(self, key: str) -> dict | None:
+        return self.records.get(key)
+
+    def _committed_due(self, upto_ms: int) -> Iterator[tuple[int, str]]:
+        """Pops what it yields: a processor deletes or re-schedules every due key it is given."""
+        heap = self._heap
+        while heap and heap[0][0] < upto_ms:
+            d, key = heapq.heappop(heap)
+            if _due_of(self.records.get(key)) == d:  # else stale: the record moved on or is gone
+                yield d, key
+
+    def _apply(self, changes: dict[str, dict | None], changelog_next: int | None) -> None:
+        for key, record in changes.items():
+            if record is None:
+                self.records.pop(key, None)
+            else:
+                self.records[key] = record
+                if (d := _due_of(record)) != _NO_DUE:
+                    heapq.heappush(self._heap, (d, key))
+        if changelog_next is not None:
+            self._next = changelog_next
+
+    @property
+    def changelog_next(self) -> int | None:
+        return self._next
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+class RocksStore(Store):
+    """Records and a due index in one RocksDB database per partition (rocksdict).
+
+    Layout: ``r<key>`` -> JSON record; ``d<due ms, 13 digits><key>`` -> b"" (sorted by due time);
+    ``m/changelog_next`` -> the changelog offset after the last change applied. The three are written
+    in one atomic write batch per commit."""
+
+    def __init__(self, path: Path):
+        from rocksdict import Options, Rdict
+
+        super().__init__()
+        path.mkdir(parents=True, exist_ok=True)
+        opts = Options(raw_mode=True)
+        opts.create_if_missing(True)
+        self.path = path
+        self.db = Rdict(str(path), options=opts)
+
+    @staticmethod
+    def _due_key(d: int, key: str) -> bytes:
+        return b"d%013d" % d + key.encode()
+
+    def _committed(self, key: str) -> dict | None:
+        raw = self.db.get(b"r" + key.encode())
+        return None if raw is None else orjson.loads(raw)
+
+    def _committed_due(self, upto_ms: int) -> Iterator[tuple[int, str]]:
+        end = b"d%013d" % max(upto_ms, 0)
+        for k in self.db.keys(from_key=b"d"):
+            if k >= end or not k.startswith(b"d"):
+                break
+            yield int(k[1:14]), k[14:].decode()
+
+    def _apply(self, changes: dict[str, dict | None], changelog_next: int | None) -> None:
+        from rocksdict import WriteBatch
+
+        wb = WriteBatch(raw_mode=True)
+        for key, record in changes.items():
+            kb = key.encode()
+            old = self.db.get(b"r" + kb)
+            if old is not None and (d := _due_of(orjson.loads(old))) != _NO_DUE:
+                wb.delete(self._due_key(d, key))
+            if record is None:
+                wb.delete(b"r" + kb)
+            else:
+                wb.put(b"r" + kb, orjson.dumps(record))
+                if (d := _due_of(record)) != _NO_DUE:
+                    wb.put(self._due_key(d, key), b"")
+        if changelog_next is not None:
+            wb.put(b"m/changelog_next", str(changelog_next).encode())
+        self.db.write(wb)
+
+    @property
+    def changelog_next(self) -> int | None:
+        raw = self.db.get(b"m/changelog_next")
+        return None if raw is None else int(raw)
+
+    def count(self) -> int:
+        """Records held (a full scan of the record keys: for reports and tests, not the hot path)."""
+        n = 0
+        for k in self.db.keys(from_key=b"r"):
+            if not k.startswith(b"r"):
+                break
+            n += 1
+        return n
+
+    def close(self) -> None:
+        self.db.close()
+
+    def destroy(self) -> None:
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
