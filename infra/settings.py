@@ -35,6 +35,8 @@ class KafkaSettings(BaseModel):
     heap: str = "1G"
     default_partitions: int = 4
     replication_factor: int = 1
+    # The broker's message size limit: a worker writes no record larger than this (it dead-letters it).
+    max_record_bytes: int = 1_000_000
 
     def client_config(self) -> dict:
         """Connection settings in kafka-python's spelling (aiokafka accepts the same names)."""
@@ -46,6 +48,35 @@ class KafkaSettings(BaseModel):
         if self.ssl_cafile:
             cfg["ssl_cafile"] = self.ssl_cafile
         return cfg
+
+    def ssl_context(self):
+        """An SSL context for TLS listeners (aiokafka and faust take a context, not a CA file), or None."""
+        if "SSL" not in self.security_protocol:
+            return None
+        from aiokafka.helpers import create_ssl_context
+
+        return create_ssl_context(cafile=self.ssl_cafile)
+
+    def aiokafka_config(self) -> dict:
+        """Connection settings for aiokafka clients: the same servers, SASL and TLS as :meth:`client_config`."""
+        cfg: dict = {"bootstrap_servers": self.bootstrap_servers, "security_protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            cfg.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                       sasl_plain_password=self.sasl_password)
+        if (context := self.ssl_context()) is not None:
+            cfg["ssl_context"] = context
+        return cfg
+
+    def faust_credentials(self):
+        """The same SASL/TLS settings as faust's ``broker_credentials`` (None for PLAINTEXT)."""
+        import faust
+
+        if self.sasl_mechanism:
+            return faust.SASLCredentials(username=self.sasl_username, password=self.sasl_password,
+                                         mechanism=self.sasl_mechanism, ssl_context=self.ssl_context())
+        if (context := self.ssl_context()) is not None:
+            return faust.SSLCredentials(context)
+        return None
 
 
 class TopicSettings(BaseModel):

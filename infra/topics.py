@@ -71,6 +71,27 @@ def ensure_topics(settings: Settings) -> list[str]:
         admin.close()
 
 
+def ensure_changelog(settings: Settings, name: str, inputs: list[str]) -> None:
+    """Create a processor's compacted changelog topic with as many partitions as its inputs (if missing)."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(**settings.kafka.client_config())
+    try:
+        if name in set(admin.list_topics()):
+            return
+        partitions = max(len(m["partitions"]) for m in admin.describe_topics(inputs))
+        try:
+            admin.create_topics([NewTopic(name, partitions, settings.kafka.replication_factor,
+                                          topic_configs={"cleanup.policy": "compact",
+                                                         "min.compaction.lag.ms": str(3600 * 1000)})])
+        except TopicAlreadyExistsError:  # another worker of the group created it first
+            pass
+    finally:
+        admin.close()
+
+
 def topic_counts(settings: Settings, names: list[str] | None = None) -> dict[str, int]:
     """Messages currently held per topic (end offset minus beginning offset, over partitions)."""
     from kafka import KafkaConsumer, TopicPartition
@@ -113,7 +134,8 @@ def read_topic(settings: Settings, topic: str, timeout_s: float = 60.0) -> list:
 
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(**settings.kafka.client_config(), group_id=None, enable_auto_commit=False)
+    consumer = KafkaConsumer(**settings.kafka.client_config(), group_id=None, enable_auto_commit=False,
+                             isolation_level="read_committed")
     try:
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         if not parts:

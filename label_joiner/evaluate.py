@@ -15,6 +15,9 @@ def expected_labels(truth: pd.DataFrame, rules: Rules) -> pd.DataFrame:
     Arrival is the simulator's delivery time (the Kafka timestamp it stamps), so late clicks and
     impressions drop out, and late conversions count as long as they arrived before their click's
     conversion window plus the conversions' lateness closed."""
+    for kind in ("impression", "click", "conversion"):  # a run without any event of a kind lacks its columns
+        if f"{kind}_malformed" not in truth:
+            truth = truth.assign(**{f"{kind}_malformed": False, f"{kind}_delivery_ms": -1})
     imp_t = truth["event_time_ms"]
     kept = ~truth["impression_malformed"] & rules.impression_arrived_in_time(imp_t, truth["impression_delivery_ms"])
     clean = truth[kept]

@@ -83,6 +83,7 @@ class PartitionJoin:
         saved = store.get(CLOCK_KEY) or {}
         self.newest: dict[str, int] = {s: saved.get(s, 0) for s in SOURCES}
         self.clock_ms: int = saved.get("clock", 0)
+        self._saved = saved
 
     # -- events -------------------------------------------------------------------------------------------
     def on_event(self, source: str, event: dict, arrival: int, offset: int, out: Emitted) -> None:
@@ -223,8 +224,13 @@ class PartitionJoin:
         clock = min(active) if active else max(wall_ms - self.idle_timeout_ms, *self.newest.values())
         if clock > self.clock_ms:
             self.clock_ms = clock
+        before = len(out)
         self._finish_due(self.clock_ms, out)
-        self.store.put(CLOCK_KEY, {**self.newest, "clock": self.clock_ms})
+        saved = {**self.newest, "clock": self.clock_ms}
+        # Saved with the state when the inputs moved or windows closed (not for every tick of an idle clock).
+        if len(out) > before or any(saved[s] != self._saved.get(s) for s in SOURCES):
+            self.store.put(CLOCK_KEY, saved)
+            self._saved = saved
 
     def finish_all(self, out: Emitted) -> None:
         """Close every window now (the end of a finite input, in replays and tests)."""

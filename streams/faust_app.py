@@ -21,6 +21,7 @@ def faust_app(app_id: str, settings: Settings) -> faust.App:
     return faust.App(
         app_id,
         broker=[f"kafka://{b}" for b in settings.kafka.bootstrap_servers.split(",")],
+        broker_credentials=settings.kafka.faust_credentials(),
         store="memory://",
         datadir=str(settings.var_dir / "faust"),
         topic_partitions=settings.kafka.default_partitions,

@@ -45,6 +45,7 @@ def consume_all(settings: Settings, topic: str, expected: int, timeout_s: float 
     from kafka import KafkaConsumer
 
     consumer = KafkaConsumer(topic, **settings.kafka.client_config(), auto_offset_reset="earliest",
+                             isolation_level="read_committed",
                              enable_auto_commit=False, group_id=None, consumer_timeout_ms=1000)
     records, deadline = [], time.monotonic() + timeout_s
     try:

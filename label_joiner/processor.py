@@ -1,0 +1,80 @@
+"""The label joiner as a stream-engine processor: decode a batch, join it, encode what it emitted.
+
+One :class:`JoinProcessor` per task (input partition p of impressions, clicks and conversions).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import orjson
+from aiokafka.structs import ConsumerRecord
+
+from infra.settings import Settings
+from label_joiner.join import Emitted, PartitionJoin
+from label_joiner.rules import Rules
+from label_joiner.schemes import LabelScheme
+from schemas.codec import InvalidEvent, decode, encode, schema_headers
+from schemas.events import Click, Conversion, Impression, MaturedLabel, TrainingExample
+from streams.dead_letter import make_dead_letter
+from streams.engine import Outbox
+from streams.state import Store
+
+STAGE = "label_joiner"
+# An input this large is not joined (its fields would travel into every output and the state).
+MAX_EVENT_BYTES = 64 * 1024
+SOURCE_OF_CLASS = {Impression: "impression", Click: "click", Conversion: "conversion"}
+
+
+class JoinProcessor:
+    def __init__(self, settings: Settings, scheme: LabelScheme, partition: int, store: Store):
+        t = settings.topics
+        self.partition = partition
+        self.join = PartitionJoin(Rules.from_settings(settings.windows), scheme, store,
+                                  idle_timeout_ms=int(settings.windows.idle_timeout_s * 1000))
+        self.counts: Counter[str] = self.join.counts
+        self.inputs = {t.impressions: Impression, t.clicks: Click, t.conversions: Conversion}
+        self.topic_of_source = {SOURCE_OF_CLASS[cls]: topic for topic, cls in self.inputs.items()}
+        self.examples_topic, self.matured_topic = t.training_examples, t.matured_labels
+        self.dead_letter_topic = t.dead_letters
+        self._example_headers = schema_headers(TrainingExample)
+        self._matured_headers = schema_headers(MaturedLabel)
+
+    def process(self, records: list[ConsumerRecord], out: Outbox) -> None:
+        emitted = Emitted()
+        on_event = self.join.on_event
+        for r in records:
+            value = r.value
+            if value is not None and len(value) > MAX_EVENT_BYTES:
+                self._dead(out, r.topic, r.offset, f"event too large: {len(value):,} bytes", value, r.timestamp)
+                continue
+            try:
+                event = decode(self.inputs[r.topic], value, r.headers).model_dump()
+            except InvalidEvent as exc:
+                self._dead(out, r.topic, r.offset, str(exc), value, r.timestamp)
+                continue
+            on_event(SOURCE_OF_CLASS[self.inputs[r.topic]], event, r.timestamp, r.offset, emitted)
+        self._write(emitted, out)
+
+    def advance(self, idle_topics: set[str], wall_ms: int, out: Outbox) -> None:
+        emitted = Emitted()
+        idle = {SOURCE_OF_CLASS[self.inputs[t]] for t in idle_topics if t in self.inputs}
+        self.join.advance(idle, wall_ms, emitted)
+        self._write(emitted, out)
+
+    def _write(self, emitted: Emitted, out: Outbox) -> None:
+        add, dumps = out.add, orjson.dumps
+        for ex in emitted.examples:
+            add(self.examples_topic, ex["impression_id"].encode(), dumps(ex), self._example_headers)
+        for m in emitted.matured:
+            add(self.matured_topic, m["impression_id"].encode(), dumps(m), self._matured_headers)
+        for rej in emitted.rejected:
+            self._dead(out, self.topic_of_source[rej.source], rej.offset, rej.reason, dumps(rej.event), rej.arrival,
+                       counted=True)
+
+    def _dead(self, out: Outbox, topic: str, offset: int, reason: str, payload: bytes | None, arrival: int,
+              counted: bool = False) -> None:
+        if not counted:
+            self.counts[reason.split(":", 1)[0]] += 1
+        key, value, headers = encode(make_dead_letter(topic, self.partition, offset, STAGE, reason, payload, arrival))
+        out.add(self.dead_letter_topic, key, value, headers)
