@@ -52,8 +52,8 @@ def send(schedule: Schedule, settings: Settings, speed: float, start_ms: int,
     now_ms = int(time.time() * 1000)
     try:
         for topic, key, value, headers, when in iter_messages(schedule):
-            if when > now_ms:  # not delivered yet in the real world (and the broker refuses future timestamps)
-                future += 1
+            if when > now_ms and when > (now_ms := int(time.time() * 1000)):
+                future += 1  # not delivered yet in the real world (and the broker refuses future timestamps)
                 continue
             if speed > 0 and sent % 16 == 0:
                 ahead = (when - start_ms) / 1000.0 / speed - (time.monotonic() - wall0)
