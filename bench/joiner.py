@@ -1,20 +1,20 @@
-"""Label joiner throughput and latency versus a Spark Structured Streaming stream-stream join and a bare
-aiokafka consume loop, on the same topics and events in one run.
+"""Label joiner throughput and latency versus Apache Flink's SQL interval join, a Spark Structured
+Streaming stream-stream join and a bare aiokafka consume loop, on the same topics and events in one run.
 
 ``python -m bench.joiner --hours 6`` prints a table (``--paths ours --no-latency`` for one quick number).
 
-* throughput: every input event is already in Kafka (a backlog). Ours: events/s from the worker's first
-  committed input offset until it has committed every input event (a commit follows the flush of the
-  outputs and the state of the events before it; worker start-up excluded). Spark: from the query's
-  start (session up) until the joined clicks are in Kafka (it takes the backlog in one micro-batch).
-  Bare aiokafka: a consume loop that only counts records. Bare faust (``bench/faust_ceiling.py``): a faust
-  agent with the joiner's settings and batches that does nothing, measured like ours.
-* latency: the simulator sends live at ``--live-rate`` events/s while the join runs; for every click the
-  time from the arrival in Kafka (log timestamp) of the event that completes its join (the later of the
-  click and its impression) to its joined record in Kafka (ditto).
-The Spark peer joins impressions with clicks (30 s window, watermarks) and writes to Kafka; it is the
-join a user would otherwise pick. It does the click join only (no conversions, no dedup state), so it
-does less work per event than ours.
+* throughput: every input event is already in Kafka (a backlog). Ours (1 and 2 worker processes):
+  events/s from the group's first committed input offset until it has committed every input event (each
+  commit is the transaction holding the outputs and state changes of the events before it; worker
+  start-up excluded). Spark: from the query's start (session up) until the joined clicks are in Kafka (it
+  takes the backlog in one micro-batch). Flink: a bounded SQL job (``bench/flink_join.py``) from submit to
+  end, start-up included. Bare aiokafka: a consume loop that only counts records.
+* latency: the simulator sends a live minute at ``--live-rate`` events/s (event times now, record times
+  the send times) while the join runs; for every click the time from the arrival in Kafka (record
+  timestamp) of the event that completes its join (the later of the click and its impression) to its
+  joined record in Kafka (ditto).
+Spark and Flink join impressions with clicks only (30 s window, watermarks, no conversions, no dedup
+state): less work per event than ours, which also joins conversions, dedups and dead-letters.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import asyncio
 import threading
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -106,12 +107,20 @@ def click_latencies(settings: Settings, output_topic: str, click_key) -> np.ndar
     return np.asarray(lat, dtype=float)
 
 
+def live_config(rate: float, seconds: float, seed: int = 42) -> SimulatorConfig:
+    """A live run starting a few seconds from now, about ``rate`` events/s (impressions ~96 % of events)."""
+    from datetime import UTC, datetime, timedelta
+
+    return SimulatorConfig(hours=seconds / 3600, impressions_per_hour=rate * 3600 * 0.96, speed=1.0,
+                           prediction_log=False, seed=seed, users=50_000, ads=10_000,
+                           start=datetime.now(UTC) + timedelta(seconds=15))
+
+
 def live_send(settings: Settings, cfg: SimulatorConfig, rate: float) -> None:
-    """Send the run paced so that about ``rate`` events/s reach Kafka."""
+    """Send the run in real time: each record leaves when the simulated world says it is delivered."""
     gen = generate(cfg, settings)
-    span_s = (cfg.end_ms - cfg.start_ms) / 1000
-    send(gen.schedule, settings, speed=span_s * rate / max(len(gen.schedule), 1), start_ms=cfg.start_ms,
-         log_every_s=1e9)
+    time.sleep(max(0.0, cfg.start_ms / 1000 - time.time()))
+    send(gen.schedule, settings, speed=1.0, start_ms=cfg.start_ms, log_every_s=1e9)
 
 
 def our_latency(settings: Settings, cfg: SimulatorConfig, rate: float, log: Path) -> np.ndarray:
@@ -119,8 +128,7 @@ def our_latency(settings: Settings, cfg: SimulatorConfig, rate: float, log: Path
 
     worker = start_worker(settings, f"bench-{uuid.uuid4().hex[:6]}", log)
     try:
-        time.sleep(8)  # joined the group
-        live_send(settings, cfg, rate)
+        live_send(settings, cfg, rate)  # starts ~15 s from the config's creation: the worker is up by then
         time.sleep(5)
     finally:
         stop_worker(worker)
@@ -189,7 +197,7 @@ def spark_latency(settings: Settings, cfg: SimulatorConfig, rate: float, tmp: Pa
 
     def producer():
         time.sleep(25)  # the query is up
-        live_send(settings, cfg, rate)
+        live_send(settings, cfg.model_copy(update={"start": cfg.start + timedelta(seconds=30)}), rate)
         time.sleep(10)
         finished.set()
 
@@ -198,57 +206,71 @@ def spark_latency(settings: Settings, cfg: SimulatorConfig, rate: float, tmp: Pa
     return click_latencies(settings, settings.topics.training_examples, lambda r: r.key)
 
 
+def flink_throughput(settings: Settings, n: int) -> float | None:
+    """Flink's SQL interval join over the same backlog (None when ``make flink`` has not installed it)."""
+    from bench.flink_row import flink_available, flink_join
+
+    if not flink_available():
+        print("flink: not installed (make flink); row skipped", flush=True)
+        return None
+    t = settings.topics
+    result = flink_join(settings.kafka.bootstrap_servers, t.impressions, t.clicks, t.training_examples)
+    return result["events_in"] / result["seconds"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--hours", type=float, default=6.0)
-    p.add_argument("--live-hours", type=float, default=1.0)
+    p.add_argument("--live-seconds", type=float, default=60.0)
     p.add_argument("--live-rate", type=float, default=500.0, help="events/s for the latency runs")
-    p.add_argument("--paths", default="bare,faust,ours,spark", help="comma-separated subset of bare,faust,ours,spark")
-    p.add_argument("--workers", type=int, default=1, help="faust workers (processes) for the throughput run")
+    p.add_argument("--paths", default="bare,ours,ours2,spark,flink",
+                   help="comma-separated subset of bare,ours,ours2,spark,flink")
     p.add_argument("--no-latency", action="store_true", help="throughput only")
     a = p.parse_args()
     paths = set(a.paths.split(","))
     tmp = get_settings().var_dir / "bench"
     cfg = SimulatorConfig(hours=a.hours, impressions_per_hour=20_000, speed=0, prediction_log=False, seed=41)
-    live = cfg.model_copy(update={"hours": a.live_hours, "seed": 42})
     truth = generate(cfg, get_settings(), drain=True).truth
-    rows = []
+    rows: dict[str, tuple[float | None, np.ndarray | None]] = {}
+
+    def add(name: str, rate: float | None, lat: np.ndarray | None = None) -> None:
+        rows[name] = (rate, lat)
+        print(f"{name}: {rate and round(rate):,} events/s", flush=True)
 
     if "bare" in paths:
         s = fresh("bare")
-        n = load(s, cfg)
-        rows.append(("bare aiokafka consume (ceiling)", bare_consume(s, n), None))
-        print(rows[-1], flush=True)
-
-    if "faust" in paths:
-        s = fresh("faust")
-        n = load(s, cfg)
-        rows.append(("bare faust agent (faust's ceiling)", committed_throughput(s, n, tmp / "faust.log",
-                                                                         app_module="bench.faust_ceiling"), None))
-        print(rows[-1][:2], flush=True)
-
+        add("bare aiokafka consume (ceiling)", bare_consume(s, load(s, cfg)))
     if "ours" in paths:
         s = fresh("ours")
-        n = load(s, cfg)
-        thr = committed_throughput(s, n, tmp / "ours.log", workers=a.workers)
-        lat = None if a.no_latency else our_latency(fresh("ours-live"), live, a.live_rate, tmp / "ours-live.log")
-        rows.append(("label joiner (faust worker)", thr, lat))
-        print(rows[-1][:2], flush=True)
-
+        thr = committed_throughput(s, load(s, cfg), tmp / "ours.log", workers=1)
+        lat = None if a.no_latency else our_latency(fresh("ours-live"), live_config(a.live_rate, a.live_seconds),
+                                                    a.live_rate, tmp / "ours-live.log")
+        add("label joiner, 1 process", thr, lat)
+    if "ours2" in paths:
+        s = fresh("ours2")
+        add("label joiner, 2 processes", committed_throughput(s, load(s, cfg), tmp / "ours2.log", workers=2))
     if "spark" in paths:
         s = fresh("spark")
-        n = load(s, cfg)
-        thr = spark_throughput(s, n, int(truth["clicked"].sum()), tmp)
-        lat = None if a.no_latency else spark_latency(fresh("spark-live"), live, a.live_rate, tmp)
-        rows.append(("Spark Structured Streaming join", thr, lat))
+        thr = spark_throughput(s, load(s, cfg), int(truth["clicked"].sum()), tmp)
+        lat = None if a.no_latency else spark_latency(fresh("spark-live"), live_config(a.live_rate, a.live_seconds),
+                                                      a.live_rate, tmp)
+        add("Spark Structured Streaming join", thr, lat)
+    if "flink" in paths:
+        s = fresh("flink")
+        add("Flink SQL interval join (frontier)", flink_throughput(s, load(s, cfg)))
 
-    print(f"\n{'path':<34} {'events/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'clicks timed':>13}")
-    for name, rate, lat in rows:
-        if lat is None or len(lat) == 0:
-            print(f"{name:<34} {rate:>10,.0f} {'-':>9} {'-':>9} {'-':>13}")
-        else:
-            print(f"{name:<34} {rate:>10,.0f} {np.percentile(lat, 50):>9.0f} {np.percentile(lat, 99):>9.0f} "
-                  f"{len(lat):>13,}")
+    spark = rows.get("Spark Structured Streaming join", (None,))[0]
+    bare = rows.get("bare aiokafka consume (ceiling)", (None,))[0]
+    flink = rows.get("Flink SQL interval join (frontier)", (None,))[0]
+    print(f"\n{'path':<38} {'events/s':>10} {'x Spark':>8} {'x ceiling':>10} {'x Flink':>8} {'p50 ms':>8} "
+          f"{'p99 ms':>8} {'clicks timed':>13}")
+    for name, (rate, lat) in rows.items():
+        if rate is None:
+            continue
+        ratios = [f"{rate / ref:>{w}.2f}" if ref else f"{'-':>{w}}" for ref, w in ((spark, 8), (bare, 10), (flink, 8))]
+        timed = (f"{np.percentile(lat, 50):>8.0f} {np.percentile(lat, 99):>8.0f} {len(lat):>13,}"
+                 if lat is not None and len(lat) else f"{'-':>8} {'-':>8} {'-':>13}")
+        print(f"{name:<38} {rate:>10,.0f} {' '.join(ratios)} {timed}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from label_joiner.delay_curve import DelayCurve
 from label_joiner.processor import STAGE, JoinProcessor
 from label_joiner.schemes import make_scheme
 from streams.engine import EngineConfig
-from streams.faust_app import faust_app
+from streams.faust_app import engine_app
 from streams.service import EngineService
 
 settings = get_settings()
@@ -25,7 +25,7 @@ GROUP = os.environ.get("ADS_LABEL_JOINER_ID", "label-joiner")
 SCHEME = os.environ.get("ADS_LABEL_SCHEME", "naive")
 T = settings.topics
 
-app = faust_app(f"{GROUP}-worker", settings)
+app = engine_app(f"{GROUP}-worker", settings)
 scheme = make_scheme(SCHEME, DelayCurve.load_latest(settings) if SCHEME == "delay_curve" else None,
                      settings.windows.elapsed_window_s)
 config = EngineConfig(group_id=GROUP, inputs=[T.impressions, T.clicks, T.conversions],

@@ -79,6 +79,9 @@ class EngineConfig:
     state_dir: Path
     max_records: int = 20_000
     poll_ms: int = 20
+    # A transaction spans the batches fetched in this long (Kafka Streams' commit.interval.ms): outputs
+    # become visible to read_committed readers at that pace.
+    commit_interval_s: float = 0.05
     idle_timeout_s: float = 10.0
     # A record over this many bytes is not written; a truncated dead letter says what it was.
     max_record_bytes: int = 1_000_000
@@ -120,6 +123,7 @@ class Engine:
         self._stopping = False
         self._partitioner = DefaultPartitioner()
         self._partitions: dict[str, list[int]] = {}
+        self._last_commit = time.perf_counter()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -151,6 +155,7 @@ class Engine:
         """Finish the batch in hand (its transaction commits), close the tasks, leave the group."""
         self._stopping = True
         async with self._lock:
+            await self._checkpoint_all()
             for p in list(self.tasks):
                 await self._close_task(p)
         if self.consumer is not None:
@@ -180,12 +185,20 @@ class Engine:
         for p, task in self.tasks.items():
             task.processor.advance(idle.get(p, set()), wall_ms, task.outbox)
         processed = time.perf_counter()
+        committed = 0
+        if not n or processed - self._last_commit >= self.config.commit_interval_s:
+            committed = await self._checkpoint_all()
+            self._last_commit = time.perf_counter()
+        if n or committed:
+            self.stats.update(events=n, batches=1, commits=committed, process_s=processed - started,
+                              commit_s=time.perf_counter() - processed)
+
+    async def _checkpoint_all(self) -> int:
+        """Commit every task with uncommitted work, concurrently; return how many."""
         dirty = [t for t in self.tasks.values() if t.dirty or t.outbox.records or t.store.pending]
         if dirty:
             await asyncio.gather(*(self._checkpoint(t) for t in dirty))
-        if n or dirty:
-            self.stats.update(events=n, batches=1, process_s=processed - started,
-                              commit_s=time.perf_counter() - processed)
+        return len(dirty)
 
     async def _idle_inputs(self) -> dict[int, set[str]]:
         """Per task, the inputs read to their end (from a fetch answered in the last 5 s) and quiet."""
@@ -214,7 +227,7 @@ class Engine:
         changes = task.store.changes()
         try:
             await producer.begin_transaction()
-            futures = await self._send(producer, records)
+            futures = await self._send(producer, p, records)
             changelog = await self._send_batches(producer, self.config.changelog_topic, p,
                                                  [(k, v, []) for k, v in changes]) if changes else []
             if task.offsets:
@@ -234,16 +247,24 @@ class Engine:
         self.counts["records written"] += len(records)
         self.counts["state changes"] += len(changes)
 
-    async def _send(self, producer: AIOKafkaProducer, records) -> list[asyncio.Future]:
-        """One record batch per topic partition (aiokafka's per-record send costs a future per record)."""
+    async def _send(self, producer: AIOKafkaProducer, p: int, records) -> list[asyncio.Future]:
+        """One record batch per topic partition (aiokafka's per-record send costs a future per record).
+
+        A record without a partition goes, in a topic with as many partitions as the inputs, to the task's
+        own partition p: the inputs are co-partitioned by the same key, so that is where Kafka's default
+        partitioner (murmur2 of the key) would put it, without hashing each key in Python."""
         by_tp: dict[tuple[str, int], list] = defaultdict(list)
+        n_inputs = len(await self._partitions_of(producer, self.config.inputs[0]))
+        parts_of = {topic: await self._partitions_of(producer, topic) for topic in {r[0] for r in records}}
+        limit = self.config.max_record_bytes
         for topic, key, value, headers, partition in records:
-            if value is not None and len(value) > self.config.max_record_bytes:
+            if value is not None and len(value) > limit:
                 topic, key, value, headers = self._too_large(topic, key, value)
                 partition = None
+                parts_of.setdefault(topic, await self._partitions_of(producer, topic))
             if partition is None:
-                parts = await self._partitions_of(producer, topic)
-                partition = self._partitioner(key, parts, parts)
+                parts = parts_of[topic]
+                partition = p if len(parts) == n_inputs else self._partitioner(key, parts, parts)
             by_tp[(topic, partition)].append((key, value, headers))
         futures = []
         for (topic, partition), recs in by_tp.items():
@@ -343,7 +364,8 @@ class Engine:
             task.store.close()
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        async with self._lock:  # the batch in hand is committed first
+        async with self._lock:  # the batch in hand is finished first
+            await self._checkpoint_all()
             for p in sorted({tp.partition for tp in revoked}):
                 await self._close_task(p)
             if revoked:
@@ -358,8 +380,9 @@ class Engine:
     # -- reporting ------------------------------------------------------------------------------------------
     def report(self) -> str:
         s, b = self.stats, max(self.stats["batches"], 1)
-        line = (f"{s['events']} events in {s['batches']} batches (process {1000 * s['process_s'] / b:.1f} ms, "
-                f"commit {1000 * s['commit_s'] / b:.1f} ms per batch); tasks {sorted(self.tasks)}")
+        line = (f"{s['events']} events in {s['batches']} batches, {s['commits']} task commits (process "
+                f"{1000 * s['process_s'] / b:.1f} ms, commit {1000 * s['commit_s'] / b:.1f} ms per batch); "
+                f"tasks {sorted(self.tasks)}")
         self.stats.clear()
         return line
 

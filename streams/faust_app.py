@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 import faust
+from faust.app import BootStrategy
 
 from infra.settings import Settings
 
@@ -43,3 +44,24 @@ def faust_app(app_id: str, settings: Settings) -> faust.App:
         key_serializer="json",
         value_serializer="json",
     )
+
+
+class EngineBoot(BootStrategy):
+    """Boot without faust's own Kafka consumer and producer: an engine worker brings its own clients
+    (``streams/engine.py``), so faust would only run an idle consumer group in a thread beside it."""
+
+    enable_kafka = False
+
+
+class EngineApp(faust.App):
+    """A faust App for workers that run the stream engine as a service: faust gives the worker command,
+    signals, logging and services; the engine does the Kafka I/O."""
+
+    BootStrategy = EngineBoot
+
+
+def engine_app(app_id: str, settings: Settings) -> EngineApp:
+    """An :class:`EngineApp` configured like :func:`faust_app`."""
+    return EngineApp(app_id, broker=[f"kafka://{b}" for b in settings.kafka.bootstrap_servers.split(",")],
+                     broker_credentials=settings.kafka.faust_credentials(), datadir=str(settings.var_dir / "faust"),
+                     web_enabled=False)
