@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HOURS  ?= 3
 
-.PHONY: install system-deps jars up down status topics demo simulate joiner batch-labels delay-curve test lint bench-produce bench-joiner clean
+.PHONY: install system-deps jars up down status topics demo simulate joiner batch-labels delay-curve delay-report test kill-loop lint flink bench-produce bench-joiner bench-restart bench-decode clean
 
 install: system-deps $(VENV)/.installed jars
 
@@ -16,7 +16,6 @@ system-deps:
 	@command -v redis-server >/dev/null && command -v mvn >/dev/null && command -v java >/dev/null || { \
 	  echo "installing redis-server, maven, openjdk-17 with apt-get"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server maven openjdk-17-jdk-headless; }
-	@$(SUDO) systemctl disable --now redis-server >/dev/null 2>&1 || true
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
@@ -43,7 +42,8 @@ topics:
 simulate: up
 	$(PY) -m streams.simulator --hours $(HOURS) --speed 720 --run-id demo-$$(date +%s)
 
-# The always-on label joiner (faust worker); ADS_LABEL_SCHEME=naive|fnw|delay_curve picks the labels.
+# The always-on label joiner (faust worker; start N of them to share the partitions);
+# ADS_LABEL_SCHEME=naive|fnw|delay_curve picks the labels.
 joiner: up
 	$(VENV)/bin/faust -A label_joiner.app worker -l info --without-web
 
@@ -51,9 +51,13 @@ joiner: up
 batch-labels: up
 	$(PY) -m batch_jobs.matured_labels --ds $(DS)
 
-# Fit the conversion-delay curve on the matured labels and publish it (JSON + PNG under var/artifacts).
+# Fit the conversion-delay curve (Kaplan-Meier, open clicks censored) and publish it (JSON + PNG).
 delay-curve: up
 	$(PY) -m label_joiner.delay_curve
+
+# Each label scheme's emitted examples against the simulator's truth on the freshest day (HTML report).
+delay-report: install
+	$(PY) -m label_joiner.delay_report
 
 # The main job, end to end on the local stack: install, start Kafka and Redis, create topics, run the
 # label joiner while simulating a few hours of traffic, print what landed in each topic.
@@ -62,7 +66,13 @@ demo: up
 
 test: up
 	$(PY) -m ruff check .
-	$(PY) -m pytest tests --doctest-modules schemas streams/dead_letter.py infra/settings.py label_joiner/join.py
+	$(PY) -m pytest tests --doctest-modules schemas streams/dead_letter.py streams/state.py infra/settings.py \
+	  label_joiner/join.py label_joiner/rules.py
+
+# kill -9 the label joiner at random moments, ROUNDS times, then check every label exact and no output twice.
+ROUNDS ?= 20
+kill-loop: up
+	ADS_KILL_ROUNDS=$(ROUNDS) $(PY) -m pytest tests/test_label_joiner_worker.py -k kill -x -v
 
 lint: install
 	$(PY) -m ruff check .
@@ -70,8 +80,20 @@ lint: install
 bench-produce: up
 	$(PY) -m bench.produce --hours 4
 
-bench-joiner: up
+# Apache Flink (PyFlink, separate venv .venv-flink) and its Kafka SQL connector, for the joiner benchmark.
+flink: install
+	bench/flink/setup.sh
+
+bench-joiner: up flink
 	$(PY) -m bench.joiner --hours 6
+
+# State size per open impression and restart-to-caught-up time with OPEN open impressions in state.
+OPEN ?= 5000000
+bench-restart: up
+	$(PY) -m bench.joiner_restart --open $(OPEN)
+
+bench-decode: install
+	$(PY) -m bench.decode
 
 clean: down
 	rm -rf var

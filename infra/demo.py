@@ -1,7 +1,11 @@
 """The main job, end to end on the local stack: ``python -m infra.demo --hours 3``.
 
-Starts the label joiner worker, simulates traffic into Kafka (paced: a simulated day in two minutes),
-waits until the joiner has caught up, prints what landed in each topic, and stops the worker.
+Creates this demo's own topics (``demo<time>-impressions``, ...), starts the label joiner worker on them,
+simulates the last ``--hours`` of traffic into Kafka (paced: a simulated day in two minutes), waits until
+the joiner has caught up, prints what landed in each topic, and stops the worker.
+
+Each demo has topics of its own because the simulator stamps every record with its simulated delivery
+time: a second demo on the same topics would send records older than the joiner's clock.
 """
 
 from __future__ import annotations
@@ -9,10 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from infra.settings import get_settings
-from infra.topics import ensure_topics, topic_counts
+from infra.topics import topic_counts, with_topic_prefix
 from label_joiner.worker import start_worker, stop_worker
 from streams.simulator.__main__ import main as simulate
 
@@ -37,22 +41,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hours", type=float, default=3.0)
     p.add_argument("--speed", type=float, default=720.0)
     a = p.parse_args(argv)
-    settings = get_settings()
-    ensure_topics(settings)
-    log = settings.var_dir / "label_joiner.log"
-    worker = start_worker(settings, "label-joiner", log)
-    print(f"demo: label joiner started (pid {worker.pid}, log {log})", flush=True)
+    run_id = f"demo{int(time.time())}"
+    settings = with_topic_prefix(get_settings(), run_id)
+    log = settings.var_dir / f"{run_id}-label_joiner.log"
+    worker = start_worker(settings, f"label-joiner-{run_id}", log)
+    print(f"demo: label joiner started (pid {worker.pid}, log {log}), topics {run_id}-*", flush=True)
     try:
-        # Simulated time starts now, so that repeated demos move event time forward on the same topics.
-        start = datetime.now(UTC).replace(second=0, microsecond=0).isoformat()
-        simulate(["--hours", str(a.hours), "--speed", str(a.speed), "--start", start,
-                  "--run-id", f"demo-{int(time.time())}"])
+        # The simulated hours end now: every record's timestamp (its simulated delivery) lies in the past.
+        start = (datetime.now(UTC) - timedelta(hours=a.hours)).replace(second=0, microsecond=0).isoformat()
+        simulate(["--hours", str(a.hours), "--speed", str(a.speed), "--start", start, "--run-id", run_id],
+                 settings)
         wait_until_settled(settings)
     finally:
         stop_worker(worker)
-    print("\nWhat landed in each topic (all runs so far):")
+    print(f"\nWhat landed in each topic of this demo ({run_id}-*; transaction markers count as messages):")
     for name, count in topic_counts(settings).items():
-        print(f"  {name:<20} {count:>10,} messages")
+        print(f"  {name:<34} {count:>10,} messages")
     return 0
 
 

@@ -7,7 +7,7 @@ import sys
 import time
 from datetime import datetime
 
-from infra.settings import get_settings
+from infra.settings import Settings, get_settings
 from streams.simulator.config import SimulatorConfig
 from streams.simulator.run import generate, send, write_truth
 
@@ -19,7 +19,8 @@ def parse(argv: list[str] | None) -> tuple[SimulatorConfig, bool]:
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--run-id", default=None, help="id prefix and output folder (default sim<seed>)")
     p.add_argument("--start", type=datetime.fromisoformat, default=defaults.start,
-                   help="simulated start, ISO 8601 UTC")
+                   help="simulated start, ISO 8601 UTC (default: midnight 9 days ago; records are stamped with "
+                        "their simulated delivery time, so the run must lie in the past)")
     p.add_argument("--hours", type=float, default=defaults.hours)
     p.add_argument("--users", type=int, default=defaults.users)
     p.add_argument("--ads", type=int, default=defaults.ads)
@@ -38,9 +39,9 @@ def parse(argv: list[str] | None) -> tuple[SimulatorConfig, bool]:
     return cfg, a.drain
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, settings: Settings | None = None) -> int:
     cfg, drain = parse(argv)
-    settings = get_settings()
+    settings = settings or get_settings()
     t0 = time.monotonic()
     gen = generate(cfg, settings, drain=drain)
     print(f"simulator: {len(gen.truth):,} impressions, {len(gen.schedule):,} deliveries generated in "
