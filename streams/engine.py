@@ -303,8 +303,9 @@ class Engine:
     # -- assignment -----------------------------------------------------------------------------------------
     async def _open_task(self, p: int) -> None:
         """Fence any previous owner, restore the state from the changelog tail, seek to committed offsets."""
-        producer = AIOKafkaProducer(**self.settings.kafka.aiokafka_config(), transactional_id=f"{self.config.group_id}-{p}",
-                                    enable_idempotence=True, acks="all", linger_ms=0,
+        producer = AIOKafkaProducer(**self.settings.kafka.aiokafka_config(),
+                                    transactional_id=f"{self.config.group_id}-{p}", enable_idempotence=True,
+                                    acks="all", linger_ms=0,
                                     max_batch_size=1024 * 1024, max_request_size=4 * 1024 * 1024,
                                     transaction_timeout_ms=self.config.transaction_timeout_ms,
                                     request_timeout_ms=120_000)
