@@ -120,8 +120,9 @@ class WindowSettings(BaseModel):
     idle_timeout_s: float = 10.0
     # Arrival-time seconds a finished impression's ids are remembered, to drop events repeated by producers.
     done_retention_s: float = 24 * 3600.0
-    # delay_curve scheme (ES-DFM style): how long after the click the first example waits for a conversion.
-    elapsed_window_s: float = 3600.0
+    # delay_curve scheme (ES-DFM style): the first example waits the first of these elapsed times after the
+    # click for a conversion; an unconverted click gets a corrected soft label at each later one.
+    elapsed_windows_s: list[float] = [3600.0, 6 * 3600.0, 24 * 3600.0, 3 * 24 * 3600.0]
 
 
 class SparkSettings(BaseModel):

@@ -1,40 +1,45 @@
-"""How far each label scheme's conversion-rate estimate is from the truth on the freshest day.
+"""Each label scheme judged on what the joiner actually emits, against the simulator's truth, on the freshest day.
 
-``python -m label_joiner.delay_report`` simulates an older run (to fit the delay curve on matured data)
-and a recent run of ``--history-days`` plus one day, replays the recent run through the joiner, and
-compares the post-click CVR each scheme implies for the last simulated day with the simulator's ground
-truth (the day's clicks that convert within the window, whether or not the conversion has arrived yet):
+``python -m label_joiner.delay_report`` (``make delay-report``) fits the delay curve on an older run,
+simulates a recent run of ``--history-days`` plus one day, replays it through the joiner once per scheme
+(in-process, the worker's own code), and looks at the last simulated day's clicks as a trainer reading the
+training-example stream at the end of the run would see them:
 
-* naive: the day's clicks that have an observed conversion / the day's clicks;
-* fnw: the constant p an FNW-weighted logistic loss converges to on the examples *emitted during the
-  day*. Every click is emitted at once as a (fake) negative and every conversion, whenever it arrives,
-  as an extra positive; with weights (1 + p) on positives and (1 - p)(1 + p) on negatives (p held fixed
-  in the gradient) the loss is stationary at p = positives / negatives. The day's positives are the
-  conversions that arrive that day, mostly of older clicks: FNW is unbiased only once the stream has run
-  for a whole conversion window under a steady conversion rate (``--drift`` shows what drift does);
-* delay_curve: the day's observed conversions / sum over its clicks of F(elapsed), F the historical curve.
+* naive and delay_curve: the newest example per impression (corrections supersede earlier ones); its
+  ``label_ctcvr`` is the click's conversion label. A click still inside delay_curve's elapsed window has no
+  example yet and is left out of that scheme's rows (``clicks labelled``).
+* fnw: every click is a negative and every conversion an extra positive; FNW's weighted loss settles at the
+  constant p = positives / negatives over the day's emitted examples, its CVR estimate.
+
+Against the truth (the day's clicks that convert within the window, arrived or not): the CVR each scheme
+implies, its relative error, and the Brier score of the per-click labels (lower is better). Writes an
+HTML report with the table and, per click age, each scheme's mean label beside the truth.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import sys
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from infra.settings import Settings, get_settings
 from label_joiner.delay_curve import DelayCurve
-from label_joiner.join import LabelJoiner
-from label_joiner.replay import replay
+from label_joiner.replay import new_join, replay
+from label_joiner.rules import Rules
 from label_joiner.schemes import make_scheme
 from streams.simulator.config import SimulatorConfig
 from streams.simulator.run import generate
 
 DAY_MS = 86_400_000
 TRUTH = "truth (in-window conversions, arrived or not)"
-NAIVE = "naive (observed / clicks)"
+NAIVE = "naive (newest emitted label)"
 FNW = "fnw (FNW fixed point on the day's emitted stream)"
-DELAY_CURVE = "delay_curve (observed / sum F(elapsed))"
+DELAY_CURVE = "delay_curve (newest emitted label)"
 
 
 def historical_curve(cfg: SimulatorConfig, settings: Settings) -> DelayCurve:
@@ -45,29 +50,77 @@ def historical_curve(cfg: SimulatorConfig, settings: Settings) -> DelayCurve:
     return DelayCurve.fit(matured, settings.windows.conversion_window_s)
 
 
-def report(recent: SimulatorConfig, history: SimulatorConfig, settings: Settings) -> pd.DataFrame:
-    """One row per estimate: its CVR for the last day of ``recent`` and its error relative to the truth."""
+def emitted(recent: SimulatorConfig, gen, scheme: str, curve: DelayCurve, settings: Settings) -> pd.DataFrame:
+    """Every training example the joiner emits over the recent run (the run's end is "now")."""
+    join = new_join(Rules.from_settings(settings.windows),
+                    make_scheme(scheme, curve, settings.windows.elapsed_windows_s))
+    return replay(join, gen.schedule, flush=False, advance_every=200).examples_frame()
+
+
+def report(recent: SimulatorConfig, history: SimulatorConfig, settings: Settings) -> tuple[pd.DataFrame, dict]:
+    """One row per estimate for the last day of ``recent``; and per scheme, the day's per-click labels."""
     curve = historical_curve(history, settings)
     gen = generate(recent, settings)
-    joiner = LabelJoiner(settings.windows, make_scheme("fnw"), state={})
-    examples = replay(joiner, gen.schedule, flush=False).examples_frame()
+    truth = gen.truth.set_index("impression_id")["converted_in_window"]
     day_start = recent.end_ms - DAY_MS
-    fake_negatives = examples[examples["clicked"] & ~examples["converted"]].drop_duplicates("impression_id")
-    positives = examples[examples["converted"]].drop_duplicates("impression_id")
-    clicks = fake_negatives[fake_negatives["click_time_ms"] >= day_start]
-    observed = clicks["impression_id"].isin(set(positives["impression_id"]))
-    truth = gen.truth.set_index("impression_id").loc[clicks["impression_id"], "converted_in_window"]
-    elapsed_s = (recent.end_ms - clicks["click_time_ms"]) / 1000.0
-    day_positives = int((positives["conversion_time_ms"] >= day_start).sum())
-    true_cvr = float(truth.mean())
-    rows = {
-        TRUTH: true_cvr,
-        NAIVE: float(observed.mean()),
-        FNW: day_positives / max(len(clicks), 1),
-        DELAY_CURVE: float(observed.sum() / elapsed_s.map(curve.cdf).sum()),
-    }
-    return pd.DataFrame({"cvr": rows, "relative error": {k: v / true_cvr - 1 for k, v in rows.items()}}).assign(
-        clicks=len(clicks), conversions_in_window=int(truth.sum()))
+    rows, labels = {}, {}
+    clicks = None
+    for scheme in ("naive", "fnw", "delay_curve"):
+        ex = emitted(recent, gen, scheme, curve, settings)
+        day = ex[ex["clicked"] & (ex["click_time_ms"] >= day_start)]
+        if scheme == "naive":
+            clicks = day.drop_duplicates("impression_id")[["impression_id", "click_time_ms"]]
+        if scheme == "fnw":
+            negatives = int((~ex["converted"] & ex["clicked"] & (ex["click_time_ms"] >= day_start)).sum())
+            positives = int((ex["converted"] & (ex["conversion_time_ms"] >= day_start)).sum())
+            rows[FNW] = (positives / max(negatives, 1), np.nan, negatives)
+            continue
+        newest = day.drop_duplicates("impression_id", keep="last").set_index("impression_id")["label_ctcvr"]
+        y = truth.loc[newest.index].astype(float)
+        name = NAIVE if scheme == "naive" else DELAY_CURVE
+        rows[name] = (float(newest.mean()), float(((newest - y) ** 2).mean()), len(newest))
+        labels[name] = newest
+    true_cvr = float(truth.loc[clicks["impression_id"]].mean())
+    rows = {TRUTH: (true_cvr, 0.0, len(clicks)), **rows}
+    table = pd.DataFrame({"cvr": {k: v[0] for k, v in rows.items()},
+                          "relative error": {k: v[0] / true_cvr - 1 for k, v in rows.items()},
+                          "brier": {k: v[1] for k, v in rows.items()},
+                          "clicks labelled": {k: v[2] for k, v in rows.items()}})
+    table = table.assign(clicks=len(clicks), conversions_in_window=int(truth.loc[clicks["impression_id"]].sum()))
+    ages = ((recent.end_ms - clicks.set_index("impression_id")["click_time_ms"]) / 3_600_000).rename("age_h")
+    return table, {"labels": labels, "truth": truth, "ages": ages}
+
+
+def html(table: pd.DataFrame, detail: dict, path: Path) -> Path:
+    """The table and a plot of the mean label per click age, beside the truth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ages = detail["ages"]
+    bins = np.arange(0, 25, 1.0)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    age_bin = pd.cut(ages, bins)
+    truth = detail["truth"].loc[ages.index].astype(float).groupby(age_bin, observed=False).mean()
+    ax.plot(bins[:-1] + 0.5, truth.to_numpy(), color="black", linewidth=2, label="truth")
+    for name, lab in detail["labels"].items():
+        means = lab.groupby(pd.cut(ages.loc[lab.index], bins), observed=False).mean()
+        ax.plot(bins[:-1] + 0.5, means.to_numpy(), label=name)
+    ax.set_xlabel("hours since the click (at the end of the run)")
+    ax.set_ylabel("mean conversion label")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    img = base64.b64encode(buf.getvalue()).decode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"<html><head><title>Delay correction report</title></head><body>"
+                    f"<h1>Delay correction on the freshest simulated day</h1>{table.to_html(float_format='%.4f')}"
+                    f"<h2>Mean label by click age</h2><img src='data:image/png;base64,{img}'/></body></html>")
+    return path
 
 
 def configs(history_days: float, impressions_per_hour: float, ctr: float, cvr: float, drift: float,
@@ -76,7 +129,8 @@ def configs(history_days: float, impressions_per_hour: float, ctr: float, cvr: f
 
     Clicks are what matter here, so the defaults buy them with a high CTR rather than many impressions."""
     recent = SimulatorConfig(hours=24 * (history_days + 1), impressions_per_hour=impressions_per_hour, ctr=ctr,
-                             cvr=cvr, drift_logit_per_day=drift, speed=0, prediction_log=False, seed=seed)
+                             cvr=cvr, drift_logit_per_day=drift, speed=0, prediction_log=False, seed=seed,
+                             start="2026-10-01T00:00:00Z")
     history = recent.model_copy(update={"seed": seed + 1, "hours": 48, "drift_logit_per_day": 0.0})
     return recent, history
 
@@ -90,10 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cvr", type=float, default=0.2)
     p.add_argument("--drift", type=float, default=0.0, help="CTR/CVR logit drift per simulated day")
     a = p.parse_args(argv)
+    settings = get_settings()
     recent, history = configs(a.history_days, a.impressions_per_hour, a.ctr, a.cvr, a.drift)
-    table = report(recent, history, get_settings())
+    table, detail = report(recent, history, settings)
     with pd.option_context("display.width", 200, "display.max_columns", 10, "display.float_format", "{:.4f}".format):
         print(table)
+    path = html(table, detail, settings.var_dir / "reports" / "delay_correction.html")
+    print(f"delay report: {path}")
     return 0
 
 

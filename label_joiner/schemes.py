@@ -8,11 +8,12 @@ supersedes the earlier ones. ``as_of_ms`` is the event time the example describe
 * ``fnw`` (fake-negative weighting, Ktena et al. 2019): every click is a negative at once and every
   conversion, whenever it arrives, an extra positive; the trainer weights positives by (1 + p) and
   negatives by (1 - p)(1 + p), p its own stop-gradient prediction.
-* ``delay_curve`` (ES-DFM style elapsed window, then the delay curve): the click example waits
-  ``elapsed_window_s`` of event time. A conversion inside that window makes it a positive; otherwise it
-  carries the probability that the click still converts, p (1 - F(E)) / (1 - p F(E)), F the historical
-  delay curve (of the click's segment when the curve has segments) at the elapsed window E. A later
-  conversion replaces it with a positive.
+* ``delay_curve`` (ES-DFM style elapsed window, then the delay curve): the click example waits the first
+  elapsed window (``elapsed_windows_s[0]``, 1 h by default) of event time. A conversion inside it makes
+  the example a positive; otherwise it carries the probability that the click still converts,
+  p (1 - F(E)) / (1 - p F(E)), F the historical delay curve (of the click's segment when the curve has
+  segments) at the elapsed time E. At each later checkpoint (6 h, 1 d, 3 d by default) an unconverted
+  click gets a correction with the lower probability at that age; a conversion replaces it with a positive.
 
 Every scheme emits a negative when an impression's click window closes without a click.
 """
@@ -92,44 +93,54 @@ class FakeNegativeScheme(LabelScheme):
 class DelayCurveScheme(LabelScheme):
     name = "delay_curve"
 
-    def __init__(self, curve: DelayCurve, elapsed_window_s: float = 3600.0):
+    def __init__(self, curve: DelayCurve, elapsed_windows_s: list[float] | tuple[float, ...] = (3600.0,)):
         self.curve = curve
-        self.elapsed_ms = int(elapsed_window_s * 1000)
+        self.checkpoints_ms = sorted(int(e * 1000) for e in elapsed_windows_s)
 
     def pending_until(self, entry: dict, click: dict) -> int | None:
-        return None if entry["sent"].get("click") == click["id"] else click["t"] + self.elapsed_ms
+        sent = entry["sent"]
+        if "conv" in sent and sent.get("click") == click["id"]:
+            return None  # a positive was emitted: nothing more to say
+        k = sent.get("k", 0) if sent.get("click") == click["id"] else 0
+        return click["t"] + self.checkpoints_ms[k] if k < len(self.checkpoints_ms) else None
 
     def on_change(self, entry: dict, base: dict, click: dict | None, conv: dict | None, now_ms: int,
                   examples: list[dict]) -> None:
-        sent = entry["sent"]
         if click is None:
             return
-        window_end = click["t"] + self.elapsed_ms
-        if sent.get("click") != click["id"]:
-            if now_ms < window_end:
-                return  # still inside the elapsed window
-            correction = "click" in sent
-            sent["click"] = click["id"]
-            if conv is not None and conv["t"] <= window_end:
-                sent["conv"] = conv["id"]
-                examples.append(example(base, self.name, f"elapsed/{click['id']}", clicked=True, converted=True,
-                                        label_ctcvr=1.0, as_of_ms=window_end, delay_cdf=None,
-                                        is_correction=correction))
-                return
-            sent.pop("conv", None)
+        sent = entry["sent"]
+        if sent.get("click") != click["id"]:  # a new attributed click: start over at the first checkpoint
+            replaced = "click" in sent
+            sent.clear()
+            sent.update(click=click["id"], k=0, replaced=replaced)
+        first_end = click["t"] + self.checkpoints_ms[0]
+        if now_ms < first_end or "conv" in sent:
+            return  # inside the first elapsed window, or a positive was emitted already
+        if conv is not None and sent["k"] == 0 and conv["t"] <= first_end:
+            sent.update(conv=conv["id"], k=1)
+            examples.append(example(base, self.name, f"elapsed0/{click['id']}", clicked=True, converted=True,
+                                    label_ctcvr=1.0, as_of_ms=first_end, is_correction=sent["replaced"]))
+            return
+        # Unconverted at the newest checkpoint passed (a conversion known now came after it).
+        k = sent["k"]
+        while k + 1 < len(self.checkpoints_ms) and now_ms >= click["t"] + self.checkpoints_ms[k + 1] and conv is None:
+            k += 1
+        if k < len(self.checkpoints_ms) and (sent["k"] == 0 or conv is None):
+            e_ms = self.checkpoints_ms[k]
             segment = base.get(self.curve.segment_field) if self.curve.segment_field else None
-            e_s = self.elapsed_ms / 1000.0
-            examples.append(example(base, self.name, f"elapsed/{click['id']}", clicked=True, converted=False,
-                                    label_ctcvr=self.curve.eventual_conversion(e_s, segment=segment),
-                                    as_of_ms=window_end, delay_cdf=self.curve.cdf(e_s, segment),
-                                    is_correction=correction))
-        if conv is not None and sent.get("conv") != conv["id"]:
+            examples.append(example(base, self.name, f"elapsed{k}/{click['id']}", clicked=True, converted=False,
+                                    label_ctcvr=self.curve.eventual_conversion(e_ms / 1000, segment=segment),
+                                    as_of_ms=click["t"] + e_ms, delay_cdf=self.curve.cdf(e_ms / 1000, segment),
+                                    is_correction=sent["k"] > 0 or sent["replaced"]))
+            sent["k"] = k + 1
+        if conv is not None:
             sent["conv"] = conv["id"]
             examples.append(example(base, self.name, f"conversion/{conv['id']}", clicked=True, converted=True,
-                                    label_ctcvr=1.0, as_of_ms=max(conv["t"], window_end), is_correction=True))
+                                    label_ctcvr=1.0, as_of_ms=max(conv["t"], first_end), is_correction=True))
 
 
-def make_scheme(name: str, curve: DelayCurve | None = None, elapsed_window_s: float = 3600.0) -> LabelScheme:
+def make_scheme(name: str, curve: DelayCurve | None = None,
+                elapsed_windows_s: list[float] | tuple[float, ...] = (3600.0,)) -> LabelScheme:
     if name == "naive":
         return NaiveScheme()
     if name == "fnw":
@@ -138,5 +149,5 @@ def make_scheme(name: str, curve: DelayCurve | None = None, elapsed_window_s: fl
         if curve is None:
             raise ValueError("scheme delay_curve needs a published delay curve: "
                              "run `python -m label_joiner.delay_curve`")
-        return DelayCurveScheme(curve, elapsed_window_s)
+        return DelayCurveScheme(curve, elapsed_windows_s)
     raise ValueError(f"unknown label scheme {name!r}: choose naive, fnw or delay_curve")

@@ -203,7 +203,7 @@ def test_outputs_are_identical_on_replay():
 def test_delay_curve_scheme_waits_the_elapsed_window_then_corrects():
     curve = DelayCurve(grid_s=[0.0, 3600.0, 86_400.0], cdf_values=[0.0, 0.5, 1.0], cvr=0.2, n_clicks=100,
                        n_conversions=20, window_s=86_400.0)
-    d = Driver(DelayCurveScheme(curve, elapsed_window_s=3600), W.model_copy(update={"conversion_window_s": 86_400}))
+    d = Driver(DelayCurveScheme(curve, elapsed_windows_s=[3600, 7200]), W.model_copy(update={"conversion_window_s": 86_400}))
     d.send("impression", imp("a", T0))
     d.send("click", click("a", T0 + 1_000))
     d.send("impression", imp("b", T0))
@@ -215,7 +215,14 @@ def test_delay_curve_scheme_waits_the_elapsed_window_then_corrects():
     got = {e["impression_id"]: e for e in d.out.examples}
     assert got["a"]["label_ctcvr"] == pytest.approx(0.2 * 0.5 / (1 - 0.2 * 0.5)) and got["a"]["delay_cdf"] == 0.5
     assert got["b"]["label_ctcvr"] == 1.0 and got["b"]["converted"]
-    d.send("conversion", conv("a", T0 + 7_200_000))
+    assert [e["example_id"] for e in d.out.examples if e["impression_id"] != "later"] == [
+        "a/elapsed0/c-a", "b/elapsed0/c-b"]
+    d.send("impression", imp("later2", T0 + 7_300_000))
+    d.advance()  # a's second checkpoint (2 h): a lower soft label, superseding the first
+    second = d.out.examples[-1]
+    assert second["example_id"] == "a/elapsed1/c-a" and second["is_correction"]
+    assert second["label_ctcvr"] < got["a"]["label_ctcvr"]
+    d.send("conversion", conv("a", T0 + 8_000_000))
     last = d.out.examples[-1]
     assert last["example_id"] == "a/conversion/v-a" and last["is_correction"] and last["label_ctcvr"] == 1.0
 
