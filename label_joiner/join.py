@@ -189,7 +189,7 @@ class PartitionJoin:
 
     def _update(self, key: str, entry: dict, out: Emitted) -> None:
         """Emit what changed (per the scheme), set the next due time, store."""
-        if entry["imp"] is not None:
+        if entry["imp"] is not None and entry["clicks"]:  # schemes emit nothing before a click
             click = self._click_of(entry)
             conv = self._conversion_of(entry, click)
             self.scheme.on_change(entry, self._base(key, entry, click, conv), click, conv, self.clock_ms,

@@ -64,7 +64,9 @@ class Store:
         self.pending[key] = None
 
     def due(self, upto_ms: int) -> list[str]:
-        """Keys whose current due time is before ``upto_ms``, earliest first."""
+        """Keys that were due before ``upto_ms``, earliest first. The index is cleaned lazily: a key may come
+        with a due time its record no longer has (check the record's ``"d"``); every key returned must be
+        deleted or given a later due time before the next commit."""
         found: list[tuple[int, str]] = []
         for d, key in self._committed_due(upto_ms):
             if key in self.pending:
@@ -75,7 +77,7 @@ class Store:
             if d != _NO_DUE and d < upto_ms:
                 found.append((d, key))
         found.sort()
-        return [key for _, key in found]
+        return list(dict.fromkeys(key for _, key in found))
 
     # -- durability -----------------------------------------------------------------------------------------
     def changes(self) -> list[tuple[bytes, bytes | None]]:
@@ -93,6 +95,7 @@ class Store:
     def rollback(self) -> None:
         """Forget the pending changes (their transaction was aborted)."""
         self.pending = {}
+        self._low = 0
 
     def restore(self, records: list[tuple[bytes, bytes | None]], changelog_next: int) -> None:
         """Apply changelog records read back from Kafka (recovery)."""
@@ -116,6 +119,7 @@ class MemoryStore(Store):
         self.records: dict[str, dict] = {}
         self._heap: list[tuple[int, str]] = []
         self._next: int | None = None
+        self._low = 0
 
     def _committed(self, key: str) -> dict | None:
         return self.records.get(key)
@@ -152,7 +156,9 @@ class RocksStore(Store):
 
     Layout: ``r<key>`` -> JSON record; ``d<due ms, 13 digits><key>`` -> b"" (sorted by due time);
     ``m/changelog_next`` -> the changelog offset after the last change applied. The three are written
-    in one atomic write batch per commit."""
+    in one atomic write batch per commit. A record's old due key is not looked up and deleted when the
+    record changes (that would cost a read per change): due keys are deleted once the clock has passed
+    them (see :meth:`Store.due`)."""
 
     def __init__(self, path: Path):
         from rocksdict import Options, Rdict
@@ -164,24 +170,23 @@ class RocksStore(Store):
         self.path = path
         self.db = Rdict(str(path), options=opts)
         self._low = 0  # the due index holds nothing committed before this (see _committed_due)
-
-    @staticmethod
-    def _due_key(d: int, key: str) -> bytes:
-        return b"d%013d" % d + key.encode()
+        self._resolved: list[bytes] = []  # due keys handed out since the last commit
 
     def _committed(self, key: str) -> dict | None:
         raw = self.db.get(b"r" + key.encode())
         return None if raw is None else orjson.loads(raw)
 
     def _committed_due(self, upto_ms: int) -> Iterator[tuple[int, str]]:
-        """Due keys from the low-water mark on: a processor finishes (deletes or re-schedules later) every
-        key it is given, so nothing committed stays due before the last ``upto_ms``; starting there skips
-        the deleted keys' tombstones, which RocksDB would otherwise walk through on every call."""
+        """Due keys from the low-water mark on: every key it yields is resolved (its record deleted or
+        re-scheduled later) before the next commit, which deletes those due keys; so nothing committed stays
+        due before the last ``upto_ms``, and starting there skips the tombstones of deleted due keys, which
+        RocksDB would otherwise walk through on every call."""
         start = b"d%013d" % self._low
         end = b"d%013d" % max(upto_ms, 0)
         for k in self.db.keys(from_key=start):
             if k >= end or not k.startswith(b"d"):
                 break
+            self._resolved.append(k)
             yield int(k[1:14]), k[14:].decode()
         self._low = max(self._low, upto_ms)
 
@@ -189,17 +194,18 @@ class RocksStore(Store):
         from rocksdict import WriteBatch
 
         wb = WriteBatch(raw_mode=True)
+        for k in self._resolved:
+            wb.delete(k)
+        self._resolved = []
+        dumps = orjson.dumps
         for key, record in changes.items():
-            kb = key.encode()
-            old = self.db.get(b"r" + kb)
-            if old is not None and (d := _due_of(orjson.loads(old))) != _NO_DUE:
-                wb.delete(self._due_key(d, key))
+            kb = b"r" + key.encode()
             if record is None:
-                wb.delete(b"r" + kb)
+                wb.delete(kb)
             else:
-                wb.put(b"r" + kb, orjson.dumps(record))
-                if (d := _due_of(record)) != _NO_DUE:
-                    wb.put(self._due_key(d, key), b"")
+                wb.put(kb, dumps(record))
+                if (d := record.get("d", _NO_DUE)) != _NO_DUE:
+                    wb.put(b"d%013d" % d + kb[1:], b"")
         if changelog_next is not None:
             wb.put(b"m/changelog_next", str(changelog_next).encode())
         self.db.write(wb)
