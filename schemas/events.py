@@ -176,8 +176,8 @@ class DeadLetter(Event):
     stage: str
     reason: str
     payload: str
-    truncated: bool = False
     arrival_ms: int = Field(ge=-1, description="Kafka timestamp of the input record; -1 when unknown")
+    truncated: bool = False
 
 
 ALL_EVENTS: tuple[type[Event], ...] = (
