@@ -17,6 +17,10 @@ from streams.simulator.traffic import simulate_traffic
 from streams.simulator.world import build_world
 
 
+# A paced send may run a few milliseconds ahead of the clock; the broker accepts timestamps up to an hour ahead.
+FUTURE_SLACK_MS = 60_000
+
+
 @dataclass
 class Generated:
     truth: pd.DataFrame
@@ -52,7 +56,7 @@ def send(schedule: Schedule, settings: Settings, speed: float, start_ms: int,
     now_ms = int(time.time() * 1000)
     try:
         for topic, key, value, headers, when in iter_messages(schedule):
-            if when > now_ms and when > (now_ms := int(time.time() * 1000)):
+            if when > now_ms + FUTURE_SLACK_MS and when > (now_ms := int(time.time() * 1000)) + FUTURE_SLACK_MS:
                 future += 1  # not delivered yet in the real world (and the broker refuses future timestamps)
                 continue
             if speed > 0 and sent % 16 == 0:
