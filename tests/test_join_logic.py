@@ -203,7 +203,8 @@ def test_outputs_are_identical_on_replay():
 def test_delay_curve_scheme_waits_the_elapsed_window_then_corrects():
     curve = DelayCurve(grid_s=[0.0, 3600.0, 86_400.0], cdf_values=[0.0, 0.5, 1.0], cvr=0.2, n_clicks=100,
                        n_conversions=20, window_s=86_400.0)
-    d = Driver(DelayCurveScheme(curve, elapsed_windows_s=[3600, 7200]), W.model_copy(update={"conversion_window_s": 86_400}))
+    d = Driver(DelayCurveScheme(curve, elapsed_windows_s=[3600, 7200]),
+               W.model_copy(update={"conversion_window_s": 86_400}))
     d.send("impression", imp("a", T0))
     d.send("click", click("a", T0 + 1_000))
     d.send("impression", imp("b", T0))

@@ -16,7 +16,6 @@ from streams.simulator.delivery import KINDS, Schedule, build_schedule, iter_mes
 from streams.simulator.traffic import simulate_traffic
 from streams.simulator.world import build_world
 
-
 # A paced send may run a few milliseconds ahead of the clock; the broker accepts timestamps up to an hour ahead.
 FUTURE_SLACK_MS = 60_000
 
