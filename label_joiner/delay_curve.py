@@ -1,14 +1,18 @@
 """The conversion-delay curve F(e) = P(conversion by e after the click | it converts in the window).
 
-Fitted on matured labels: once the window has closed, every in-window conversion delay is observed, so
-the Kaplan-Meier estimate has no censored durations and equals the empirical CDF of the converters'
-delays; it is computed directly with numpy. Optionally per segment (``--segment advertiser_id`` or
-``campaign_id``): a segment with at least ``min_conversions`` matured conversions gets its own curve
-and CVR on the same grid, any other falls back to the overall curve. Published as a versioned JSON
-artifact (with a PNG plot) under ``var/artifacts/delay_curve/``; the joiner and the trainers read the
-latest one.
+Fitted with Kaplan-Meier (lifelines) over clicks: a converted click is an event at its delay, an
+unconverted one is right-censored at its elapsed time (``as_of_ms`` - click time, at most the window; a
+matured one at the window). 1 - S(e) is then the share of clicks converted by e, the CVR is
+1 - S(window) and F(e) = (1 - S(e)) / (1 - S(window)). So clicks whose window is still open count for
+what they tell, and no full window of history is needed. Beyond the longest follow-up observed, S is
+held flat (``max_follow_up_s`` in the artifact): the CVR is then a lower bound and F reaches 1 there.
+Optionally per segment (``--segment advertiser_id`` or ``campaign_id``): a segment with at least
+``min_conversions`` conversions gets its own curve and CVR on the same grid, any other falls back to
+the overall curve. Published as a versioned JSON artifact (with a PNG plot) under
+``var/artifacts/delay_curve/``; the joiner and the trainers read the latest one.
 
-``python -m label_joiner.delay_curve [--segment FIELD]`` fits from the matured_labels topic and publishes.
+``python -m label_joiner.delay_curve [--segment FIELD]`` fits from the matured labels plus the clicks
+still open in the training examples, and publishes; with nothing to fit it says so in one line.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class DelayCurve:
     # n_conversions. Empty when the curve was fitted overall only.
     segment_field: str | None = None
     segments: dict[str, dict] = field(default_factory=dict)
+    # The longest elapsed time any click was followed for (the window once matured labels are in).
+    max_follow_up_s: float | None = None
 
     def cdf(self, elapsed_s: float, segment: object = None) -> float:
         """F(e): share of (eventual, in-window) conversions that have arrived by ``elapsed_s``."""
@@ -76,25 +82,29 @@ class DelayCurve:
         return {k: np.asarray(v["cdf_values"]) for k, v in self.segments.items()}
 
     @classmethod
-    def fit(cls, matured: pd.DataFrame, window_s: float, segment_field: str | None = None,
+    def fit(cls, observed: pd.DataFrame, window_s: float, segment_field: str | None = None,
             min_conversions: int = 200) -> DelayCurve:
-        """Fit on matured labels (columns clicked, converted, click_time_ms, conversion_time_ms, and
-        ``segment_field`` when given)."""
-        clicks = matured[matured["clicked"]]
+        """Fit on clicks (columns clicked, converted, click_time_ms, conversion_time_ms, optionally
+        ``as_of_ms``, the time each was observed at, absent for matured labels, and ``segment_field``)."""
+        clicks = observed.loc[observed["clicked"].astype(bool)]
         grid = np.unique(np.concatenate([[0.0], np.geomspace(1.0, window_s, GRID_POINTS)]))
-        overall = _fit_on_grid(clicks, grid)
+        overall = _fit_on_grid(clicks, grid, window_s)
         if overall is None:
-            raise ValueError("no matured conversions to fit a delay curve on")
+            raise NothingToFit(f"nothing to fit a delay curve on: {len(clicks):,} clicks, "
+                               f"{int(clicks['converted'].sum()) if len(clicks) else 0} conversions")
         segments = {}
         if segment_field is not None:
             if segment_field not in SEGMENT_FIELDS:
                 raise ValueError(f"segment field must be one of {SEGMENT_FIELDS}, not {segment_field!r}")
             for value, group in clicks.groupby(segment_field):
-                fitted = _fit_on_grid(group, grid)
+                fitted = _fit_on_grid(group, grid, window_s)
                 if fitted is not None and fitted["n_conversions"] >= min_conversions:
                     segments[str(value)] = fitted
+        follow_up = overall.pop("max_follow_up_s")
+        for seg in segments.values():
+            seg.pop("max_follow_up_s")
         return cls(grid_s=grid.tolist(), window_s=window_s, segment_field=segment_field, segments=segments,
-                   **overall)
+                   max_follow_up_s=follow_up, **overall)
 
     # -- artifact ---------------------------------------------------------------------------------------
     def publish(self, settings: Settings) -> Path:
@@ -143,15 +153,30 @@ class DelayCurve:
         plt.close(fig)
 
 
-def _fit_on_grid(clicks: pd.DataFrame, grid: np.ndarray) -> dict | None:
-    """Empirical delay CDF of the converted clicks on ``grid``, with the CVR; None without conversions."""
-    conv = clicks[clicks["converted"]]
-    if len(conv) == 0:
+class NothingToFit(ValueError):
+    """No clicks or no conversions: there is no delay to learn from."""
+
+
+def _fit_on_grid(clicks: pd.DataFrame, grid: np.ndarray, window_s: float) -> dict | None:
+    """Kaplan-Meier on the clicks (conversions events, the rest censored), on ``grid``; None without
+    conversions."""
+    from lifelines import KaplanMeierFitter
+
+    converted = clicks["converted"].to_numpy(bool)
+    if not converted.any():
         return None
-    delays = np.sort((conv["conversion_time_ms"] - conv["click_time_ms"]).to_numpy() / 1000.0)
-    cdf = np.searchsorted(delays, grid, side="right") / len(delays)
-    return {"cdf_values": cdf.tolist(), "cvr": len(conv) / len(clicks), "n_clicks": len(clicks),
-            "n_conversions": len(conv)}
+    click_t = clicks["click_time_ms"].to_numpy(float)
+    delay_s = np.where(converted, (clicks["conversion_time_ms"].to_numpy(float) - click_t) / 1000.0, np.nan)
+    if "as_of_ms" in clicks:
+        followed_s = np.clip((clicks["as_of_ms"].to_numpy(float) - click_t) / 1000.0, 0.0, window_s)
+    else:
+        followed_s = np.full(len(clicks), window_s)
+    durations = np.where(converted, np.clip(delay_s, 0.0, window_s), followed_s)
+    km = KaplanMeierFitter().fit(durations, event_observed=converted)
+    converted_by = 1.0 - km.survival_function_at_times(grid).to_numpy()  # flat beyond the last time seen
+    cvr = float(converted_by[-1])
+    return {"cdf_values": np.clip(converted_by / cvr, 0.0, 1.0).tolist(), "cvr": cvr, "n_clicks": len(clicks),
+            "n_conversions": int(converted.sum()), "max_follow_up_s": float(durations.max())}
 
 
 def artifact_dir(settings: Settings) -> Path:
@@ -174,15 +199,54 @@ def read_matured(settings: Settings) -> pd.DataFrame:
     return pd.DataFrame(list(rows.values()))
 
 
+def read_observations(settings: Settings) -> pd.DataFrame:
+    """Matured labels, plus the clicks still open as the training examples show them, each with the time
+    it was observed at (``as_of_ms``: the newest event time in those topics; matured rows have none)."""
+    from infra.topics import read_topic
+    from schemas.codec import InvalidEvent, decode
+    from schemas.events import TrainingExample
+
+    columns = ["impression_id", "clicked", "converted", "click_time_ms", "conversion_time_ms", "advertiser_id",
+               "campaign_id"]
+    matured = read_matured(settings)
+    matured = matured[columns] if len(matured) else pd.DataFrame(columns=columns)
+    open_clicks: dict[str, dict] = {}
+    newest = int(pd.concat([matured["click_time_ms"], matured["conversion_time_ms"]]).max()) if len(matured) else 0
+    for record in read_topic(settings, settings.topics.training_examples):
+        try:
+            ex = decode(TrainingExample, record.value, record.headers)
+        except InvalidEvent:
+            continue
+        newest = max(newest, ex.as_of_ms, ex.conversion_time_ms or 0)
+        if not ex.clicked:
+            continue
+        row = open_clicks.setdefault(ex.impression_id, {
+            "impression_id": ex.impression_id, "clicked": True, "converted": False, "click_time_ms": ex.click_time_ms,
+            "conversion_time_ms": None, "advertiser_id": ex.advertiser_id, "campaign_id": ex.campaign_id})
+        row["click_time_ms"] = ex.click_time_ms  # a correction may name an earlier click
+        if ex.converted:
+            row.update(converted=True, conversion_time_ms=ex.conversion_time_ms)
+    done = set(matured["impression_id"])
+    still_open = pd.DataFrame([r for k, r in open_clicks.items() if k not in done], columns=columns)
+    if len(still_open):
+        still_open["as_of_ms"] = newest
+    frames = [f for f in (matured, still_open) if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m label_joiner.delay_curve", description=__doc__)
     p.add_argument("--segment", choices=SEGMENT_FIELDS, help="also fit one curve per value of this field")
     p.add_argument("--min-conversions", type=int, default=200, help="a segment's own curve needs this many")
     a = p.parse_args(argv)
     settings = get_settings()
-    matured = read_matured(settings)
-    print(f"delay curve: {len(matured):,} matured labels read")
-    curve = DelayCurve.fit(matured, settings.windows.conversion_window_s, a.segment, a.min_conversions)
+    observed = read_observations(settings)
+    print(f"delay curve: {len(observed):,} impressions read (matured labels and open clicks)")
+    try:
+        curve = DelayCurve.fit(observed, settings.windows.conversion_window_s, a.segment, a.min_conversions)
+    except NothingToFit as exc:
+        print(f"delay curve: {exc}; nothing published", file=sys.stderr)
+        return 1
     path = curve.publish(settings)
     print(f"delay curve: {curve.n_conversions:,} conversions, CVR {curve.cvr:.3%}, F(1h)={curve.cdf(3600):.2f}, "
           f"F(1d)={curve.cdf(86400):.2f}, {len(curve.segments)} segments with their own curve; "

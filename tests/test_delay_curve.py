@@ -71,10 +71,47 @@ def test_published_artifact_round_trips_and_drives_the_scheme(labels, tmp_path):
     assert loaded.version and loaded.segments.keys() == curve.segments.keys()
     assert loaded.cdf(7200, 2) == curve.cdf(7200, 2)
 
-    scheme = make_scheme("delay_curve", loaded)
+    scheme = make_scheme("delay_curve", loaded, [3600.0])
     base = {"impression_id": "i", "user_id": 1, "ad_id": 1, "advertiser_id": 2, "campaign_id": 20,
             "placement": "feed", "position": 0, "device": "mobile", "model_version": "m",
             "impression_time_ms": 0, "click_time_ms": 1000, "conversion_time_ms": None}
-    (ex,) = scheme.on_click(base, now_ms=1000 + 3_600_000)
-    assert ex.delay_cdf == pytest.approx(loaded.cdf(3600, 2))
-    assert ex.label_ctcvr == pytest.approx(loaded.eventual_conversion(3600, segment=2))
+    entry, examples = {"sent": {}}, []
+    scheme.on_change(entry, base, {"id": "c", "t": 1000}, None, 1000 + 3_600_000, examples)
+    (ex,) = examples
+    assert ex["delay_cdf"] == pytest.approx(loaded.cdf(3600, 2))
+    assert ex["label_ctcvr"] == pytest.approx(loaded.eventual_conversion(3600, segment=2))
+
+
+def test_censored_fit_recovers_the_curve_before_a_window_has_passed():
+    """Three days of clicks observed at the end of day 3 (most still open): Kaplan-Meier with the open clicks
+    censored recovers F; the empirical CDF of the conversions seen so far is far off."""
+    rng = np.random.default_rng(11)
+    n, cvr, day = 200_000, 0.1, 86_400_000
+    click_t = rng.integers(0, 3 * day, n)
+    fast = rng.random(n) < 0.5
+    delay_s = np.where(fast, rng.exponential(3600.0, n), rng.lognormal(np.log(3 * 86_400.0), 1.0, n))
+    converts = (rng.random(n) < cvr) & (delay_s <= WINDOW_S)
+    conv_t = click_t + (delay_s * 1000).astype(np.int64)
+    as_of = 3 * day
+    seen = converts & (conv_t <= as_of)
+    frame = pd.DataFrame({"clicked": True, "converted": seen, "click_time_ms": click_t,
+                          "conversion_time_ms": np.where(seen, conv_t, -1), "as_of_ms": as_of})
+    curve = DelayCurve.fit(frame, WINDOW_S)
+    true_delays = delay_s[converts]
+    observed_delays = ((conv_t - click_t) / 1000.0)[seen]
+    for e in (3600.0, 6 * 3600.0, 86_400.0, 2 * 86_400.0):
+        true_f = (true_delays <= e).mean()
+        # Beyond 3 days nothing is observed: F is relative to the conversions seen within the follow-up.
+        true_f_followed = true_f / (true_delays <= 3 * 86_400.0).mean()
+        assert curve.cdf(e) == pytest.approx(true_f_followed, abs=0.03)
+        assert abs((observed_delays <= e).mean() - true_f_followed) > 0.03 or e == 2 * 86_400.0
+    assert curve.max_follow_up_s == pytest.approx(3 * 86_400.0, rel=0.01)
+
+
+def test_nothing_to_fit_is_one_line(fresh_topics, capsys, tmp_path, monkeypatch):
+    from label_joiner import delay_curve
+
+    monkeypatch.setattr(delay_curve, "get_settings", lambda: fresh_topics.model_copy(update={"var_dir": tmp_path}))
+    assert delay_curve.main([]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("delay curve: nothing to fit")
