@@ -14,8 +14,9 @@ from infra.settings import Settings
 from label_joiner.join import Emitted, PartitionJoin
 from label_joiner.rules import Rules
 from label_joiner.schemes import LabelScheme
-from schemas.codec import InvalidEvent, decode, encode, schema_headers
+from schemas.codec import InvalidEvent, encode, schema_headers
 from schemas.events import Click, Conversion, Impression, MaturedLabel, TrainingExample
+from schemas.fast import FastDecoder
 from streams.dead_letter import make_dead_letter
 from streams.engine import Outbox
 from streams.state import Store
@@ -34,6 +35,7 @@ class JoinProcessor:
                                   idle_timeout_ms=int(settings.windows.idle_timeout_s * 1000))
         self.counts: Counter[str] = self.join.counts
         self.inputs = {t.impressions: Impression, t.clicks: Click, t.conversions: Conversion}
+        self.decoders = {topic: FastDecoder(cls) for topic, cls in self.inputs.items()}
         self.topic_of_source = {SOURCE_OF_CLASS[cls]: topic for topic, cls in self.inputs.items()}
         self.examples_topic, self.matured_topic = t.training_examples, t.matured_labels
         self.dead_letter_topic = t.dead_letters
@@ -49,7 +51,7 @@ class JoinProcessor:
                 self._dead(out, r.topic, r.offset, f"event too large: {len(value):,} bytes", value, r.timestamp)
                 continue
             try:
-                event = decode(self.inputs[r.topic], value, r.headers).model_dump()
+                event = self.decoders[r.topic].decode_dict(value, r.headers)
             except InvalidEvent as exc:
                 self._dead(out, r.topic, r.offset, str(exc), value, r.timestamp)
                 continue

@@ -39,7 +39,7 @@ def schema_headers(cls: type[Event]) -> Headers:
     return [(SCHEMA_HEADER, cls.schema_id().encode())]
 
 
-def _check_header(cls: type[Event], headers: Headers | None) -> None:
+def check_header(cls: type[Event], headers: Headers | None) -> None:
     for name, value in headers or ():
         if name == SCHEMA_HEADER:
             found = value.decode(errors="replace")
@@ -54,7 +54,7 @@ def decode(cls: type[E], value: bytes | None, headers: Headers | None = None) ->
     """Parse and validate one Kafka value as ``cls``; raise :class:`InvalidEvent` with the reason."""
     if value is None:
         raise InvalidEvent("empty value (tombstone)")
-    _check_header(cls, headers)
+    check_header(cls, headers)
     try:
         data = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
