@@ -215,7 +215,8 @@ def flink_throughput(settings: Settings, n: int) -> float | None:
         return None
     t = settings.topics
     result = flink_join(settings.kafka.bootstrap_servers, t.impressions, t.clicks, t.training_examples)
-    return result["events_in"] / result["seconds"]
+    counts = topic_counts(settings, [t.impressions, t.clicks])
+    return sum(counts.values()) / result["seconds"]
 
 
 def main() -> None:
