@@ -322,9 +322,10 @@ class Engine:
             tp = TopicPartition(topic, p)
             committed = await self.consumer.committed(tp)
             if committed is None:
-                await self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, committed)
+                # An explicit offset: seek_to_beginning right after an assignment can land at the end
+                # (seen with aiokafka 0.14 on a manually assigned changelog partition).
+                committed = (await self.consumer.beginning_offsets([tp]))[tp]
+            self.consumer.seek(tp, committed)
         self.tasks[p] = Task(p, store, self.make_processor(p, store), producer)
 
     async def _restore(self, p: int, store: Store) -> None:
@@ -338,11 +339,9 @@ class Engine:
             restorer.assign([tp])
             end = (await restorer.end_offsets([tp]))[tp]
             start = store.changelog_next
-            if start is None:
-                await restorer.seek_to_beginning(tp)
-                start = await restorer.position(tp)
-            else:
-                restorer.seek(tp, start)
+            if start is None:  # no local state: the whole changelog (an explicit offset, see _open_task)
+                start = (await restorer.beginning_offsets([tp]))[tp]
+            restorer.seek(tp, start)
             t0, n, last_log = time.monotonic(), 0, time.monotonic()
             while (position := await restorer.position(tp)) < end:
                 batch = await restorer.getmany(tp, timeout_ms=500, max_records=50_000)

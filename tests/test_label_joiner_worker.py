@@ -117,7 +117,10 @@ def test_worker_labels_equal_ground_truth_and_distrust_implausible_times(run, tm
 
 def test_kill_9_in_a_loop_exactly_once(run, tmp_path):
     """kill -9 at random moments, ``ADS_KILL_ROUNDS`` times (``make kill-loop`` runs many): every label
-    exact, nothing missing, no output twice."""
+    exact, nothing missing, no output twice. After the second kill the local state is gone too (a new
+    machine): the state comes back from the whole changelog."""
+    import shutil
+
     settings, gen, want = run
     group = f"lj-{uuid.uuid4().hex[:6]}"
     rng = random.Random(5)
@@ -126,6 +129,8 @@ def test_kill_9_in_a_loop_exactly_once(run, tmp_path):
         time.sleep(rng.uniform(3.0, 9.0))  # start-up takes ~2-3 s; the backlog ~10 s
         assert proc.poll() is None, f"worker exited with {proc.returncode}"
         stop_worker(proc, kill=True)
+        if round_ == 1:
+            shutil.rmtree(settings.var_dir / "state" / group)
     proc = start_worker(settings, group, tmp_path / "worker.last.log")
     try:
         wait_until_done(settings, group, len(want), [proc])
