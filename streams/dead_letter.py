@@ -33,12 +33,12 @@ def dead_letter_id(stage: str, topic: str, partition: int, offset: int, payload:
 
 
 def make_dead_letter(topic: str, partition: int, offset: int, stage: str, reason: str,
-                     payload: bytes | None, arrival_ms: int = -1) -> DeadLetter:
+                     payload: bytes | None, arrival_ms: int = -1, max_payload: int = MAX_PAYLOAD_BYTES) -> DeadLetter:
     raw = payload or b""
     return DeadLetter(dead_letter_id=dead_letter_id(stage, topic, partition, offset, raw), source_topic=topic,
                       partition=partition, offset=offset, stage=stage, reason=reason,
-                      payload=raw[:MAX_PAYLOAD_BYTES].decode("utf-8", errors="backslashreplace"),
-                      truncated=len(raw) > MAX_PAYLOAD_BYTES, arrival_ms=arrival_ms)
+                      payload=raw[:max_payload].decode("utf-8", errors="backslashreplace"),
+                      truncated=len(raw) > max_payload, arrival_ms=arrival_ms)
 
 
 def reason_kind(reason: str) -> str:

@@ -296,7 +296,8 @@ class Engine:
 
         self.counts["output too large"] += 1
         dead = make_dead_letter(topic, -1, -1, self.config.stage,
-                                f"output too large: {len(value):,} bytes > {self.config.max_record_bytes:,}", value)
+                                f"output too large: {len(value):,} bytes > {self.config.max_record_bytes:,}", value,
+                                max_payload=min(64 * 1024, self.config.max_record_bytes // 5))
         k, v, h = encode(dead)
         return self.config.dead_letter_topic, k, v, h
 

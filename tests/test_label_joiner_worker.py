@@ -209,3 +209,22 @@ def test_quiet_conversions_do_not_stall_labelling(fresh_topics, tmp_path):
     assert not matured["clicked"].any()  # clicked ones wait for their conversion window
     noclick = set(examples.loc[~examples["clicked"], "impression_id"])
     assert set(matured["impression_id"]) <= noclick
+
+
+def test_an_output_over_the_size_limit_becomes_a_truncated_dead_letter(fresh_topics, tmp_path):
+    """Records over the broker's limit would fail the transaction again and again: each is written as a
+    dead letter with its payload cut instead, and the worker goes on."""
+    cfg = CFG.model_copy(update={"hours": 0.5, "seed": 8})
+    settings, gen = simulated_run(fresh_topics, tmp_path, cfg)
+    settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"max_record_bytes": 460})})
+    want = expected_labels(gen.truth, Rules.from_settings(settings.windows))
+    group = f"lj-{uuid.uuid4().hex[:6]}"
+    proc = start_worker(settings, group, tmp_path / "worker.log")
+    try:
+        wait_until_done(settings, group, len(want), [proc])
+    finally:
+        stop_worker(proc)
+    matured, examples, dead = outputs(settings)
+    too_large = [d for d in dead if d.reason.startswith("output too large")]
+    assert len(matured) == len(want) and len(examples) == 0  # every example is over 460 bytes
+    assert len(too_large) >= len(want) and all(d.truncated and len(d.payload) <= 92 for d in too_large)
