@@ -16,24 +16,25 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from infra.settings import get_settings
-from infra.topics import topic_counts, with_topic_prefix
+from infra.topics import group_lag, topic_counts, with_topic_prefix
 from label_joiner.worker import start_worker, stop_worker
 from streams.simulator.__main__ import main as simulate
 
 
-def wait_until_settled(settings, quiet_s: float = 15.0, timeout_s: float = 300.0) -> None:
-    """Wait until the joiner's outputs stop growing for ``quiet_s`` (it has caught up)."""
-    outputs = [settings.topics.training_examples, settings.topics.matured_labels, settings.topics.dead_letters]
-    last, since, deadline = None, time.monotonic(), time.monotonic() + timeout_s
+def wait_until_caught_up(settings, group: str, timeout_s: float = 300.0) -> None:
+    """Wait until the joiner has committed every input event (windows still open close later, in real time:
+    the last impressions' click windows end ten minutes after they happened)."""
+    t = settings.topics
+    outputs = [t.training_examples, t.matured_labels, t.dead_letters]
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        counts = topic_counts(settings, outputs)
-        if counts != last:
-            print(f"demo: joiner outputs so far {counts}", flush=True)
-            last, since = counts, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
+        done, total = group_lag(settings, group, [t.impressions, t.clicks, t.conversions])
+        print(f"demo: joiner committed {done:,} of {total:,} input events; outputs {topic_counts(settings, outputs)}",
+              flush=True)
+        if total and done >= total:
             return
         time.sleep(3)
-    print("demo: the joiner did not settle in time; see var/label_joiner.log")
+    print("demo: the joiner did not catch up in time; see its log")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,14 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     run_id = f"demo{int(time.time())}"
     settings = with_topic_prefix(get_settings(), run_id)
     log = settings.var_dir / f"{run_id}-label_joiner.log"
-    worker = start_worker(settings, f"label-joiner-{run_id}", log)
+    group = f"label-joiner-{run_id}"
+    worker = start_worker(settings, group, log)
     print(f"demo: label joiner started (pid {worker.pid}, log {log}), topics {run_id}-*", flush=True)
     try:
         # The simulated hours end now: every record's timestamp (its simulated delivery) lies in the past.
         start = (datetime.now(UTC) - timedelta(hours=a.hours)).replace(second=0, microsecond=0).isoformat()
         simulate(["--hours", str(a.hours), "--speed", str(a.speed), "--start", start, "--run-id", run_id],
                  settings)
-        wait_until_settled(settings)
+        wait_until_caught_up(settings, group)
     finally:
         stop_worker(worker)
     print(f"\nWhat landed in each topic of this demo ({run_id}-*; transaction markers count as messages):")
