@@ -40,6 +40,7 @@ def schema_headers(cls: type[Event]) -> Headers:
 
 
 def check_header(cls: type[Event], headers: Headers | None) -> None:
+    """Raise :class:`InvalidEvent` when the ``schema`` header names another event or a newer version."""
     for name, value in headers or ():
         if name == SCHEMA_HEADER:
             found = value.decode(errors="replace")
@@ -50,17 +51,23 @@ def check_header(cls: type[Event], headers: Headers | None) -> None:
                 raise InvalidEvent(f"unsupported schema version: {found} (reader knows {cls.schema_id()})")
 
 
-def decode(cls: type[E], value: bytes | None, headers: Headers | None = None) -> E:
-    """Parse and validate one Kafka value as ``cls``; raise :class:`InvalidEvent` with the reason."""
-    if value is None:
-        raise InvalidEvent("empty value (tombstone)")
-    check_header(cls, headers)
+def load_object(value: bytes) -> dict:
+    """The JSON object in ``value``; :class:`InvalidEvent` (``not JSON`` / ``not a JSON object``) otherwise."""
     try:
         data = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         raise InvalidEvent(f"not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidEvent(f"not a JSON object: {type(data).__name__}")
+    return data
+
+
+def decode(cls: type[E], value: bytes | None, headers: Headers | None = None) -> E:
+    """Parse and validate one Kafka value as ``cls``; raise :class:`InvalidEvent` with the reason."""
+    if value is None:
+        raise InvalidEvent("empty value (tombstone)")
+    check_header(cls, headers)
+    data = load_object(value)
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
