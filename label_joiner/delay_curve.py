@@ -5,14 +5,19 @@ unconverted one is right-censored at its elapsed time (``as_of_ms`` - click time
 matured one at the window). 1 - S(e) is then the share of clicks converted by e, the CVR is
 1 - S(window) and F(e) = (1 - S(e)) / (1 - S(window)). So clicks whose window is still open count for
 what they tell, and no full window of history is needed. Beyond the longest follow-up observed, S is
-held flat (``max_follow_up_s`` in the artifact): the CVR is then a lower bound and F reaches 1 there.
+held flat (``max_follow_up_s`` in the artifact): the CVR is then a lower bound and F reaches 1 there, i.e.
+F is relative to the conversions that arrive within the follow-up and overstates the in-window F by the
+share that arrives later (once a window has matured, ``max_follow_up_s`` is the window and this goes away).
+In a fitted frame, a row without ``as_of_ms`` (no column, or NaN) is a matured label.
 Optionally per segment (``--segment advertiser_id`` or ``campaign_id``): a segment with at least
 ``min_conversions`` conversions gets its own curve and CVR on the same grid, any other falls back to
 the overall curve. Published as a versioned JSON artifact (with a PNG plot) under
 ``var/artifacts/delay_curve/``; the joiner and the trainers read the latest one.
 
 ``python -m label_joiner.delay_curve [--segment FIELD]`` fits from the matured labels plus the clicks
-still open in the training examples, and publishes; with nothing to fit it says so in one line.
+still open in the training examples (``read_observations``; their ``as_of_ms`` is the newest event time in
+those two topics, never the wall clock), and publishes; with nothing to fit (no clicks or no conversions) it
+prints one line with the counts to stderr and exits 1.
 """
 
 from __future__ import annotations
@@ -167,10 +172,11 @@ def _fit_on_grid(clicks: pd.DataFrame, grid: np.ndarray, window_s: float) -> dic
         return None
     click_t = clicks["click_time_ms"].to_numpy(float)
     delay_s = np.where(converted, (clicks["conversion_time_ms"].to_numpy(float) - click_t) / 1000.0, np.nan)
-    if "as_of_ms" in clicks:
-        followed_s = np.clip((clicks["as_of_ms"].to_numpy(float) - click_t) / 1000.0, 0.0, window_s)
-    else:
-        followed_s = np.full(len(clicks), window_s)
+    followed_s = np.full(len(clicks), window_s)  # matured: followed for the whole window
+    if "as_of_ms" in clicks:  # open clicks: followed up to the time they were observed at (NaN: matured)
+        as_of = pd.to_numeric(clicks["as_of_ms"], errors="coerce").to_numpy(float)
+        open_ = ~np.isnan(as_of)
+        followed_s[open_] = np.clip((as_of[open_] - click_t[open_]) / 1000.0, 0.0, window_s)
     durations = np.where(converted, np.clip(delay_s, 0.0, window_s), followed_s)
     km = KaplanMeierFitter().fit(durations, event_observed=converted)
     converted_by = 1.0 - km.survival_function_at_times(grid).to_numpy()  # flat beyond the last time seen
@@ -209,15 +215,20 @@ def read_observations(settings: Settings) -> pd.DataFrame:
     columns = ["impression_id", "clicked", "converted", "click_time_ms", "conversion_time_ms", "advertiser_id",
                "campaign_id"]
     matured = read_matured(settings)
+    times = ["impression_time_ms", "click_time_ms", "conversion_time_ms"]
+    newest = 0
+    if len(matured):
+        seen = matured[times].apply(pd.to_numeric, errors="coerce").max().max()  # NaN-skipping
+        newest = int(seen) if pd.notna(seen) else 0
     matured = matured[columns] if len(matured) else pd.DataFrame(columns=columns)
     open_clicks: dict[str, dict] = {}
-    newest = int(pd.concat([matured["click_time_ms"], matured["conversion_time_ms"]]).max()) if len(matured) else 0
     for record in read_topic(settings, settings.topics.training_examples):
         try:
             ex = decode(TrainingExample, record.value, record.headers)
         except InvalidEvent:
             continue
-        newest = max(newest, ex.as_of_ms, ex.conversion_time_ms or 0)
+        # as_of_ms is an event time too (the joiner emits an example once its event time passed it)
+        newest = max(newest, ex.as_of_ms, ex.impression_time_ms, ex.click_time_ms or 0, ex.conversion_time_ms or 0)
         if not ex.clicked:
             continue
         row = open_clicks.setdefault(ex.impression_id, {
