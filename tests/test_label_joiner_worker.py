@@ -70,6 +70,16 @@ def wait_until_done(settings, group: str, want: int, procs, timeout_s: float = 2
     raise AssertionError(f"{got} of {want} matured labels, {committed} of {total} inputs committed after {timeout_s}s")
 
 
+def run_worker_until_done(settings, want: int, log) -> None:
+    """One worker of a fresh group, until ``want`` labels are committed and its lag is closed."""
+    group = f"lj-{uuid.uuid4().hex[:6]}"
+    proc = start_worker(settings, group, log)
+    try:
+        wait_until_done(settings, group, want, [proc])
+    finally:
+        stop_worker(proc)
+
+
 def assert_exactly_once_and_exact(settings, gen, want: pd.DataFrame) -> list[DeadLetter]:
     matured, examples, dead = outputs(settings)
     assert not matured["impression_id"].duplicated().any(), "a matured label was written twice"
@@ -103,12 +113,7 @@ def test_worker_labels_equal_ground_truth_and_distrust_implausible_times(run, tm
     for event, topic in ((bad_imp, settings.topics.impressions), (bad_click, settings.topics.clicks)):
         produce(settings, topic, [(event.key().encode(), orjson.dumps(event.model_dump()), t0)],
                 schema_headers(type(event)))
-    group = f"lj-{uuid.uuid4().hex[:6]}"
-    proc = start_worker(settings, group, tmp_path / "worker.log")
-    try:
-        wait_until_done(settings, group, len(want), [proc])
-    finally:
-        stop_worker(proc)
+    run_worker_until_done(settings, len(want), tmp_path / "worker.log")
     dead = assert_exactly_once_and_exact(settings, gen, want)
     reasons = Counter(d.reason.split(":")[0] for d in dead)
     assert reasons["future event time"] == 1 and reasons["event time older than retention"] == 1
@@ -218,12 +223,7 @@ def test_an_output_over_the_size_limit_becomes_a_truncated_dead_letter(fresh_top
     settings, gen = simulated_run(fresh_topics, tmp_path, cfg)
     settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"max_record_bytes": 460})})
     want = expected_labels(gen.truth, Rules.from_settings(settings.windows))
-    group = f"lj-{uuid.uuid4().hex[:6]}"
-    proc = start_worker(settings, group, tmp_path / "worker.log")
-    try:
-        wait_until_done(settings, group, len(want), [proc])
-    finally:
-        stop_worker(proc)
+    run_worker_until_done(settings, len(want), tmp_path / "worker.log")
     matured, examples, dead = outputs(settings)
     too_large = [d for d in dead if d.reason.startswith("output too large")]
     assert len(matured) == len(want) and len(examples) == 0  # every example is over 460 bytes
