@@ -49,7 +49,7 @@ joiner: up
 
 # The batch twin: matured labels of one UTC day from the raw topics into Delta (DS=YYYY-MM-DD).
 batch-labels: up
-	$(PY) -m batch_jobs.matured_labels --ds $(DS)
+	$(PY) -m batch_jobs.silver --ds $(DS)
 
 # Fit the conversion-delay curve (Kaplan-Meier, open clicks censored) and publish it (JSON + PNG).
 delay-curve: up

@@ -85,6 +85,7 @@ class TopicSettings(BaseModel):
     impressions: str = "impressions"
     clicks: str = "clicks"
     conversions: str = "conversions"
+    campaigns: str = "campaigns"
     prediction_log: str = "prediction_log"
     training_examples: str = "training_examples"
     matured_labels: str = "matured_labels"

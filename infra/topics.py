@@ -19,7 +19,8 @@ class TopicSpec:
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
     """Raw events outlive the conversion window (plus a week of margin for replays and backfills);
-    matured labels are compacted by impression id; dead letters are kept for a month."""
+    matured labels are compacted by impression id, the campaign catalog by campaign id; dead letters are
+    kept for a month."""
     t, p = settings.topics, settings.kafka.default_partitions
     window_ms = int(settings.windows.conversion_window_s * 1000)
     raw = {"cleanup.policy": "delete", "retention.ms": str(window_ms + 7 * DAY_MS),
@@ -28,6 +29,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(t.impressions, p, raw),
         TopicSpec(t.clicks, p, raw),
         TopicSpec(t.conversions, p, raw),
+        TopicSpec(t.campaigns, 1, {"cleanup.policy": "compact"}),
         TopicSpec(t.prediction_log, p, {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)}),
         TopicSpec(t.training_examples, p, {"cleanup.policy": "delete", "retention.ms": str(7 * DAY_MS)}),
         TopicSpec(t.matured_labels, p, {"cleanup.policy": "compact,delete",

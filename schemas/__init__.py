@@ -3,6 +3,7 @@
 from schemas.codec import InvalidEvent, decode, encode
 from schemas.events import (
     ALL_EVENTS,
+    Campaign,
     Click,
     Conversion,
     DeadLetter,
@@ -14,6 +15,6 @@ from schemas.events import (
 )
 
 __all__ = [
-    "ALL_EVENTS", "Click", "Conversion", "DeadLetter", "Event", "Impression", "InvalidEvent", "MaturedLabel",
-    "PredictionLog", "TrainingExample", "decode", "encode",
+    "ALL_EVENTS", "Campaign", "Click", "Conversion", "DeadLetter", "Event", "Impression", "InvalidEvent",
+    "MaturedLabel", "PredictionLog", "TrainingExample", "decode", "encode",
 ]

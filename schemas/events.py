@@ -159,6 +159,34 @@ class MaturedLabel(Event):
     conversion_value: float = Field(default=0.0, ge=0.0)
 
 
+class Campaign(Event):
+    """A campaign as the ad server's catalog describes it: one record per version, keyed by campaign.
+
+    The gold features read its category (the advertiser's vertical), daily budget and start time."""
+
+    NAME: ClassVar[str] = "campaign"
+    KEY: ClassVar[str] = "campaign_id"
+
+    campaign_id: int = Field(ge=0)
+    advertiser_id: int = Field(ge=0)
+    category_id: int = Field(ge=0, le=999)
+    daily_budget: float = Field(ge=0.0)
+    start_time_ms: int = EpochMs
+    event_time_ms: int = EpochMs
+
+
+class LabeledImpression(MaturedLabel):
+    """A silver row: an impression's matured labels joined to what serving knew when it showed the ad."""
+
+    NAME: ClassVar[str] = "labeled_impression"
+
+    category_id: int = Field(ge=0, le=999)
+    placement: str = Field(min_length=1)
+    position: int = Field(ge=0, le=100)
+    device: str = Field(min_length=1)
+    bid: float = Field(ge=0.0)
+
+
 class DeadLetter(Event):
     """An input that could not be used, with the reason; nothing bad is dropped silently.
 
@@ -181,6 +209,7 @@ class DeadLetter(Event):
 
 
 ALL_EVENTS: tuple[type[Event], ...] = (
-    Impression, Click, Conversion, PredictionLog, TrainingExample, MaturedLabel, DeadLetter,
+    Impression, Click, Conversion, PredictionLog, TrainingExample, MaturedLabel, Campaign, LabeledImpression,
+    DeadLetter,
 )
 BY_SCHEMA_ID: dict[str, type[Event]] = {cls.schema_id(): cls for cls in ALL_EVENTS}

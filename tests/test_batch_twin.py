@@ -9,7 +9,8 @@ import uuid
 import orjson
 import pandas as pd
 
-from batch_jobs.matured_labels import run
+from batch_jobs import bronze
+from batch_jobs.silver import run
 from infra.spark_session import spark_session
 from label_joiner.delay_curve import read_matured
 from label_joiner.evaluate import expected_labels
@@ -19,7 +20,7 @@ from schemas.codec import schema_headers
 from schemas.events import Click, Conversion
 from streams.simulator.config import SimulatorConfig
 from streams.simulator.delivery import iter_messages
-from streams.simulator.run import generate
+from streams.simulator.run import generate, send_catalog
 
 CFG = SimulatorConfig(hours=2, users=10_000, ads=2_000, impressions_per_hour=6_000, cvr=0.2, speed=0,
                       prediction_log=False, seed=23, late_share=0.03)
@@ -66,6 +67,7 @@ def test_batch_equals_stream(fresh_topics, tmp_path):
     settings = fresh_topics.model_copy(update={
         "var_dir": tmp_path, "windows": fresh_topics.windows.model_copy(update={"conversion_window_s": 3600.0})})
     gen = generate(CFG, settings, drain=True)
+    send_catalog(gen.campaigns, settings)
     extra = repeats(gen.truth, settings)
     send_in_arrival_order(settings, gen, extra)
     want = expected_labels(gen.truth, Rules.from_settings(settings.windows))
@@ -83,6 +85,7 @@ def test_batch_equals_stream(fresh_topics, tmp_path):
     assert len(stream) == len(want)
 
     ds = CFG.start.date()
+    bronze.run(None, settings)  # the twin reads the one raw landing
     path = run(ds, settings)
     batch = spark_session("test", settings).read.format("delta").load(path).toPandas()
     assert len(batch) == len(want)
@@ -92,6 +95,8 @@ def test_batch_equals_stream(fresh_topics, tmp_path):
     s = stream.set_index("impression_id").sort_index()[COLUMNS]
     b = batch.set_index("impression_id").sort_index()[COLUMNS]
     pd.testing.assert_frame_equal(s, b, check_dtype=False)
+    truth = gen.truth.set_index("impression_id")  # silver carries the impression's context and category
+    assert (batch.set_index("impression_id")["category_id"] == truth.loc[b.index, "category_id"]).all()
     # The repeated, earlier clicks and conversions won in both (earliest event time, then id).
     won_clicks = {e.impression_id: e.event_time_ms for topic, e, _ in extra if isinstance(e, Click)}
     assert (s.loc[list(won_clicks), "click_time_ms"] == pd.Series(won_clicks)).all()

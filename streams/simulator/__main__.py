@@ -9,7 +9,7 @@ from datetime import datetime
 
 from infra.settings import Settings, get_settings
 from streams.simulator.config import SimulatorConfig
-from streams.simulator.run import generate, send, write_truth
+from streams.simulator.run import generate, send, send_catalog, write_truth
 
 
 def parse(argv: list[str] | None) -> tuple[SimulatorConfig, bool]:
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
     gen = generate(cfg, settings, drain=drain)
     print(f"simulator: {len(gen.truth):,} impressions, {len(gen.schedule):,} deliveries generated in "
           f"{time.monotonic() - t0:.1f}s; sending at speed {cfg.speed or 'max'}", flush=True)
+    send_catalog(gen.campaigns, settings)
     counts = send(gen.schedule, settings, cfg.speed, cfg.start_ms)
     out = write_truth(gen, cfg, settings, counts)
     print(f"simulator: sent {sum(counts.values()):,} events in {time.monotonic() - t0:.1f}s: {counts}")

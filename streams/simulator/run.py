@@ -24,6 +24,7 @@ FUTURE_SLACK_MS = 60_000
 class Generated:
     truth: pd.DataFrame
     schedule: Schedule
+    campaigns: pd.DataFrame  # the catalog, published before the traffic
 
 
 def generate(cfg: SimulatorConfig, settings: Settings, drain: bool = False) -> Generated:
@@ -33,7 +34,24 @@ def generate(cfg: SimulatorConfig, settings: Settings, drain: bool = False) -> G
     truth = simulate_traffic(cfg, world, rng, settings.windows.click_window_s,
                              settings.windows.conversion_window_s)
     schedule = build_schedule(truth, cfg, settings, rng, drain=drain)
-    return Generated(truth, schedule)
+    return Generated(truth, schedule, world.campaigns(cfg.start_ms))
+
+
+def send_catalog(campaigns: pd.DataFrame, settings: Settings) -> int:
+    """Publish the campaign catalog (one ``Campaign`` record per campaign, stamped with its event time)."""
+    from schemas.codec import encode
+    from schemas.events import Campaign
+
+    producer = make_producer(settings)
+    try:
+        for row in campaigns.to_dict("records"):
+            key, value, headers = encode(Campaign(**row))
+            producer.send(settings.topics.campaigns, key=key, value=value, headers=headers,
+                          timestamp_ms=int(row["event_time_ms"]))
+        producer.flush()
+    finally:
+        producer.close()
+    return len(campaigns)
 
 
 def make_producer(settings: Settings):

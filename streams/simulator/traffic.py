@@ -82,6 +82,7 @@ def simulate_traffic(cfg: SimulatorConfig, world: World, rng: np.random.Generato
 
     ctr_logit = (4.0 * np.einsum("ij,ij->i", world.user_ctr_f[user], world.ad_ctr_f[gen, slot])
                  + world.ad_ctr_bias[gen, slot] + PLACEMENT_LOGIT[place] + DEVICE_LOGIT[device]
+                 + world.user_category_affinity[user, world.category_of(slot)]
                  + POSITION_LOGIT_PER_SLOT * position + cfg.drift_logit_per_day * days)
     true_pctr = expit(ctr_logit + solve_offset(ctr_logit, cfg.ctr))
     clicked = rng.random(n) < true_pctr
@@ -108,6 +109,7 @@ def simulate_traffic(cfg: SimulatorConfig, world: World, rng: np.random.Generato
         "ad_id": world.ad_id(gen, slot).astype(np.int64),
         "advertiser_id": world.advertiser_of(slot).astype(np.int64),
         "campaign_id": campaign.astype(np.int64),
+        "category_id": world.category_of(slot).astype(np.int64),
         "placement": PLACEMENTS[place],
         "position": position.astype(np.int64),
         "device": DEVICES[device],

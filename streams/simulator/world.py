@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
+from schemas.features import N_CATEGORIES
 from streams.simulator.config import SimulatorConfig
 
 PLACEMENTS = np.array(["feed", "search", "sidebar", "video"])
@@ -42,6 +44,11 @@ class World:
     ad_ctr_bias: np.ndarray       # (G, S)
     ad_cvr_bias: np.ndarray       # (G, S)
     campaign_bid: np.ndarray      # (C,)
+    # The catalog (drawn from its own generator, so adding it changed no other draw).
+    advertiser_category: np.ndarray  # (A,) the advertiser's vertical
+    user_category_affinity: np.ndarray  # (U, N_CATEGORIES) click logit a user adds for each category
+    campaign_daily_budget: np.ndarray  # (C,)
+    campaign_age_days: np.ndarray  # (C,) days the campaign has run at the simulated start
 
     @property
     def n_slots(self) -> int:
@@ -58,6 +65,21 @@ class World:
     def advertiser_of(slot: np.ndarray) -> np.ndarray:
         return slot // (ADS_PER_CAMPAIGN * CAMPAIGNS_PER_ADVERTISER)
 
+    def category_of(self, slot: np.ndarray) -> np.ndarray:
+        return self.advertiser_category[self.advertiser_of(slot)]
+
+    def campaigns(self, start_ms: int) -> pd.DataFrame:
+        """The campaign catalog as the ad server publishes it at ``start_ms`` (``schemas.events.Campaign``)."""
+        c = np.arange(len(self.campaign_bid))
+        return pd.DataFrame({
+            "campaign_id": c.astype(np.int64),
+            "advertiser_id": (c // CAMPAIGNS_PER_ADVERTISER).astype(np.int64),
+            "category_id": self.advertiser_category[c // CAMPAIGNS_PER_ADVERTISER].astype(np.int64),
+            "daily_budget": np.round(self.campaign_daily_budget, 2),
+            "start_time_ms": (start_ms - self.campaign_age_days * 86_400_000).astype(np.int64),
+            "event_time_ms": np.full(len(c), start_ms, dtype=np.int64),
+        })
+
 
 def build_world(cfg: SimulatorConfig, rng: np.random.Generator) -> World:
     d, n_hours = cfg.latent_dim, int(np.ceil(cfg.hours)) + 1
@@ -71,6 +93,8 @@ def build_world(cfg: SimulatorConfig, rng: np.random.Generator) -> World:
     generation = np.cumsum(steps, axis=0).astype(np.int64)
     g = int(generation.max()) + 1
     n_campaigns = cfg.ads // ADS_PER_CAMPAIGN + 1
+    n_advertisers = n_campaigns // CAMPAIGNS_PER_ADVERTISER + 1
+    catalog_rng = np.random.default_rng([cfg.seed, 1])
     return World(
         user_p=zipf_weights(cfg.users, cfg.user_zipf, rng),
         user_ctr_f=user_ctr_f,
@@ -82,4 +106,8 @@ def build_world(cfg: SimulatorConfig, rng: np.random.Generator) -> World:
         ad_ctr_bias=rng.normal(0, 0.5, (g, cfg.ads)),
         ad_cvr_bias=rng.normal(0, 0.5, (g, cfg.ads)),
         campaign_bid=rng.lognormal(np.log(1.5), 0.5, n_campaigns),
+        advertiser_category=catalog_rng.integers(0, N_CATEGORIES, n_advertisers),
+        user_category_affinity=catalog_rng.normal(0, 0.6, (cfg.users, N_CATEGORIES)),
+        campaign_daily_budget=catalog_rng.lognormal(np.log(300), 0.8, n_campaigns),
+        campaign_age_days=catalog_rng.integers(0, 120, n_campaigns),
     )
