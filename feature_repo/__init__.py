@@ -1,0 +1,1 @@
+"""The Feast repository (definitions in features.py) and the project's online read and write paths."""

@@ -1,0 +1,44 @@
+"""``python -m feature_repo.cli <feast command ...>``: the ``feast`` CLI on this project's lake and stores.
+
+Writes ``<var>/feast/feature_store.yaml`` (``feature_repo.store.write_config``: Redis when it is up,
+SQLite otherwise) and runs ``feast -c feature_repo -f <that file> <command ...>`` with the settings in the
+environment, so ``feast apply`` and ``feast materialize-incremental`` work as they do for any Feast repo.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from feature_repo.store import REPO, write_config
+from infra.settings import Settings, get_settings
+
+
+def feast(args: list[str], settings: Settings | None = None, online: str | None = None,
+          check: bool = True) -> subprocess.CompletedProcess:
+    """Run the feast CLI with ``args``; its output goes to this process's stdout/stderr."""
+    settings = settings or get_settings()
+    if args[:1] == ["apply"]:
+        from feature_repo.store import ensure_offline_tables
+        from infra.spark_session import spark_session
+
+        ensure_offline_tables(spark_session("feast-apply", settings), settings)
+    config = write_config(settings, online)
+    exe = shutil.which("feast", path=str(Path(sys.executable).parent)) or "feast"
+    env = {**os.environ, **settings.to_env()}
+    return subprocess.run([exe, "-c", str(REPO), "-f", str(config), *args], env=env, check=check)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print(__doc__)
+        return 2
+    return feast(args, check=False).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Open the feature store the way the project runs it: Redis online when it is up, SQLite otherwise.
+
+The configuration is the repository's own ``feature_store.yaml`` (or ``feature_store.redis.yaml``), read
+with Feast's loader, with the registry and the SQLite file moved under ``<var>/feast`` so each lake
+(a test's, a demo's) has its own registry. :func:`write_config` writes that file for the ``feast`` CLI.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from infra.settings import Settings
+
+REPO = Path(__file__).resolve().parent
+
+
+def redis_address(settings: Settings) -> str:
+    """Feast's Redis connection string for the configured server."""
+    r = settings.redis
+    return f"{r.host}:{r.port}" + (f",password={r.password}" if r.password else "")
+
+
+def redis_up(settings: Settings) -> bool:
+    from infra.redis_server import RedisServer
+
+    return RedisServer(settings).ready()
+
+
+def write_config(settings: Settings, online: str | None = None) -> Path:
+    """``<var>/feast/feature_store.yaml``: the repo's file for ``online`` (``redis`` | ``sqlite``; default:
+    Redis when it answers), with the registry and SQLite paths moved under ``<var>/feast``."""
+    online = online or ("redis" if redis_up(settings) else "sqlite")
+    source = REPO / ("feature_store.redis.yaml" if online == "redis" else "feature_store.yaml")
+    env = {**os.environ, "ADS_FEAST_REDIS": redis_address(settings)}
+    text = source.read_text()
+    for name, value in env.items():
+        text = text.replace("${" + name + "}", value)
+    raw = yaml.safe_load(text)
+    out_dir = settings.var_dir / "feast"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw["registry"] = str(out_dir / Path(raw["registry"]).name)
+    if raw["online_store"]["type"] == "sqlite":
+        raw["online_store"]["path"] = str(out_dir / Path(raw["online_store"]["path"]).name)
+    conf = raw["offline_store"]["spark_conf"]
+    conf["spark.driver.extraClassPath"] = str((REPO / conf["spark.driver.extraClassPath"]).resolve())
+    path = out_dir / "feature_store.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def ensure_offline_tables(spark, settings: Settings) -> list[str]:
+    """Create an empty Delta table (schema from ``schemas.features``) for every view whose source is missing,
+    so ``feast apply`` can validate every source before the first job or worker has written one."""
+    from delta.tables import DeltaTable
+    from pyspark.sql import types as T
+
+    from schemas.features import ALL_TABLES
+    from schemas.spark import spark_schema
+
+    made = []
+    for table in ALL_TABLES:
+        path = str(settings.lake_dir / ("realtime" if table.REALTIME else "gold") / table.VIEW)
+        if not DeltaTable.isDeltaTable(spark, path):
+            schema = spark_schema(table).add("ds", T.StringType())
+            spark.createDataFrame([], schema).write.format("delta").partitionBy("ds").mode("ignore").save(path)
+            made.append(path)
+    return made
+
+
+def feature_store(settings: Settings, online: str | None = None, apply: bool = True):
+    """A ``FeatureStore`` on this lake; with ``apply``, the repo's definitions are registered first."""
+    from feast import FeatureStore
+
+    store = FeatureStore(repo_path=str(REPO), fs_yaml_file=write_config(settings, online))
+    if apply:
+        from feature_repo import features
+
+        store.apply([*features.ENTITIES.values(), *features.VIEWS.values(), features.ranker,
+                     *[v.stream_source for v in features.VIEWS.values() if v.stream_source is not None]])
+    return store
