@@ -44,9 +44,11 @@ def view(table: type[FeatureRow]) -> FeatureView:
 
 
 VIEWS = {table.VIEW: view(table) for table in ALL_TABLES}
-user_features, ad_features, advertiser_features, user_category_features = (
-    VIEWS["user_features"], VIEWS["ad_features"], VIEWS["advertiser_features"], VIEWS["user_category_features"])
-user_realtime, ad_realtime, advertiser_realtime = VIEWS["user_realtime"], VIEWS["ad_realtime"], VIEWS["advertiser_realtime"]
+# Feast finds definitions among a module's names: one name per view.
+user_features, ad_features = VIEWS["user_features"], VIEWS["ad_features"]
+advertiser_features, user_category_features = VIEWS["advertiser_features"], VIEWS["user_category_features"]
+user_realtime, ad_realtime = VIEWS["user_realtime"], VIEWS["ad_realtime"]
+advertiser_realtime = VIEWS["advertiser_realtime"]
 
 ranker = FeatureService(name="ranker", features=list(VIEWS.values()),
                         description="every feature the ranker scores a (user, ad) with")
