@@ -41,6 +41,7 @@ def write_config(settings: Settings, online: str | None = None) -> Path:
     raw = yaml.safe_load(text)
     out_dir = settings.var_dir / "feast"
     out_dir.mkdir(parents=True, exist_ok=True)
+    raw["project"] = settings.feast_project
     raw["registry"] = str(out_dir / Path(raw["registry"]).name)
     if raw["online_store"]["type"] == "sqlite":
         raw["online_store"]["path"] = str(out_dir / Path(raw["online_store"]["path"]).name)

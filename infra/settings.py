@@ -90,6 +90,9 @@ class TopicSettings(BaseModel):
     training_examples: str = "training_examples"
     matured_labels: str = "matured_labels"
     dead_letters: str = "dead_letters"
+    # Real-time features: entity events re-keyed by the first stage, and the rows the second stage wrote.
+    realtime_entity_events: str = "realtime_entity_events"
+    realtime_features: str = "realtime_features"
 
 
 class RedisSettings(BaseModel):
@@ -143,6 +146,8 @@ class Settings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     windows: WindowSettings = Field(default_factory=WindowSettings)
     spark: SparkSettings = Field(default_factory=SparkSettings)
+    # Feast project: the online store's keys end with it (tests use their own).
+    feast_project: str = "adsstream"
     # Local state: broker logs, Redis data, Delta tables, simulator runs.
     var_dir: Path = ROOT / "var"
     kafka_jar_dir: Path = ROOT / "infra" / "kafka" / "lib"

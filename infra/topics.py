@@ -34,6 +34,8 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(t.training_examples, p, {"cleanup.policy": "delete", "retention.ms": str(7 * DAY_MS)}),
         TopicSpec(t.matured_labels, p, {"cleanup.policy": "compact,delete",
                                         "retention.ms": str(window_ms + 30 * DAY_MS)}),
+        TopicSpec(t.realtime_entity_events, p, {"cleanup.policy": "delete", "retention.ms": str(2 * DAY_MS)}),
+        TopicSpec(t.realtime_features, p, {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)}),
         TopicSpec(t.dead_letters, 1, {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)}),
     ]
 

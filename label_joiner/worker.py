@@ -19,7 +19,8 @@ def worker_command(app_module: str = "label_joiner.app") -> list[str]:
 def start_worker(settings: Settings, app_id: str, log_path: Path, scheme: str = "naive",
                  app_module: str = "label_joiner.app") -> subprocess.Popen:
     """A worker in its own process group, logging to ``log_path``; stop it with :func:`stop_worker`."""
-    env = {**os.environ, **settings.to_env(), "ADS_LABEL_JOINER_ID": app_id, "ADS_LABEL_SCHEME": scheme}
+    env = {**os.environ, **settings.to_env(), "ADS_LABEL_JOINER_ID": app_id, "ADS_REALTIME_ID": app_id,
+           "ADS_LABEL_SCHEME": scheme}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(worker_command(app_module), env=env, stdout=log, stderr=subprocess.STDOUT,

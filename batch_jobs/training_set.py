@@ -1,0 +1,221 @@
+"""Training set: silver rows with their gold features as of each impression's event time, negatives downsampled.
+
+``python -m batch_jobs.training_set --start 2026-11-10 --end 2026-11-16 [--negative-rate 0.1] [--seed 7]``
+reads the silver days in [start, end] (``schemas.events.LabeledImpression`` rows; days quarantined in
+``silver/labeled_impressions`` are skipped), keeps every positive (clicked) row and a negative with probability
+``negative_rate``, attaches the features of every gold view and replaces those ``ds`` partitions of the Delta
+table ``<lake>/training/training_set`` (``schemas.features.TrainingRow`` plus the feature columns). Each
+written day then goes through the data-quality gate (:func:`batch_jobs.quality.guard`).
+
+Point-in-time correctness: for each view in ``schemas.features.GOLD_TABLES`` an impression gets the row of its
+entity keys with the latest ``event_timestamp`` <= the impression's time (``impression_time_ms``) and >= that
+time minus the view's TTL (``feature_repo.features``; both ends included, as Feast's offline store does) --
+never a value computed after the impression. Columns are ``<view>__<feature>`` (Feast's full feature names);
+no row -> null. Gold days quarantined for a view are not used.
+
+Downsampling is deterministic: a negative is kept when a hash of its ``impression_id`` and ``seed`` falls
+under ``negative_rate``, so a re-run keeps the same rows. ``sample_rate`` is 1.0 for positives and
+``negative_rate`` for kept negatives; calibration undoes it with ``p / (p + (1 - p) / sample_rate)``.
+
+The real-time views (``schemas.features.REALTIME_TABLES``) are NOT joined here: their offline log (the
+``<lake>/realtime/<view>`` tables a push source would read) is not built yet, so a model trained on this set
+sees only the batch features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import date, timedelta
+
+from batch_jobs.days import day_bounds, days
+from batch_jobs.gold import gold_path
+from batch_jobs.quality import DistributionCheck, guard, quarantined_days
+from batch_jobs.silver import silver_path
+from infra.settings import Settings, get_settings
+from infra.spark_session import spark_session
+from schemas.features import GOLD_TABLES, FeatureRow, TrainingRow
+
+SILVER_TABLE = "silver/labeled_impressions"
+TABLE = "training/training_set"
+HASH_SPACE = 1 << 53  # the downsampling hash, reduced to a uniform integer in [0, 2^53)
+EVENT_TIME = "__event_time"
+
+
+def training_path(settings: Settings) -> str:
+    return str(settings.lake_dir / "training" / "training_set")
+
+
+def feature_columns(table: type[FeatureRow]) -> list[str]:
+    """The training-set columns of one view: ``<view>__<feature>``."""
+    return [f"{table.VIEW}__{n}" for n in table.feature_names()]
+
+
+def view_ttl(table: type[FeatureRow]) -> timedelta:
+    """The TTL of the view's Feast definition (the same number the online store serves with)."""
+    from feature_repo.features import VIEWS
+
+    return VIEWS[table.VIEW].ttl
+
+
+def _delta_or_none(spark, path: str):
+    from delta.tables import DeltaTable
+
+    return spark.read.format("delta").load(path) if DeltaTable.isDeltaTable(spark, path) else None
+
+
+def keep_column(negative_rate: float, seed: int):
+    """True for a row the downsampling keeps: every positive; a negative when hash(impression_id, seed) < rate."""
+    from pyspark.sql import functions as F
+
+    u = F.pmod(F.xxhash64(F.col("impression_id"), F.lit(seed).cast("long")), F.lit(HASH_SPACE)) / float(HASH_SPACE)
+    return F.col("clicked") | (u < F.lit(float(negative_rate)))
+
+
+def silver_days(spark, settings: Settings, start: date, end: date) -> list[str]:
+    """The days in [start, end] that silver has rows for and has not quarantined (skipped ones are printed)."""
+    from pyspark.sql import functions as F
+
+    silver = _delta_or_none(spark, silver_path(settings))
+    if silver is None:
+        print(f"training_set: no silver table at {silver_path(settings)}")
+        return []
+    wanted = [d.isoformat() for d in days(start, end)]
+    present = {r["ds"] for r in silver.where(F.col("ds").isin(wanted)).select("ds").distinct().collect()}
+    bad = quarantined_days(settings, SILVER_TABLE)
+    skipped = sorted(present & bad)
+    if skipped:
+        print(f"training_set: skipping quarantined silver days {', '.join(skipped)}")
+    missing = sorted(set(wanted) - present)
+    if missing:
+        print(f"training_set: no silver rows for {', '.join(missing)}")
+    return sorted(present - bad)
+
+
+def as_of_join(frame, gold, table: type[FeatureRow], ttl: timedelta):
+    """``frame`` (one row per impression_id, with ``EVENT_TIME``) plus ``table``'s features as of that time:
+    the gold row of the same keys with the latest ``event_timestamp`` in [time - ttl, time], else nulls."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    ts, ds = f"__{table.VIEW}_ts", f"__{table.VIEW}_ds"
+    keys = {k: f"__{table.VIEW}_{k}" for k in table.ENTITIES}
+    right = gold.select(*[F.col(k).alias(v) for k, v in keys.items()], F.col("event_timestamp").alias(ts),
+                        F.col("ds").alias(ds),
+                        *[F.col(n).alias(c) for n, c in zip(table.feature_names(), feature_columns(table), strict=True)])
+    t = F.col(EVENT_TIME)
+    cond = [F.col(k) == F.col(v) for k, v in keys.items()]
+    cond += [F.col(ts) <= t, F.col(ts) >= t - F.lit(ttl)]
+    latest = Window.partitionBy("impression_id").orderBy(F.col(ts).desc_nulls_last(), F.col(ds).desc_nulls_last())
+    joined = frame.join(right, on=cond, how="left").withColumn("__rank", F.row_number().over(latest))
+    return joined.where(F.col("__rank") == 1).drop("__rank", ts, ds, *keys.values())
+
+
+def build(spark, settings: Settings, start: date, end: date, negative_rate: float = 0.1, seed: int = 7):
+    """The training rows of the silver days in [start, end] (not written): TrainingRow's columns, then the
+    ``<view>__<feature>`` columns of every gold view, then ``ds``."""
+    from pyspark.sql import functions as F
+
+    from schemas.spark import spark_schema
+
+    if not 0.0 < negative_rate <= 1.0:
+        raise ValueError(f"negative_rate must be in (0, 1], got {negative_rate}")
+    kept_days = silver_days(spark, settings, start, end)
+    base_cols = [*TrainingRow.model_fields]
+    if not kept_days:
+        from pyspark.sql import types as T
+
+        schema = spark_schema(TrainingRow)
+        for table in GOLD_TABLES:
+            for name, col in zip(table.feature_names(), feature_columns(table), strict=True):
+                schema = schema.add(col, spark_schema(table)[name].dataType, True)
+        return spark.createDataFrame([], schema.add("ds", T.StringType()))
+    print(f"training_set: silver days {', '.join(kept_days)}; negatives kept at {negative_rate} (seed {seed})")
+    silver = spark.read.format("delta").load(silver_path(settings)).where(F.col("ds").isin(kept_days))
+    frame = (silver.where(keep_column(negative_rate, seed))
+             .withColumn("sample_rate", F.when(F.col("clicked"), F.lit(1.0)).otherwise(F.lit(float(negative_rate))))
+             .withColumn(EVENT_TIME, F.timestamp_millis(F.col("impression_time_ms")))
+             .select(*base_cols, "ds", EVENT_TIME))
+    # Gold rows that can matter: up to the end of the last day, no older than the TTL before the first.
+    first_ms, _ = day_bounds(date.fromisoformat(kept_days[0]))
+    _, last_ms = day_bounds(date.fromisoformat(kept_days[-1]))
+    out_cols = list(base_cols)
+    for table in GOLD_TABLES:
+        ttl = view_ttl(table)
+        cols = feature_columns(table)
+        out_cols += cols
+        gold = _delta_or_none(spark, gold_path(settings, table))
+        if gold is None:
+            print(f"training_set: {table.VIEW}: no gold table; its features are null")
+            frame = frame.select("*", *[F.lit(None).cast(spark_schema(table)[n].dataType).alias(c)
+                                        for n, c in zip(table.feature_names(), cols, strict=True)])
+            continue
+        bad = quarantined_days(settings, f"gold/{table.VIEW}")
+        if bad:
+            print(f"training_set: {table.VIEW}: skipping quarantined gold days {', '.join(sorted(bad))}")
+            gold = gold.where(~F.col("ds").isin(sorted(bad)))
+        lo = F.timestamp_millis(F.lit(first_ms)) - F.lit(ttl)
+        gold = gold.where((F.col("event_timestamp") >= lo) & (F.col("event_timestamp") <= F.timestamp_millis(
+            F.lit(last_ms))))
+        print(f"training_set: {table.VIEW}: as-of join on {', '.join(table.ENTITIES)} (ttl {ttl})")
+        frame = as_of_join(frame, gold, table, ttl)
+    return frame.select(*out_cols, "ds")
+
+
+def run(start: date, end: date, settings: Settings | None = None, negative_rate: float = 0.1,
+        seed: int = 7) -> dict:
+    """Build and replace the ``ds`` partitions of the silver days in [start, end]; gate each written day.
+    Returns ``{"rows": n, "positives": n, "days": [ds, ...]}``."""
+    from pyspark.sql import functions as F
+
+    settings = settings or get_settings()
+    spark = spark_session("training_set", settings)
+    frame = build(spark, settings, start, end, negative_rate, seed).cache()
+    try:
+        written = sorted(r["ds"] for r in frame.select("ds").distinct().collect())
+        if not written:
+            print("training_set: nothing to write")
+            return {"rows": 0, "positives": 0, "days": []}
+        path = training_path(settings)
+        in_list = ", ".join(f"'{d}'" for d in written)
+        (frame.write.format("delta").mode("overwrite").partitionBy("ds").option("mergeSchema", "true")
+         .option("replaceWhere", f"ds IN ({in_list})").save(path))
+        counts = {r["ds"]: (r["n"], r["p"]) for r in
+                  frame.groupBy("ds").agg(F.count("*").alias("n"),
+                                          F.sum(F.col("clicked").cast("long")).alias("p")).collect()}
+    finally:
+        frame.unpersist()
+    table = spark.read.format("delta").load(path)
+    checks = [
+        # Label rate after downsampling: positives / (positives + rate * negatives); outside -> a warning.
+        DistributionCheck("clicked", "mean_between", min=0.001, max=0.9),
+        DistributionCheck("sample_rate", "between", min=negative_rate, max=1.0, critical=True),
+        DistributionCheck(feature_columns(GOLD_TABLES[0])[0], "null_share_at_most", max=0.5),
+    ]
+    for ds in written:
+        n, p = counts[ds]
+        print(f"training_set: {ds}: wrote {n:,} rows ({p:,} positives); checking quality")
+        result = guard(table.where(F.col("ds") == F.lit(ds)), TrainingRow, TABLE, ds, settings, checks=checks)
+        for warning in result.warnings:
+            print(f"training_set: {ds}: warning: {warning}")
+    return {"rows": sum(n for n, _ in counts.values()), "positives": sum(p for _, p in counts.values()),
+            "days": written}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m batch_jobs.training_set", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--start", type=date.fromisoformat, required=True, help="first UTC day, YYYY-MM-DD")
+    p.add_argument("--end", type=date.fromisoformat, required=True, help="last UTC day (included), YYYY-MM-DD")
+    p.add_argument("--negative-rate", type=float, default=0.1, help="share of negatives kept (default 0.1)")
+    p.add_argument("--seed", type=int, default=7, help="seed of the downsampling hash (default 7)")
+    a = p.parse_args(argv)
+    if a.end < a.start:
+        p.error("--end is before --start")
+    out = run(a.start, a.end, negative_rate=a.negative_rate, seed=a.seed)
+    print(f"training_set: {out['rows']:,} rows, {out['positives']:,} positives, days {', '.join(out['days'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The online layout and read path against Feast itself on the real Redis: what our writer stores,
+``get_online_features`` returns; what the scorer's read path returns, Feast returns for the same keys."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from feast.infra.key_encoding_utils import serialize_entity_key
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+from feast.protos.feast.types.Value_pb2 import Value
+
+from feature_repo.online import OnlineReader, OnlineWriter, entity_key
+from feature_repo.store import feature_store
+from schemas.features import ALL_TABLES, N_CATEGORIES, RECENT_ADS, FeatureRow
+
+
+def test_entity_key_is_feasts():
+    keys = {"user_id": 123456789012, "category_id": 7}
+    proto = EntityKey(join_keys=list(keys), entity_values=[Value(int64_val=v) for v in keys.values()])
+    assert entity_key(keys, "p") == serialize_entity_key(proto, entity_key_serialization_version=3) + b"p"
+
+
+def random_row(table: type[FeatureRow], keys: dict, rng: random.Random, ts: datetime) -> dict:
+    row: dict = {"event_timestamp": ts, **keys}
+    for name in table.feature_names():
+        annotation = table.model_fields[name].annotation
+        if annotation is int:
+            row[name] = rng.randrange(0, 1000) if not name.endswith("category_id") else rng.randrange(N_CATEGORIES)
+        elif annotation is float:
+            row[name] = rng.random()
+        elif annotation == list[float]:
+            row[name] = [rng.random() for _ in range(N_CATEGORIES)]
+        else:
+            row[name] = [rng.randrange(0, 10**12) for _ in range(rng.randrange(0, RECENT_ADS))]
+    return row
+
+
+def test_read_path_equals_get_online_features(redis_settings, tmp_path):
+    settings = redis_settings.model_copy(update={"var_dir": tmp_path, "feast_project": f"t{uuid.uuid4().hex[:8]}"})
+    store = feature_store(settings, "redis")
+    writer, rng = OnlineWriter(settings), random.Random(3)
+    ts = datetime(2026, 11, 20, 12, tzinfo=UTC)
+    users, ads = [1, 2], list(range(100, 400))  # ads 350.. have no row at all: None everywhere
+    rows: dict = {t: [] for t in ALL_TABLES}
+    for table in ALL_TABLES:
+        if table.ENTITIES == ("user_id",):
+            rows[table] = [random_row(table, {"user_id": u}, rng, ts) for u in users]
+        elif table.ENTITIES == ("user_id", "category_id"):
+            rows[table] = [random_row(table, {"user_id": u, "category_id": c}, rng, ts)
+                           for u in users for c in range(0, N_CATEGORIES, 2)]  # half the crosses are missing
+        elif table.ENTITIES == ("ad_id",):
+            rows[table] = [random_row(table, {"ad_id": a}, rng, ts) for a in ads[:250]]
+        else:
+            rows[table] = [random_row(table, {"advertiser_id": v}, rng, ts) for v in range(0, 1000, 3)]
+    for row in rows[ALL_TABLES[1]]:  # ad_features: advertisers in range, some without advertiser rows
+        row["ad_advertiser_id"] = rng.randrange(0, 1000)
+    for table, batch in rows.items():
+        writer.write(table, batch)
+
+    reader = OnlineReader(settings, refresh_s=0.2).start()
+    try:
+        service = store.get_feature_service("ranker")
+        for user in users:
+            candidates = rng.sample(ads, 200)
+            got = reader.features(user, candidates).to_feast_dict()
+            entity_rows = [{"user_id": user, "ad_id": a, "advertiser_id": v, "category_id": c}
+                           for a, v, c in zip(got["ad_id"], got["advertiser_id"], got["category_id"], strict=True)]
+            want = store.get_online_features(features=service, entity_rows=entity_rows,
+                                             full_feature_names=True).to_dict()
+            assert set(got) == set(want)
+            for name in want:
+                assert got[name] == want[name], name
+        # A change in the store reaches the cached ads within the refresh period (the stated staleness).
+        changed = {**rows[ALL_TABLES[1]][0], "ad_ctr_7d": 0.123456, "event_timestamp": ts + timedelta(hours=1)}
+        writer.write(ALL_TABLES[1], [changed])
+        time.sleep(reader.staleness_s * 3)
+        again = reader.features(users[0], [changed["ad_id"]]).to_feast_dict()
+        assert again["ad_features__ad_ctr_7d"] == [0.123456]
+    finally:
+        reader.close()
