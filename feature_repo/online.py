@@ -31,8 +31,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from infra.settings import Settings
 from schemas.features import BY_VIEW, FeatureRow
 
-STRING, INT64 = 2, 4
-UNKNOWN = -1  # entity id of an advertiser or category that a candidate without features cannot name  # Feast ValueType numbers used in serialized entity keys
+STRING, INT64 = 2, 4  # Feast ValueType numbers used in serialized entity keys
+UNKNOWN = -1  # entity id of an advertiser or category that a candidate without features cannot name
 
 
 def entity_key(keys: dict[str, int], project: str) -> bytes:
@@ -173,7 +173,7 @@ class OnlineReader:
         by_adv = {a: self._decode(vals, self.ADVERTISER_VIEWS)
                   for a, vals in zip(advertisers, pipe.execute(), strict=True)}
         empty = self._decode([None] * sum(len(self._fields[v]) for v in self.ADVERTISER_VIEWS), self.ADVERTISER_VIEWS)
-        for ad, feats in ads.items():
+        for feats in ads.values():
             feats.update(by_adv.get(feats["ad_features__ad_advertiser_id"], empty))
         with self._lock:
             self._ads.update(ads)
