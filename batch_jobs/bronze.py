@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 
 from batch_jobs.days import day_bounds
@@ -134,6 +134,7 @@ class Landed:
     skipped_by_retention: int
     start: dict[int, int]
     end: dict[int, int]
+    days: list[str] = field(default_factory=list)  # arrival days this run added rows to
 
 
 def land(spark, settings: Settings, source: Source, end_ms: int | None) -> Landed:
@@ -153,18 +154,25 @@ def land(spark, settings: Settings, source: Source, end_ms: int | None) -> Lande
            .load())
     rows = decode(raw, source.model).cache()
     counts = rows.agg(F.count("*"), F.count("reject_reason")).first()
+    days = sorted(r[0] for r in rows.select("ds").distinct().collect())
     meta = json.dumps({"job": "bronze", "topic": topic, "start": start, "end": end})
     (rows.write.format("delta").mode("append").partitionBy("ds")
      .option("txnAppId", f"bronze:{source.table}").option("txnVersion", sum(start.values()))
      .option("userMetadata", meta).option("mergeSchema", "true").save(path))
     rows.unpersist()
-    return Landed(source.table, int(counts[0]), int(counts[1]), skipped, start, end)
+    return Landed(source.table, int(counts[0]), int(counts[1]), skipped, start, end, days)
 
 
 def read_bronze(spark, settings: Settings, model: type[Event]):
     """The valid events of ``model``'s bronze table (rejects left out), with ``arrival_ms`` and ``ds``."""
+    from pyspark.sql import functions as F
+
+    from batch_jobs.quality import quarantined_days
+
     source = BY_MODEL[model]
     frame = spark.read.format("delta").load(table_path(settings, source)).where("reject_reason IS NULL")
+    if bad := quarantined_days(settings, f"bronze/{source.table}"):  # kept, marked, not read downstream
+        frame = frame.where(~F.col("ds").isin(sorted(bad)))
     return frame.select(*model.field_names(), "arrival_ms", "kafka_partition", "kafka_offset", "ds")
 
 
@@ -187,8 +195,23 @@ def dead_letters(spark, settings: Settings):
     return out
 
 
-def run(ds: date | None, settings: Settings | None = None, sources: tuple[Source, ...] = SOURCES) -> list[Landed]:
-    """Land every source up to the end of ``ds`` (or now, when ``ds`` is None)."""
+def check_days(spark, settings: Settings, source: Source, days: list[str]) -> None:
+    """Data quality of each arrival day a run added to (the schema's constraints on the valid rows); a
+    critical failure quarantines the day and raises ``QualityError``."""
+    from pyspark.sql import functions as F
+
+    from batch_jobs.quality import guard
+
+    valid = spark.read.format("delta").load(table_path(settings, source)).where("reject_reason IS NULL")
+    for ds in days:
+        result = guard(valid.where(F.col("ds") == ds), source.model, f"bronze/{source.table}", ds, settings)
+        print(f"bronze: quality of {source.table} {ds}: passed, report {result.report_path}", flush=True)
+
+
+def run(ds: date | None, settings: Settings | None = None, sources: tuple[Source, ...] = SOURCES,
+        quality: bool = True) -> list[Landed]:
+    """Land every source up to the end of ``ds`` (or now, when ``ds`` is None); with ``quality``, check
+    every day each source added to (``batch_jobs.quality``)."""
     settings = settings or get_settings()
     spark = spark_session("bronze", settings)
     end_ms = day_bounds(ds)[1] if ds is not None else None
@@ -200,6 +223,8 @@ def run(ds: date | None, settings: Settings | None = None, sources: tuple[Source
         if landed.skipped_by_retention:
             print(f"bronze: WARNING {source.table}: {landed.skipped_by_retention:,} records were deleted by "
                   "retention before they were landed", flush=True)
+        if quality:
+            check_days(spark, settings, source, landed.days)
         out.append(landed)
     return out
 

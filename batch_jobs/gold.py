@@ -19,6 +19,7 @@ from datetime import date
 
 from batch_jobs.bronze import read_bronze
 from batch_jobs.days import day_bounds, day_end
+from batch_jobs.quality import guard
 from infra.settings import Settings, get_settings
 from infra.spark_session import spark_session
 from label_joiner.rules import Rules
@@ -171,8 +172,9 @@ def compute(spark, settings: Settings, ds: date) -> dict[type[FeatureRow], objec
     return {table: frame.select(*table.model_fields) for table, frame in frames.items()}
 
 
-def run(ds: date, settings: Settings | None = None) -> dict[str, int]:
-    """Replace the ``ds`` partition of every gold table; return rows written per view."""
+def run(ds: date, settings: Settings | None = None, quality: bool = True) -> dict[str, int]:
+    """Replace the ``ds`` partition of every gold table; return rows written per view. With ``quality``,
+    each partition is checked (``batch_jobs.quality``) before the next table is built."""
     from pyspark.sql import functions as F
 
     settings = settings or get_settings()
@@ -184,6 +186,10 @@ def run(ds: date, settings: Settings | None = None) -> dict[str, int]:
          .option("replaceWhere", f"ds = '{ds.isoformat()}'").save(gold_path(settings, table)))
         written[table.VIEW] = out.count()
         out.unpersist()
+        if quality:
+            saved = spark.read.format("delta").load(gold_path(settings, table)).where(F.col("ds") == ds.isoformat())
+            result = guard(saved, table, f"gold/{table.VIEW}", ds.isoformat(), settings)
+            print(f"gold: quality of {table.VIEW} {ds}: passed, report {result.report_path}", flush=True)
     return written
 
 

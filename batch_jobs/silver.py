@@ -22,6 +22,7 @@ from datetime import date
 
 from batch_jobs.bronze import read_bronze
 from batch_jobs.days import day_bounds
+from batch_jobs.quality import DistributionCheck, QualityError, guard, is_quarantined
 from infra.settings import Settings, get_settings
 from infra.spark_session import spark_session
 from label_joiner.rules import FIRST_ORDER, Rules
@@ -99,17 +100,32 @@ def silver_path(settings: Settings) -> str:
     return str(settings.lake_dir / "silver" / "labeled_impressions")
 
 
-def run(ds: date, settings: Settings | None = None) -> str:
-    """Compute one day and replace its partition of the Delta table; return the table path."""
+LABEL_CHECKS = (
+    DistributionCheck("clicked", "mean_between", 0.001, 0.3),  # the click rate: a warning, not a block
+    DistributionCheck("conversion_value", "between", 0.0, 100_000.0, critical=True),
+)
+
+
+def run(ds: date, settings: Settings | None = None, quality: bool = True) -> str:
+    """Compute one day and replace its partition of the Delta table; return the table path. Refuses a day
+    whose bronze impressions are quarantined; with ``quality``, checks the partition it wrote."""
     from pyspark.sql import functions as F
 
     settings = settings or get_settings()
+    if is_quarantined(settings, "bronze/impressions", ds.isoformat()):
+        raise QualityError(f"silver: bronze/impressions {ds} is quarantined (see "
+                           f"{settings.lake_dir / '_quarantine' / 'bronze' / 'impressions'}): not built")
     spark = spark_session("silver", settings)
     start_ms, end_ms = day_bounds(ds)
     path = silver_path(settings)
     labels = labeled_impressions(spark, settings, start_ms, end_ms).withColumn("ds", F.lit(ds.isoformat()))
     (labels.write.format("delta").mode("overwrite").partitionBy("ds")
      .option("replaceWhere", f"ds = '{ds.isoformat()}'").save(path))
+    if quality:
+        written = spark.read.format("delta").load(path).where(F.col("ds") == ds.isoformat())
+        result = guard(written, LabeledImpression, "silver/labeled_impressions", ds.isoformat(), settings,
+                       LABEL_CHECKS)
+        print(f"silver: quality {ds}: passed ({len(result.warnings)} warnings), report {result.report_path}")
     return path
 
 
