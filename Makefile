@@ -7,7 +7,9 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HOURS  ?= 3
 
-.PHONY: install system-deps jars up down status topics demo simulate joiner batch-labels delay-curve delay-report test kill-loop lint flink bench-produce bench-joiner bench-restart bench-decode clean
+.PHONY: install system-deps jars up down status topics demo simulate joiner realtime bronze silver batch-labels gold \
+	training-set quality feast-apply materialize delay-curve delay-report test kill-loop lint flink bench-produce \
+	bench-joiner bench-restart bench-decode bench-online bench-materialize clean
 
 install: system-deps $(VENV)/.installed jars
 
@@ -47,9 +49,39 @@ simulate: up
 joiner: up
 	$(VENV)/bin/faust -A label_joiner.app worker -l info --without-web
 
-# The batch twin: matured labels of one UTC day from the raw topics into Delta (DS=YYYY-MM-DD).
-batch-labels: up
+# The always-on real-time feature worker (per user, ad, advertiser; into Redis in Feast's layout).
+realtime: up
+	$(VENV)/bin/faust -A streams.realtime_app worker -l info --without-web
+
+# Scheduled Spark jobs on Delta, one UTC day each (DS=YYYY-MM-DD, default yesterday); infra/schedule.crontab
+# runs them hourly, daily and weekly. Each checks the partitions it writes (data-quality reports).
+DS ?= $(shell date -u -d yesterday +%F)
+bronze: up
+	$(PY) -m batch_jobs.bronze --ds $(DS)
+
+# The batch twin of the label joiner: matured labels of DS from bronze (run after the conversion window).
+silver: up
 	$(PY) -m batch_jobs.silver --ds $(DS)
+batch-labels: silver
+
+gold: up
+	$(PY) -m batch_jobs.gold --ds $(DS)
+
+# Training set with point-in-time features for START..END (default DS..DS), negatives downsampled.
+START ?= $(DS)
+END ?= $(START)
+training-set: up
+	$(PY) -m batch_jobs.training_set --start $(START) --end $(END)
+
+# The data-quality report of one partition (TABLE=gold/user_features DS=...); exit 1 on a critical failure.
+quality: install
+	$(PY) -m batch_jobs.quality --table $(TABLE) --ds $(DS)
+
+# Feast: register the repo's definitions, then load the online store (Redis when up, else SQLite).
+feast-apply: up
+	$(PY) -m feature_repo.cli apply
+materialize: up
+	$(PY) -m feature_repo.cli materialize-incremental $$(date -u +%Y-%m-%dT%H:%M:%S)
 
 # Fit the conversion-delay curve (Kaplan-Meier, open clicks censored) and publish it (JSON + PNG).
 delay-curve: up
@@ -67,7 +99,7 @@ demo: up
 test: up
 	$(PY) -m ruff check .
 	$(PY) -m pytest tests --doctest-modules schemas streams/dead_letter.py streams/state.py infra/settings.py \
-	  label_joiner/join.py label_joiner/rules.py
+	  label_joiner/join.py label_joiner/rules.py batch_jobs/days.py
 
 # kill -9 the label joiner at random moments, ROUNDS times, then check every label exact and no output twice.
 ROUNDS ?= 20
@@ -94,6 +126,15 @@ bench-restart: up
 
 bench-decode: install
 	$(PY) -m bench.decode
+
+# One ranking request (1 user + 500 ads): our read path vs Feast get_online_features vs a raw redis-py pipeline.
+bench-online: up
+	$(PY) -m bench.online_read
+
+# Loading ROWS feature rows into Redis: feast materialize vs our writer vs pipelined HSET of the same bytes.
+ROWS ?= 1000000
+bench-materialize: up
+	$(PY) -m bench.materialize --rows $(ROWS)
 
 clean: down
 	rm -rf var

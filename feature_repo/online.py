@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
 import mmh3
+import numpy as np
 from feast.protos.feast.types.Value_pb2 import DoubleList, Int64List
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -109,87 +110,186 @@ class OnlineWriter:
         return n
 
 
-class RequestFeatures:
-    """The features of one request: the user's (one value each) and the candidates' (one per ad)."""
+AD_VIEWS = ("ad_features", "ad_realtime")
+ADVERTISER_VIEWS = ("advertiser_features", "advertiser_realtime")
+USER_VIEWS = ("user_features", "user_realtime")
+CROSS_VIEW = "user_category_features"
 
-    def __init__(self, user_id: int, ad_ids: Sequence[int], columns: dict[str, list]):
-        self.user_id, self.ad_ids, self.columns = user_id, list(ad_ids), columns
+
+def view_fields(views: Sequence[str]) -> list[tuple[str, bytes, type]]:
+    """(``view__feature``, hash field, Python type) of every feature of ``views``, in order."""
+    return [(f"{v}__{n}", field_key(v, n), BY_VIEW[v].model_fields[n].annotation)
+            for v in views for n in BY_VIEW[v].feature_names()]
+
+
+class AdTable:
+    """Ad-side features of known ads as columns: ``values[name]`` (int64 or float64) and ``present[name]``
+    (False where the store had no value), rows sorted by ``ad_ids``. Immutable: a refresh builds a new one."""
+
+    def __init__(self, ad_ids, values: dict[str, np.ndarray], present: dict[str, np.ndarray]):
+        ids = np.asarray(ad_ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        if not np.array_equal(order, np.arange(len(ids))):
+            ids = ids[order]
+            values = {n: v[order] for n, v in values.items()}
+            present = {n: p[order] for n, p in present.items()}
+        self.ad_ids, self.values, self.present = ids, values, present
+
+    def rows(self, ad_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(row of each ad, whether the table has it)."""
+        wanted = np.asarray(ad_ids, dtype=np.int64)
+        rows = np.minimum(np.searchsorted(self.ad_ids, wanted), max(len(self.ad_ids) - 1, 0))
+        found = self.ad_ids[rows] == wanted if len(self.ad_ids) else np.zeros(len(wanted), bool)
+        return rows, found
+
+    @classmethod
+    def load(cls, client, project: str, ad_ids: list[int], chunk: int = 2048) -> AdTable:
+        """Read ``ad_ids``' ad and advertiser hashes (pipelines of ``chunk`` keys) and decode them."""
+        ad_fields, adv_fields = view_fields(AD_VIEWS), view_fields(ADVERTISER_VIEWS)
+        rows: list[list] = []
+        for i in range(0, len(ad_ids), chunk):
+            pipe = client.pipeline(transaction=False)
+            for ad in ad_ids[i:i + chunk]:
+                pipe.hmget(entity_key({"ad_id": ad}, project), [k for _, k, _ in ad_fields])
+            rows += [[from_value(x) for x in reply] for reply in pipe.execute()]
+        adv_pos = [n for n, _, _ in ad_fields].index("ad_features__ad_advertiser_id")
+        advertisers = sorted({r[adv_pos] for r in rows} - {None})
+        by_adv: dict[int, list] = {}
+        for i in range(0, len(advertisers), chunk):
+            pipe = client.pipeline(transaction=False)
+            for adv in advertisers[i:i + chunk]:
+                pipe.hmget(entity_key({"advertiser_id": adv}, project), [k for _, k, _ in adv_fields])
+            for adv, reply in zip(advertisers[i:i + chunk], pipe.execute(), strict=True):
+                by_adv[adv] = [from_value(x) for x in reply]
+        none = [None] * len(adv_fields)
+        full = [r + by_adv.get(r[adv_pos], none) for r in rows]
+        values, present = {}, {}
+        for j, (name, _, kind) in enumerate(ad_fields + adv_fields):
+            column = [r[j] for r in full]
+            present[name] = np.array([v is not None for v in column], dtype=bool)
+            dtype = np.int64 if kind is int else np.float64
+            values[name] = np.array([0 if v is None else v for v in column], dtype=dtype)
+        return cls(list(ad_ids), values, present)
+
+    def merged(self, other: AdTable) -> AdTable:
+        """This table with ``other``'s ads added (or replaced)."""
+        keep = ~np.isin(self.ad_ids, other.ad_ids)
+        ids = np.concatenate([self.ad_ids[keep], other.ad_ids])
+        values = {n: np.concatenate([v[keep], other.values[n]]) for n, v in self.values.items()}
+        present = {n: np.concatenate([v[keep], other.present[n]]) for n, v in self.present.items()}
+        return AdTable(ids, values, present)
+
+
+def _refresher(settings: Settings, conn) -> None:
+    """The refresh process: reads the ad ids it is sent, answers with a freshly loaded table's arrays."""
+    import redis
+
+    r = settings.redis
+    client = redis.Redis(host=r.host, port=r.port, password=r.password)
+    while True:
+        ad_ids = conn.recv()
+        if ad_ids is None:
+            return
+        table = AdTable.load(client, settings.feast_project, ad_ids)
+        conn.send((table.ad_ids, table.values, table.present))  # numpy arrays: cheap to receive
+
+
+class RequestFeatures:
+    """The features of one request: the user's (one value each) and the candidates' (one row per ad).
+
+    ``ad_values``/``ad_present``: arrays, row i = candidate i; ``user``: the user's values by name;
+    ``cross_values``: per cross feature, one value per candidate (by the candidate's category)."""
+
+    def __init__(self, user_id: int, ad_ids: Sequence[int], ad_values: dict, ad_present: dict, user: dict,
+                 cross: dict[str, list]):
+        self.user_id, self.ad_ids = user_id, list(ad_ids)
+        self.ad_values, self.ad_present, self.user, self.cross = ad_values, ad_present, user, cross
 
     def to_feast_dict(self) -> dict[str, list]:
         """The shape of ``get_online_features(..., full_feature_names=True).to_dict()`` for the rows
-        ``{user_id, ad_id, advertiser_id, category_id}`` of each candidate."""
-        return self.columns
+        ``{user_id, ad_id, advertiser_id, category_id}`` of each candidate (-1: unknown advertiser or
+        category, for an ad without a row)."""
+        n = len(self.ad_ids)
+
+        def known(name: str) -> list:
+            return [v if ok else UNKNOWN for v, ok in zip(self.ad_values[name].tolist(),
+                                                          self.ad_present[name].tolist(), strict=True)]
+
+        out: dict[str, list] = {"user_id": [self.user_id] * n, "ad_id": list(self.ad_ids),
+                                "advertiser_id": known("ad_features__ad_advertiser_id"),
+                                "category_id": known("ad_features__ad_category_id")}
+        for name, value in self.user.items():
+            out[name] = [value] * n
+        for name, values in self.ad_values.items():
+            out[name] = [v if ok else None for v, ok in zip(values.tolist(), self.ad_present[name].tolist(),
+                                                             strict=True)]
+        out.update(self.cross)
+        return out
 
 
 class OnlineReader:
-    """The scorer's read path (see the module docstring). ``refresh_s`` bounds the ad-side staleness."""
+    """The scorer's read path (see the module docstring). ``refresh_s`` bounds the ad-side staleness.
 
-    AD_VIEWS = ("ad_features", "ad_realtime")
-    ADVERTISER_VIEWS = ("advertiser_features", "advertiser_realtime")
-    USER_VIEWS = ("user_features", "user_realtime")
-    CROSS_VIEW = "user_category_features"
+    The ad table is reloaded by a separate process (so decoding it never holds this process's GIL while a
+    request waits) and swapped in whole; an ad seen for the first time is read during its request."""
 
     def __init__(self, settings: Settings, refresh_s: float = 2.0):
         import redis
 
         r = settings.redis
+        self.settings = settings
         self.client = redis.Redis(host=r.host, port=r.port, password=r.password)
         self.project, self.refresh_s = settings.feast_project, refresh_s
-        self._fields = {v: [(n, field_key(v, n)) for n in BY_VIEW[v].feature_names()] for v in BY_VIEW}
-        self._ads: dict[int, dict[str, object]] = {}  # ad id -> every ad and advertiser feature, decoded
-        self._lock = threading.Lock()
+        self._user_fields = view_fields(USER_VIEWS)
+        self._cross_fields = view_fields((CROSS_VIEW,))
+        self.table = AdTable.load(self.client, self.project, [])
+        self._lock = threading.Lock()  # serializes swaps (a request reads ``self.table`` once)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._process = None
         self.refreshed_at = 0.0
+        self.refreshes = 0  # reloads completed by the background refresh
 
     @property
     def staleness_s(self) -> float:
-        """How old an ad-side value may be relative to the store (the refresh period)."""
+        """How old an ad-side value may be relative to the store: the refresh period plus one reload."""
         return self.refresh_s
 
-    def _hmget(self, pipe, key: bytes, views: Sequence[str]) -> None:
-        pipe.hmget(key, [k for v in views for _, k in self._fields[v]])
-
-    def _decode(self, values: list, views: Sequence[str]) -> dict[str, object]:
-        out, i = {}, 0
-        for v in views:
-            for name, _ in self._fields[v]:
-                out[f"{v}__{name}"] = from_value(values[i])
-                i += 1
-        return out
-
-    def _load_ads(self, ad_ids: Sequence[int]) -> None:
-        """Read and decode the ad-side features of ``ad_ids`` (two pipelines: ads, then their advertisers)."""
-        if not ad_ids:
-            return
-        pipe = self.client.pipeline(transaction=False)
-        for ad in ad_ids:
-            self._hmget(pipe, entity_key({"ad_id": ad}, self.project), self.AD_VIEWS)
-        ads = {ad: self._decode(vals, self.AD_VIEWS) for ad, vals in zip(ad_ids, pipe.execute(), strict=True)}
-        advertisers = sorted({a["ad_features__ad_advertiser_id"] for a in ads.values()} - {None})
-        pipe = self.client.pipeline(transaction=False)
-        for adv in advertisers:
-            self._hmget(pipe, entity_key({"advertiser_id": adv}, self.project), self.ADVERTISER_VIEWS)
-        by_adv = {a: self._decode(vals, self.ADVERTISER_VIEWS)
-                  for a, vals in zip(advertisers, pipe.execute(), strict=True)}
-        empty = self._decode([None] * sum(len(self._fields[v]) for v in self.ADVERTISER_VIEWS), self.ADVERTISER_VIEWS)
-        for feats in ads.values():
-            feats.update(by_adv.get(feats["ad_features__ad_advertiser_id"], empty))
+    def _add(self, table: AdTable) -> None:
         with self._lock:
-            self._ads.update(ads)
+            self.table = self.table.merged(table)
 
-    def refresh(self, chunk: int = 512) -> None:
-        """Re-read every cached ad, a chunk at a time."""
-        known = list(self._ads)
-        for i in range(0, len(known), chunk):
-            self._load_ads(known[i:i + chunk])
+    def refresh(self) -> None:
+        """Reload every known ad in this process (the background refresh uses a child process)."""
+        self._add(AdTable.load(self.client, self.project, self.table.ad_ids.tolist()))
         self.refreshed_at = time.monotonic()
 
     def start(self) -> OnlineReader:
-        """Refresh the ad cache in the background every ``refresh_s``."""
+        """Reload the ad table every ``refresh_s`` in a child process."""
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        here, there = ctx.Pipe()
+        self._process = ctx.Process(target=_refresher, args=(self.settings, there), daemon=True,
+                                    name="online-reader-refresh")
+        self._process.start()
+
         def loop() -> None:
             while not self._stop.wait(self.refresh_s):
-                self.refresh()
+                here.send(self.table.ad_ids.tolist())
+                ids, values, present = here.recv()  # waits without the GIL while the child works
+                fresh = AdTable(ids, values, present)
+                with self._lock:  # ads first seen during the reload stay (they were just read)
+                    current = self.table
+                    added = ~np.isin(current.ad_ids, fresh.ad_ids)
+                    if added.any():
+                        extra = AdTable(current.ad_ids[added], {n: v[added] for n, v in current.values.items()},
+                                        {n: p[added] for n, p in current.present.items()})
+                        fresh = fresh.merged(extra)
+                    self.table = fresh
+                self.refreshed_at = time.monotonic()
+                self.refreshes += 1
+            here.send(None)
 
         self._thread = threading.Thread(target=loop, name="online-reader-refresh", daemon=True)
         self._thread.start()
@@ -199,37 +299,35 @@ class OnlineReader:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self._process is not None:
+            self._process.join(timeout=10)
 
     def features(self, user_id: int, ad_ids: Sequence[int]) -> RequestFeatures:
         """Every feature of the ranker's service for ``user_id`` and each candidate in ``ad_ids``."""
-        missing = [a for a in dict.fromkeys(ad_ids) if a not in self._ads]
-        if missing:  # a new candidate: read it now, then keep it fresh with the others
-            self._load_ads(missing)
-        with self._lock:
-            ads = [self._ads[a] for a in ad_ids]
-        categories = sorted({a["ad_features__ad_category_id"] for a in ads} - {None})
+        table = self.table
+        rows, found = table.rows(ad_ids)
+        if not found.all():  # a new candidate: read it now, then keep it fresh with the others
+            missing = list(dict.fromkeys(np.asarray(ad_ids)[~found].tolist()))
+            self._add(AdTable.load(self.client, self.project, missing))
+            table = self.table
+            rows, _ = table.rows(ad_ids)
+        values = {n: v[rows] for n, v in table.values.items()}
+        present = {n: p[rows] for n, p in table.present.items()}
+        cats = values["ad_features__ad_category_id"]
+        has_cat = present["ad_features__ad_category_id"]
+        categories = sorted(set(cats[has_cat].tolist()))
         pipe = self.client.pipeline(transaction=False)
-        self._hmget(pipe, entity_key({"user_id": user_id}, self.project), self.USER_VIEWS)
+        pipe.hmget(entity_key({"user_id": user_id}, self.project), [k for _, k, _ in self._user_fields])
         for c in categories:
-            self._hmget(pipe, entity_key({"user_id": user_id, "category_id": c}, self.project), (self.CROSS_VIEW,))
+            pipe.hmget(entity_key({"user_id": user_id, "category_id": c}, self.project),
+                       [k for _, k, _ in self._cross_fields])
         replies = pipe.execute()
-        user = self._decode(replies[0], self.USER_VIEWS)
-        cross = {c: self._decode(vals, (self.CROSS_VIEW,)) for c, vals in zip(categories, replies[1:], strict=True)}
-        no_cross = self._decode([None] * len(self._fields[self.CROSS_VIEW]), (self.CROSS_VIEW,))
-        n = len(ad_ids)
-        columns: dict[str, list] = {
-            "user_id": [user_id] * n, "ad_id": list(ad_ids),
-            # -1: the ad has no row, so its advertiser and category are unknown (Feast cannot look up None).
-            "advertiser_id": [UNKNOWN if a["ad_features__ad_advertiser_id"] is None
-                              else a["ad_features__ad_advertiser_id"] for a in ads],
-            "category_id": [UNKNOWN if a["ad_features__ad_category_id"] is None
-                            else a["ad_features__ad_category_id"] for a in ads],
-        }
-        for name, value in user.items():
-            columns[name] = [value] * n
-        for name in ads[0] if ads else ():
-            columns[name] = [a[name] for a in ads]
-        crosses = [cross.get(a["ad_features__ad_category_id"], no_cross) for a in ads]
-        for name in no_cross:
-            columns[name] = [c[name] for c in crosses]
-        return RequestFeatures(user_id, ad_ids, columns)
+        user = {n: from_value(x) for (n, _, _), x in zip(self._user_fields, replies[0], strict=True)}
+        slot = {c: i for i, c in enumerate(categories)}
+        pos = np.array([slot[c] if ok else len(categories) for c, ok in zip(cats.tolist(), has_cat.tolist(),
+                                                                            strict=True)], dtype=np.int64)
+        cross = {}
+        for j, (name, _, _) in enumerate(self._cross_fields):
+            by_slot = np.array([from_value(r[j]) for r in replies[1:]] + [None], dtype=object)
+            cross[name] = by_slot[pos].tolist()
+        return RequestFeatures(user_id, ad_ids, values, present, user, cross)

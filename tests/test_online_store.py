@@ -76,7 +76,10 @@ def test_read_path_equals_get_online_features(redis_settings, tmp_path):
         # A change in the store reaches the cached ads within the refresh period (the stated staleness).
         changed = {**rows[ALL_TABLES[1]][0], "ad_ctr_7d": 0.123456, "event_timestamp": ts + timedelta(hours=1)}
         writer.write(ALL_TABLES[1], [changed])
-        time.sleep(reader.staleness_s * 3)
+        seen = reader.refreshes
+        deadline = time.monotonic() + 30
+        while reader.refreshes < seen + 2 and time.monotonic() < deadline:  # a reload begun after the write
+            time.sleep(0.05)
         again = reader.features(users[0], [changed["ad_id"]]).to_feast_dict()
         assert again["ad_features__ad_ctr_7d"] == [0.123456]
     finally:

@@ -186,6 +186,9 @@ def test_downsampling_is_deterministic_and_reruns_replace(lake):
     assert 0.07 * 3800 < len(negatives) < 0.13 * 3800, len(negatives)
     assert out["rows"] == len(first)
     assert quality.quarantined_days(settings, training_set.TABLE) == set()
+    # The label-rate check ran (200 / 616 is within its range); only coverage warns (no gold on that day).
+    warned = out["warnings"][SAMPLE_DAY.isoformat()]
+    assert warned and all("proportion_of_non_null" in w for w in warned), warned
 
     again = training_set.run(SAMPLE_DAY, SAMPLE_DAY, settings, negative_rate=0.1, seed=7)
     second = by_id(spark.read.format("delta").load(training_set.training_path(settings))
