@@ -102,8 +102,9 @@ def as_of_join(frame, gold, table: type[FeatureRow], ttl: timedelta):
     ts, ds = f"__{table.VIEW}_ts", f"__{table.VIEW}_ds"
     keys = {k: f"__{table.VIEW}_{k}" for k in table.ENTITIES}
     named = zip(table.feature_names(), feature_columns(table), strict=True)
-    right = gold.select(*[F.col(k).alias(v) for k, v in keys.items()], F.col("event_timestamp").alias(ts),
-                        F.col("ds").alias(ds), *[F.col(n).alias(c) for n, c in named])
+    right = gold.select(*[F.col(k).alias(v) for k, v in keys.items()],
+                        F.col("event_timestamp").alias(ts), F.col("ds").alias(ds),
+                        *[F.col(n).alias(c) for n, c in named])
     t = F.col(EVENT_TIME)
     cond = [F.col(k) == F.col(v) for k, v in keys.items()]
     cond += [F.col(ts) <= t, F.col(ts) >= t - F.lit(ttl)]
