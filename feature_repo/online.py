@@ -180,17 +180,48 @@ class AdTable:
         return AdTable(ids, values, present)
 
 
+def _stamps(client, project: str, keys: list[bytes], views: Sequence[str], chunk: int = 4096) -> list[tuple]:
+    """The ``_ts:<view>`` fields of each key: what changes whenever a row is written."""
+    fields = [f"_ts:{v}".encode() for v in views]
+    out: list[tuple] = []
+    for i in range(0, len(keys), chunk):
+        pipe = client.pipeline(transaction=False)
+        for key in keys[i:i + chunk]:
+            pipe.hmget(key, fields)
+        out += [tuple(reply) for reply in pipe.execute()]
+    return out
+
+
 def _refresher(settings: Settings, conn) -> None:
-    """The refresh process: reads the ad ids it is sent, answers with a freshly loaded table's arrays."""
+    """The refresh process. Sent the known ad ids, it reads only the rows' timestamps, reloads the ads whose
+    row (or whose advertiser's row) was written since it last looked, and answers with those rows only."""
     import redis
 
     r = settings.redis
     client = redis.Redis(host=r.host, port=r.port, password=r.password)
+    project = settings.feast_project
+    seen_ads: dict[int, tuple] = {}
+    seen_advs: dict[int, tuple] = {}
+    advertiser_of: dict[int, int] = {}
+    adv_name = "ad_features__ad_advertiser_id"
     while True:
         ad_ids = conn.recv()
         if ad_ids is None:
             return
-        table = AdTable.load(client, settings.feast_project, ad_ids)
+        stamps = _stamps(client, project, [entity_key({"ad_id": a}, project) for a in ad_ids], AD_VIEWS)
+        changed = {a for a, s in zip(ad_ids, stamps, strict=True) if seen_ads.get(a) != s}
+        advs = sorted(set(advertiser_of.values()))
+        adv_stamps = _stamps(client, project, [entity_key({"advertiser_id": v}, project) for v in advs],
+                             ADVERTISER_VIEWS)
+        moved = {v for v, s in zip(advs, adv_stamps, strict=True) if seen_advs.get(v) != s}
+        changed |= {a for a in ad_ids if advertiser_of.get(a) in moved}
+        seen_ads.update(zip(ad_ids, stamps, strict=True))
+        seen_advs.update(zip(advs, adv_stamps, strict=True))
+        table = AdTable.load(client, project, sorted(changed))
+        for a, v, ok in zip(table.ad_ids.tolist(), table.values[adv_name].tolist(), table.present[adv_name].tolist(),
+                            strict=True):
+            if ok:
+                advertiser_of[a] = v
         conn.send((table.ad_ids, table.values, table.present))  # numpy arrays: cheap to receive
 
 
@@ -252,7 +283,8 @@ class OnlineReader:
 
     @property
     def staleness_s(self) -> float:
-        """How old an ad-side value may be relative to the store: the refresh period plus one reload."""
+        """How old an ad-side value may be relative to the store: the refresh period (plus one reload of the
+        changed ads, milliseconds)."""
         return self.refresh_s
 
     def _add(self, table: AdTable) -> None:
@@ -278,15 +310,8 @@ class OnlineReader:
             while not self._stop.wait(self.refresh_s):
                 here.send(self.table.ad_ids.tolist())
                 ids, values, present = here.recv()  # waits without the GIL while the child works
-                fresh = AdTable(ids, values, present)
-                with self._lock:  # ads first seen during the reload stay (they were just read)
-                    current = self.table
-                    added = ~np.isin(current.ad_ids, fresh.ad_ids)
-                    if added.any():
-                        extra = AdTable(current.ad_ids[added], {n: v[added] for n, v in current.values.items()},
-                                        {n: p[added] for n, p in current.present.items()})
-                        fresh = fresh.merged(extra)
-                    self.table = fresh
+                if len(ids):
+                    self._add(AdTable(ids, values, present))  # only the ads whose rows were written
                 self.refreshed_at = time.monotonic()
                 self.refreshes += 1
             here.send(None)

@@ -84,3 +84,25 @@ def test_read_path_equals_get_online_features(redis_settings, tmp_path):
         assert again["ad_features__ad_ctr_7d"] == [0.123456]
     finally:
         reader.close()
+
+
+def test_bulk_loader_writes_what_feast_reads(redis_settings, tmp_path):
+    import pandas as pd
+
+    from feature_repo.bulk import bulk_write
+    from schemas.features import AdFeatures, UserRealtime
+
+    settings = redis_settings.model_copy(update={"var_dir": tmp_path, "feast_project": f"t{uuid.uuid4().hex[:8]}"})
+    store = feature_store(settings, "redis")
+    rng = random.Random(9)
+    ts = datetime(2026, 11, 20, 12, tzinfo=UTC)
+    for table, key in ((AdFeatures, "ad_id"), (UserRealtime, "user_id")):
+        rows = [random_row(table, {key: i * 7919}, rng, ts) for i in range(300)]
+        rows[0] = {**rows[0], **{n: -5 for n in table.feature_names() if table.model_fields[n].annotation is int}}
+        rows[1] = {**rows[1], **{n: 3 * 10**12 for n in table.feature_names()
+                                 if table.model_fields[n].annotation is int}}
+        assert bulk_write(settings, table, pd.DataFrame(rows), processes=1) == len(rows)
+        got = store.get_online_features(features=[f"{table.VIEW}:{n}" for n in table.feature_names()],
+                                        entity_rows=[{key: r[key]} for r in rows]).to_dict()
+        for name in table.feature_names():
+            assert got[name] == [r[name] for r in rows], name
