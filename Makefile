@@ -9,7 +9,7 @@ HOURS  ?= 3
 
 .PHONY: install system-deps jars up down status topics demo simulate joiner realtime bronze silver batch-labels gold \
 	training-set quality feast-apply materialize delay-curve delay-report test kill-loop lint flink bench-produce \
-	bench-joiner bench-restart bench-decode bench-online bench-materialize clean
+	bench-joiner bench-restart bench-decode bench-online bench-materialize bench-freshness clean
 
 install: system-deps $(VENV)/.installed jars
 
@@ -135,6 +135,10 @@ bench-online: up
 ROWS ?= 1000000
 bench-materialize: up
 	$(PY) -m bench.materialize --rows $(ROWS)
+
+# Real-time features: event time -> readable in Redis, p50/p99 at a live rate.
+bench-freshness: up
+	$(PY) -m bench.realtime_freshness --rate 200 --seconds 30
 
 clean: down
 	rm -rf var

@@ -73,7 +73,7 @@ def batch_side(settings, start: datetime, end: datetime) -> dict[str, str]:
     lake = settings.lake_dir
     return {"bronze tables": f"{lake}/bronze/<topic>", "silver labels": silver.silver_path(settings),
             "gold features": f"{lake}/gold/<view>", "training set": f"{lake}/training/training_set",
-            "data-quality reports": f"{settings.var_dir}/quality/uncommitted/data_docs/local_site/index.html",
+            "data-quality reports": f"{settings.var_dir}/quality/gx/uncommitted/data_docs/local_site/index.html",
             "quarantine markers": f"{lake}/_quarantine", "feast registry": f"{settings.var_dir}/feast/",
             "online store": f"Redis {settings.redis.host}:{settings.redis.port}, project {settings.feast_project}"}
 
