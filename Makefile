@@ -8,7 +8,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HOURS  ?= 3
 
 .PHONY: install system-deps jars up down status topics demo simulate joiner realtime bronze silver batch-labels gold \
-	training-set quality feast-apply materialize delay-curve delay-report test kill-loop lint flink bench-produce \
+	realtime-log training-set quality feast-apply materialize delay-curve delay-report test kill-loop lint flink bench-produce \
 	bench-joiner bench-restart bench-decode bench-online bench-materialize bench-freshness clean
 
 install: system-deps $(VENV)/.installed jars
@@ -66,6 +66,10 @@ batch-labels: silver
 
 gold: up
 	$(PY) -m batch_jobs.gold --ds $(DS)
+
+# The real-time feature rows (the realtime_features topic) into lake/realtime/<view>, exactly once.
+realtime-log: up
+	$(PY) -m batch_jobs.realtime_log --ds $(DS)
 
 # Training set with point-in-time features for START..END (default DS..DS), negatives downsampled.
 START ?= $(DS)

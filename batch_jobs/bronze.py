@@ -68,7 +68,10 @@ def landed_offsets(spark, path: str) -> dict[int, int]:
     """Per partition, the next offset to read: one past the largest offset already in the table."""
     if not _table_exists(spark, path):
         return {}
-    rows = spark.read.format("delta").load(path).groupBy("kafka_partition").max("kafka_offset").collect()
+    frame = spark.read.format("delta").load(path)
+    if "kafka_partition" not in frame.columns:  # created empty (feature_repo.store.ensure_offline_tables)
+        return {}
+    rows = frame.groupBy("kafka_partition").max("kafka_offset").collect()
     return {int(r[0]): int(r[1]) + 1 for r in rows}
 
 

@@ -17,9 +17,10 @@ Downsampling is deterministic: a negative is kept when a hash of its ``impressio
 under ``negative_rate``, so a re-run keeps the same rows. ``sample_rate`` is 1.0 for positives and
 ``negative_rate`` for kept negatives; calibration undoes it with ``p / (p + (1 - p) / sample_rate)``.
 
-The real-time views (``schemas.features.REALTIME_TABLES``) are NOT joined here: their offline log (the
-``<lake>/realtime/<view>`` tables a push source would read) is not built yet, so a model trained on this set
-sees only the batch features.
+The real-time views (``schemas.features.REALTIME_TABLES``) are joined the same way from their offline log
+(``<lake>/realtime/<view>``, landed by ``batch_jobs.realtime_log``), with one difference: only rows stamped
+strictly before the impression count. A real-time row stamped at the impression's own time already counts
+that impression (the worker wrote it after the ad was shown), which serving could not have seen.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from batch_jobs.quality import DistributionCheck, guard, quarantined_days
 from batch_jobs.silver import silver_path
 from infra.settings import Settings, get_settings
 from infra.spark_session import spark_session
-from schemas.features import GOLD_TABLES, FeatureRow, TrainingRow
+from schemas.features import GOLD_TABLES, REALTIME_TABLES, FeatureRow, TrainingRow
 
 SILVER_TABLE = "silver/labeled_impressions"
 TABLE = "training/training_set"
@@ -93,24 +94,36 @@ def silver_days(spark, settings: Settings, start: date, end: date) -> list[str]:
     return sorted(present - bad)
 
 
+def source_path(settings: Settings, table: type[FeatureRow]) -> str:
+    """Where a view's offline rows are: gold tables, or the real-time log."""
+    from batch_jobs.realtime_log import realtime_path
+
+    return realtime_path(settings, table) if table.REALTIME else gold_path(settings, table)
+
+
 def as_of_join(frame, gold, table: type[FeatureRow], ttl: timedelta):
     """``frame`` (one row per impression_id, with ``EVENT_TIME``) plus ``table``'s features as of that time:
-    the gold row of the same keys with the latest ``event_timestamp`` in [time - ttl, time], else nulls."""
+    the row of the same keys with the latest ``event_timestamp`` in [time - ttl, time] (real-time views:
+    strictly before the time), else nulls."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     ts, ds = f"__{table.VIEW}_ts", f"__{table.VIEW}_ds"
     keys = {k: f"__{table.VIEW}_{k}" for k in table.ENTITIES}
     named = zip(table.feature_names(), feature_columns(table), strict=True)
+    offset = f"__{table.VIEW}_offset"
+    log_order = F.col("kafka_offset") if "kafka_offset" in gold.columns else F.lit(0).cast("long")
     right = gold.select(*[F.col(k).alias(v) for k, v in keys.items()],
-                        F.col("event_timestamp").alias(ts), F.col("ds").alias(ds),
+                        F.col("event_timestamp").alias(ts), F.col("ds").alias(ds), log_order.alias(offset),
                         *[F.col(n).alias(c) for n, c in named])
     t = F.col(EVENT_TIME)
     cond = [F.col(k) == F.col(v) for k, v in keys.items()]
-    cond += [F.col(ts) <= t, F.col(ts) >= t - F.lit(ttl)]
-    latest = Window.partitionBy("impression_id").orderBy(F.col(ts).desc_nulls_last(), F.col(ds).desc_nulls_last())
+    cond += [F.col(ts) < t if table.REALTIME else F.col(ts) <= t, F.col(ts) >= t - F.lit(ttl)]
+    # Ties on the timestamp: the later ds, then (real-time rows) the later record of the log.
+    latest = Window.partitionBy("impression_id").orderBy(F.col(ts).desc_nulls_last(), F.col(ds).desc_nulls_last(),
+                                                         F.col(offset).desc_nulls_last())
     joined = frame.join(right, on=cond, how="left").withColumn("__rank", F.row_number().over(latest))
-    return joined.where(F.col("__rank") == 1).drop("__rank", ts, ds, *keys.values())
+    return joined.where(F.col("__rank") == 1).drop("__rank", ts, ds, offset, *keys.values())
 
 
 def build(spark, settings: Settings, start: date, end: date, negative_rate: float = 0.1, seed: int = 7):
@@ -128,7 +141,7 @@ def build(spark, settings: Settings, start: date, end: date, negative_rate: floa
         from pyspark.sql import types as T
 
         schema = spark_schema(TrainingRow)
-        for table in GOLD_TABLES:
+        for table in GOLD_TABLES + REALTIME_TABLES:
             for name, col in zip(table.feature_names(), feature_columns(table), strict=True):
                 schema = schema.add(col, spark_schema(table)[name].dataType, True)
         return spark.createDataFrame([], schema.add("ds", T.StringType()))
@@ -142,13 +155,13 @@ def build(spark, settings: Settings, start: date, end: date, negative_rate: floa
     first_ms, _ = day_bounds(date.fromisoformat(kept_days[0]))
     _, last_ms = day_bounds(date.fromisoformat(kept_days[-1]))
     out_cols = list(base_cols)
-    for table in GOLD_TABLES:
+    for table in GOLD_TABLES + REALTIME_TABLES:
         ttl = view_ttl(table)
         cols = feature_columns(table)
         out_cols += cols
-        gold = _delta_or_none(spark, gold_path(settings, table))
+        gold = _delta_or_none(spark, source_path(settings, table))
         if gold is None:
-            print(f"training_set: {table.VIEW}: no gold table; its features are null")
+            print(f"training_set: {table.VIEW}: no offline rows at {source_path(settings, table)}; features null")
             frame = frame.select("*", *[F.lit(None).cast(spark_schema(table)[n].dataType).alias(c)
                                         for n, c in zip(table.feature_names(), cols, strict=True)])
             continue

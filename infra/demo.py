@@ -57,12 +57,13 @@ def wait_until_still(settings, group: str, topics: list[str], timeout_s: float =
 
 def batch_side(settings, start: datetime, end: datetime) -> dict[str, str]:
     """bronze -> silver -> gold (with quality) -> feast apply + materialize -> training set."""
-    from batch_jobs import bronze, gold, silver, training_set
+    from batch_jobs import bronze, gold, realtime_log, silver, training_set
     from batch_jobs.days import days
     from feature_repo.cli import feast
 
     first, last = start.date(), end.date()
     bronze.run(None, settings)
+    realtime_log.run(None, settings)  # the real-time rows, for point-in-time joins
     for ds in days(first, last):
         silver.run(ds, settings)
         print(f"demo: gold {ds}: {gold.run(ds, settings)}", flush=True)
@@ -72,7 +73,8 @@ def batch_side(settings, start: datetime, end: datetime) -> dict[str, str]:
     print(f"demo: training set {training_set.run(first, last, settings)}", flush=True)
     lake = settings.lake_dir
     return {"bronze tables": f"{lake}/bronze/<topic>", "silver labels": silver.silver_path(settings),
-            "gold features": f"{lake}/gold/<view>", "training set": f"{lake}/training/training_set",
+            "gold features": f"{lake}/gold/<view>",
+            "real-time feature log": f"{lake}/realtime/<view>", "training set": f"{lake}/training/training_set",
             "data-quality reports": f"{settings.var_dir}/quality/gx/uncommitted/data_docs/local_site/index.html",
             "quarantine markers": f"{lake}/_quarantine", "feast registry": f"{settings.var_dir}/feast/",
             "online store": f"Redis {settings.redis.host}:{settings.redis.port}, project {settings.feast_project}"}

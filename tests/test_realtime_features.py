@@ -12,6 +12,7 @@ import orjson
 import pandas as pd
 from aiokafka.structs import ConsumerRecord
 
+from batch_jobs import realtime_log
 from feature_repo.store import feature_store
 from infra.settings import Settings
 from infra.topics import group_lag, read_topic
@@ -133,3 +134,10 @@ def test_worker_features_equal_an_independent_count(fresh_topics, tmp_path):
         cut = seen[-1]
         firm = mine[mine["event_time_ms"] > cut]  # ties at the cut may keep either ad
         assert Counter(a for a, s in zip(ads, seen, strict=True) if s > cut) == Counter(firm["ad_id"].tolist())
+
+    # The offline log: every row the worker wrote lands once in its view's Delta table; a re-run adds nothing.
+    landed = realtime_log.run(None, settings)
+    logged = read_topic(settings, settings.topics.realtime_features)
+    per_view = Counter(dict(r.headers)["view"].decode() for r in logged)
+    assert landed == {view: per_view[view] for view in landed} and sum(landed.values()) > 0
+    assert realtime_log.run(None, settings) == {view: 0 for view in landed}

@@ -13,11 +13,12 @@ import pytest
 
 from batch_jobs import quality, training_set
 from batch_jobs.gold import gold_path
+from batch_jobs.realtime_log import realtime_path
 from batch_jobs.silver import silver_path
 from infra.settings import get_settings
 from infra.spark_session import spark_session
 from schemas.events import LabeledImpression
-from schemas.features import GOLD_TABLES, N_CATEGORIES, FeatureRow, UserFeatures
+from schemas.features import GOLD_TABLES, N_CATEGORIES, REALTIME_TABLES, FeatureRow, UserFeatures, UserRealtime
 from schemas.spark import spark_schema
 
 DAY = timedelta(days=1)
@@ -94,6 +95,13 @@ PLANTED = {
 }
 
 
+# Real-time rows of user 1 at T1 (5 impressions in the last hour) and T2 (7); the worker wrote the T2 row
+# after the impression at T2 was shown, so that impression must not see it.
+T1, T2 = at(D + DAY, 12), at(D + DAY, 13)
+RT_PLANTED = {"rt-before-any": (T1 - timedelta(milliseconds=1), None), "rt-at-t2": (T2, 5),
+              "rt-after-t2": (T2 + timedelta(milliseconds=1), 7)}
+
+
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory):
     """Settings on a fresh lake with silver and gold written; the Spark session on it."""
@@ -106,6 +114,7 @@ def lake(tmp_path_factory):
                           category_id=rng.randrange(N_CATEGORIES), clicked=rng.random() < 0.2)
 
     silver = [context(i, t, user) for i, (user, t, _) in PLANTED.items()]
+    silver += [context(i, t, 1) for i, (t, _) in RT_PLANTED.items()]
     start = epoch_ms(at(FIRST))
     for i in range(300):
         t = datetime.fromtimestamp((start + rng.randrange(4 * 86_400_000)) / 1000, UTC)
@@ -134,6 +143,11 @@ def lake(tmp_path_factory):
             gold[table] += [gold_row(table, ds, k, rng) for k in keys if rng.random() < 0.6]
     for table, rows in gold.items():
         write(spark, rows, table, gold_path(settings, table))
+    realtime = [UserRealtime(**{n: value_for(n, UserRealtime.model_fields[n].annotation, None)
+                                for n in UserRealtime.feature_names()}
+                             | {"user_id": 1, "event_timestamp": t, "user_impressions_1h": n}).model_dump()
+                | {"ds": t.date().isoformat()} for t, n in ((T1, 5), (T2, 7))]
+    write(spark, realtime, UserRealtime, realtime_path(settings, UserRealtime))
     return settings, spark
 
 
@@ -144,14 +158,15 @@ def by_id(frame) -> dict:
 def test_point_in_time_join_never_leaks_and_honours_the_ttl(lake):
     settings, spark = lake
     rows = by_id(training_set.build(spark, settings, FIRST, LAST, negative_rate=1.0))
-    assert len(rows) == 300 + len(PLANTED)
+    assert len(rows) == 300 + len(PLANTED) + len(RT_PLANTED)
     for impression_id, (_, _, want) in PLANTED.items():
         assert rows[impression_id]["user_features__user_ctr_7d"] == want, impression_id
+    for impression_id, (_, want) in RT_PLANTED.items():  # real-time rows: strictly before the impression
+        assert rows[impression_id]["user_realtime__user_impressions_1h"] == want, impression_id
     row = rows["leak-day-after-d"]
     assert row["sample_rate"] == 1.0 and row["ds"] == (D + DAY).isoformat()
-    expected = {f"{t.VIEW}__{n}" for t in GOLD_TABLES for n in t.feature_names()}
+    expected = {f"{t.VIEW}__{n}" for t in GOLD_TABLES + REALTIME_TABLES for n in t.feature_names()}
     assert expected <= set(row) and set(row) - expected == {*training_set.TrainingRow.model_fields, "ds"}
-    assert not any(c.startswith("user_realtime") for c in row)  # real-time views are not joined (yet)
 
 
 def test_quarantined_days_are_skipped(lake):
