@@ -13,10 +13,12 @@ from infra.settings import get_settings
 from schemas.codec import InvalidEvent, decode, schema_headers
 from schemas.events import (
     ALL_EVENTS,
+    Campaign,
     Click,
     Conversion,
     DeadLetter,
     Impression,
+    LabeledImpression,
     MaturedLabel,
     PredictionLog,
     TrainingExample,
@@ -45,6 +47,11 @@ BASE = {
                       "label_ctr": 1, "label_ctcvr": 0.5, "weight": 1.0, "as_of_ms": 0},
     MaturedLabel: {"impression_id": "i", "user_id": 1, "ad_id": 2, "advertiser_id": 3, "campaign_id": 4,
                    "impression_time_ms": 0, "clicked": True, "converted": False},
+    Campaign: {"campaign_id": 4, "advertiser_id": 1, "category_id": 7, "daily_budget": 300.0, "start_time_ms": 0,
+               "event_time_ms": 5},
+    LabeledImpression: {"impression_id": "i", "user_id": 1, "ad_id": 2, "advertiser_id": 3, "campaign_id": 4,
+                        "impression_time_ms": 0, "clicked": True, "converted": False, "category_id": 7,
+                        "placement": "feed", "position": 1, "device": "mobile", "bid": 0.5},
     DeadLetter: {"dead_letter_id": "d", "source_topic": "clicks", "partition": -1, "offset": -1, "stage": "s",
                  "reason": "not JSON: x", "payload": "{", "arrival_ms": -1},
 }
