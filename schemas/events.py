@@ -208,8 +208,8 @@ class DeadLetter(Event):
     truncated: bool = False
 
 
+# The records that travel on Kafka (LabeledImpression is a lake table: Delta only).
 ALL_EVENTS: tuple[type[Event], ...] = (
-    Impression, Click, Conversion, PredictionLog, TrainingExample, MaturedLabel, Campaign, LabeledImpression,
-    DeadLetter,
+    Impression, Click, Conversion, PredictionLog, TrainingExample, MaturedLabel, Campaign, DeadLetter,
 )
 BY_SCHEMA_ID: dict[str, type[Event]] = {cls.schema_id(): cls for cls in ALL_EVENTS}

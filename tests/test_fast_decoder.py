@@ -18,7 +18,6 @@ from schemas.events import (
     Conversion,
     DeadLetter,
     Impression,
-    LabeledImpression,
     MaturedLabel,
     PredictionLog,
     TrainingExample,
@@ -49,9 +48,6 @@ BASE = {
                    "impression_time_ms": 0, "clicked": True, "converted": False},
     Campaign: {"campaign_id": 4, "advertiser_id": 1, "category_id": 7, "daily_budget": 300.0, "start_time_ms": 0,
                "event_time_ms": 5},
-    LabeledImpression: {"impression_id": "i", "user_id": 1, "ad_id": 2, "advertiser_id": 3, "campaign_id": 4,
-                        "impression_time_ms": 0, "clicked": True, "converted": False, "category_id": 7,
-                        "placement": "feed", "position": 1, "device": "mobile", "bid": 0.5},
     DeadLetter: {"dead_letter_id": "d", "source_topic": "clicks", "partition": -1, "offset": -1, "stage": "s",
                  "reason": "not JSON: x", "payload": "{", "arrival_ms": -1},
 }

@@ -8,6 +8,7 @@ from kafka import KafkaProducer
 
 from schemas import (
     ALL_EVENTS,
+    Campaign,
     Click,
     Conversion,
     DeadLetter,
@@ -44,6 +45,8 @@ SAMPLES = [
     MaturedLabel(impression_id="i1", user_id=1, ad_id=2, advertiser_id=3, campaign_id=4,
                  impression_time_ms=T0, clicked=True, converted=True, click_time_ms=T0 + 3000,
                  conversion_time_ms=T0 + 60_000, conversion_value=12.5),
+    Campaign(campaign_id=4, advertiser_id=1, category_id=7, daily_budget=300.0, start_time_ms=T0 - 86_400_000,
+             event_time_ms=T0),
     DeadLetter(dead_letter_id="test/clicks/0/7", source_topic="clicks", partition=0, offset=7, stage="test",
                reason="not JSON: x", payload="{", arrival_ms=T0),
 ]
