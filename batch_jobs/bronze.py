@@ -149,13 +149,7 @@ def land(spark, settings: Settings, source: Source, end_ms: int | None) -> Lande
     todo = {p: (start[p], end[p]) for p in start if end[p] > start[p]}
     if not todo:
         return Landed(source.table, 0, 0, skipped, start, end)
-    raw = (spark.read.format("kafka").option("kafka.bootstrap.servers", settings.kafka.bootstrap_servers)
-           .option("assign", json.dumps({topic: sorted(todo)})).option("includeHeaders", "true")
-           .option("kafka.isolation.level", "read_committed")
-           .option("startingOffsets", json.dumps({topic: {str(p): s for p, (s, _) in todo.items()}}))
-           .option("endingOffsets", json.dumps({topic: {str(p): e for p, (_, e) in todo.items()}}))
-           .load())
-    rows = decode(raw, source.model).cache()
+    rows = decode(read_range(spark, settings, topic, todo), source.model).cache()
     counts = rows.agg(F.count("*"), F.count("reject_reason")).first()
     days = sorted(r[0] for r in rows.select("ds").distinct().collect())
     meta = json.dumps({"job": "bronze", "topic": topic, "start": start, "end": end})
@@ -177,6 +171,29 @@ def read_bronze(spark, settings: Settings, model: type[Event]):
     if bad := quarantined_days(settings, f"bronze/{source.table}"):  # kept, marked, not read downstream
         frame = frame.where(~F.col("ds").isin(sorted(bad)))
     return frame.select(*model.field_names(), "arrival_ms", "kafka_partition", "kafka_offset", "ds")
+
+
+def campaigns_as_of(spark, settings: Settings, end_ms: int | None = None):
+    """The latest version of each campaign in the catalog (of those that arrived before ``end_ms``)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    catalog = read_bronze(spark, settings, Campaign)
+    if end_ms is not None:
+        catalog = catalog.where(F.col("arrival_ms") < end_ms)
+    latest = Window.partitionBy("campaign_id").orderBy(F.col("event_time_ms").desc(), F.col("arrival_ms").desc())
+    return catalog.withColumn("rank", F.row_number().over(latest)).where("rank = 1").drop("rank")
+
+
+def read_range(spark, settings: Settings, topic: str, todo: dict[int, tuple[int, int]]):
+    """The committed records of ``topic`` in the offset ranges ``todo`` (partition -> (start, end)), headers
+    included (Spark's Kafka source with explicit offsets)."""
+    return (spark.read.format("kafka").option("kafka.bootstrap.servers", settings.kafka.bootstrap_servers)
+            .option("assign", json.dumps({topic: sorted(todo)})).option("includeHeaders", "true")
+            .option("kafka.isolation.level", "read_committed")
+            .option("startingOffsets", json.dumps({topic: {str(p): s for p, (s, _) in todo.items()}}))
+            .option("endingOffsets", json.dumps({topic: {str(p): e for p, (_, e) in todo.items()}}))
+            .load())
 
 
 def dead_letters(spark, settings: Settings):

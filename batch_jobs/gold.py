@@ -17,13 +17,13 @@ import argparse
 import sys
 from datetime import date
 
-from batch_jobs.bronze import read_bronze
+from batch_jobs.bronze import campaigns_as_of, read_bronze
 from batch_jobs.days import day_bounds, day_end
 from batch_jobs.quality import guard
 from infra.settings import Settings, get_settings
 from infra.spark_session import spark_session
 from label_joiner.rules import Rules
-from schemas.events import Campaign, Click, Conversion, Impression
+from schemas.events import Click, Conversion, Impression
 from schemas.features import (
     GOLD_TABLES,
     N_CATEGORIES,
@@ -57,16 +57,6 @@ def known_by(spark, settings: Settings, model, end_ms: int, rules: Rules):
     return (frame.where((F.col("event_time_ms") < end_ms) & (F.col("arrival_ms") < end_ms))
             .where(rules.plausible(F.col("event_time_ms"), F.col("arrival_ms")))
             .dropDuplicates([key]))
-
-
-def campaigns_as_of(spark, settings: Settings, end_ms: int):
-    """The latest version of each campaign that had arrived before ``end_ms``."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    latest = Window.partitionBy("campaign_id").orderBy(F.col("event_time_ms").desc(), F.col("arrival_ms").desc())
-    return (read_bronze(spark, settings, Campaign).where(F.col("arrival_ms") < end_ms)
-            .withColumn("rank", F.row_number().over(latest)).where("rank = 1").drop("rank"))
 
 
 def compute(spark, settings: Settings, ds: date) -> dict[type[FeatureRow], object]:

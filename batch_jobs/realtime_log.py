@@ -14,11 +14,10 @@ tables' commits lands the rest on the next run without repeating what one table 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import date
 
-from batch_jobs.bronze import landed_offsets, offset_range
+from batch_jobs.bronze import landed_offsets, offset_range, read_range
 from batch_jobs.days import day_bounds
 from infra.settings import Settings, get_settings
 from infra.spark_session import spark_session
@@ -54,12 +53,7 @@ def land(spark, settings: Settings, end_ms: int | None) -> dict[str, int]:
     out = {t.VIEW: 0 for t in REALTIME_TABLES}
     if not todo:
         return out
-    raw = (spark.read.format("kafka").option("kafka.bootstrap.servers", settings.kafka.bootstrap_servers)
-           .option("assign", json.dumps({topic: sorted(todo)})).option("includeHeaders", "true")
-           .option("kafka.isolation.level", "read_committed")
-           .option("startingOffsets", json.dumps({topic: {str(p): s for p, (s, _) in todo.items()}}))
-           .option("endingOffsets", json.dumps({topic: {str(p): e for p, (_, e) in todo.items()}}))
-           .load()
+    raw = (read_range(spark, settings, topic, todo)
            .select(F.col("value").cast("string").alias("value"), F.col("partition").alias("kafka_partition"),
                    F.col("offset").alias("kafka_offset"),
                    F.filter("headers", lambda h: h["key"] == "view")[0]["value"].cast("string").alias("view"))

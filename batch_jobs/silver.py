@@ -20,13 +20,13 @@ import argparse
 import sys
 from datetime import date
 
-from batch_jobs.bronze import read_bronze
+from batch_jobs.bronze import campaigns_as_of, read_bronze
 from batch_jobs.days import day_bounds
 from batch_jobs.quality import DistributionCheck, QualityError, guard, is_quarantined
 from infra.settings import Settings, get_settings
 from infra.spark_session import spark_session
 from label_joiner.rules import FIRST_ORDER, Rules
-from schemas.events import Campaign, Click, Conversion, Impression, LabeledImpression
+from schemas.events import Click, Conversion, Impression, LabeledImpression
 
 ID_FIELD = {Impression: "impression_id", Click: "click_id", Conversion: "conversion_id"}
 
@@ -37,16 +37,6 @@ def read_events(spark, settings: Settings, cls, rules: Rules):
 
     valid = read_bronze(spark, settings, cls).withColumnRenamed("arrival_ms", "arrival")
     return valid.where(rules.plausible(F.col("event_time_ms"), F.col("arrival")))
-
-
-def campaign_categories(spark, settings: Settings):
-    """campaign_id -> category_id, from the latest version of each campaign in the catalog."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    latest = Window.partitionBy("campaign_id").orderBy(F.col("event_time_ms").desc(), F.col("arrival_ms").desc())
-    return (read_bronze(spark, settings, Campaign).withColumn("rank", F.row_number().over(latest))
-            .where("rank = 1").select("campaign_id", "category_id"))
 
 
 def first(frame, key: str = "impression_id"):
@@ -89,7 +79,8 @@ def labeled_impressions(spark, settings: Settings, start_ms: int, end_ms: int):
                   ).select("impression_id", F.col("t").alias("conversion_time_ms"),
                            F.col("value").alias("conversion_value"))
     labels = (imps.join(clicks, "impression_id", "left").join(convs, "impression_id", "left")
-              .join(F.broadcast(campaign_categories(spark, settings)), "campaign_id", "left")
+              .join(F.broadcast(campaigns_as_of(spark, settings).select("campaign_id", "category_id")),
+                    "campaign_id", "left")
               .withColumn("clicked", F.col("click_time_ms").isNotNull())
               .withColumn("converted", F.col("conversion_time_ms").isNotNull())
               .withColumn("conversion_value", F.coalesce("conversion_value", F.lit(0.0))))

@@ -92,11 +92,12 @@ class KafkaBroker:
             return
         cluster_id = self._cluster_id()
         print(f"kafka: formatting {self.data_dir} (cluster {cluster_id})", flush=True)
-        subprocess.run(self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props),
+        subprocess.run(self._java("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props),
                                   "--ignore-formatted"), check=True, capture_output=True)
 
     def _cluster_id(self) -> str:
-        # KRaft wants a base64url UUID (22 chars); any random UUID will do.
+        # KRaft wants a base64url UUID (22 chars); any random UUID will do. It may start with "-",
+        # so it is passed as --cluster-id=<id>, never as a separate argument.
         import base64
 
         return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
