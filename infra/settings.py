@@ -135,6 +135,29 @@ class SparkSettings(BaseModel):
     shuffle_partitions: int = 4
 
 
+class TrainerSettings(BaseModel):
+    """The ranker: its size, its three cadences and the model registry."""
+
+    # Hash buckets of the sparse ids (an id lands in bucket hash(id) % buckets; 0 is kept for padding).
+    id_buckets: int = 200_003
+    small_buckets: int = 1_009  # placement, device, category, position
+    embedding_dim: int = 16
+    batch_size: int = 1024
+    learning_rate: float = 3e-3
+    # Full retrain: the last N days of training sets; warm start: the latest day, from the promoted model.
+    full_retrain_days: int = 30
+    epochs: int = 2
+    # Online updates: mini-batch size, and a new model version published every N seconds.
+    online_batch_size: int = 256
+    publish_every_s: float = 10.0
+    # Delay correction the online trainer applies to what the joiner emits: naive, fnw or delay_curve.
+    label_scheme: str = "fnw"
+    device: str = "auto"  # auto (CUDA when present), cpu or cuda
+    registry_subdir: str = "registry"
+    # Circuit breaker and calibration: held-out share of the training data kept for post-hoc calibration.
+    calibration_share: float = 0.1
+
+
 class Settings(BaseSettings):
     """Everything configurable in the pipeline."""
 
@@ -146,6 +169,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     windows: WindowSettings = Field(default_factory=WindowSettings)
     spark: SparkSettings = Field(default_factory=SparkSettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     # Feast project: the online store's keys end with it (tests use their own).
     feast_project: str = "adsstream"
     # Local state: broker logs, Redis data, Delta tables, simulator runs.
@@ -170,6 +194,10 @@ class Settings(BaseSettings):
     @property
     def lake_dir(self) -> Path:
         return self.var_dir / "lake"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.var_dir / self.trainer.registry_subdir
 
 
 @lru_cache(maxsize=1)
