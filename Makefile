@@ -8,8 +8,8 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HOURS  ?= 3
 
 .PHONY: install system-deps jars up down status topics demo simulate joiner realtime bronze silver batch-labels gold \
-	realtime-log training-set quality feast-apply materialize delay-curve delay-report test kill-loop lint flink bench-produce \
-	bench-joiner bench-restart bench-decode bench-online bench-materialize bench-freshness clean
+	realtime-log training-set quality feast-apply materialize full-retrain warm-start online registry promote rollback evaluate delay-curve delay-report test kill-loop lint flink bench-produce \
+	bench-joiner bench-restart bench-decode bench-train bench-online bench-materialize bench-freshness clean
 
 install: system-deps $(VENV)/.installed jars
 
@@ -87,6 +87,31 @@ feast-apply: up
 materialize: up
 	$(PY) -m feature_repo.cli materialize-incremental $$(date -u +%Y-%m-%dT%H:%M:%S)
 
+# The ranker's three cadences (trainers/; models in var/registry, `python -m trainers.registry list`):
+# weekly full retrain over DAYS days of training sets, daily warm start from the promoted model over DS, and the
+# always-on online trainer on the joiner's training examples (SCHEME=naive|fnw|delay_curve).
+DAYS ?= 30
+SCHEME ?= fnw
+full-retrain: up
+	$(PY) -m trainers.full_retrain --days $(DAYS)
+warm-start: up
+	$(PY) -m trainers.warm_start --ds $(DS)
+online: up
+	$(PY) -m trainers.online --scheme $(SCHEME)
+registry: install
+	$(PY) -m trainers.registry list
+# Promote a version, or roll back to the previously promoted one: make promote VERSION=v000003-warm
+promote: install
+	$(PY) -m trainers.registry promote $(VERSION) --reason "$(or $(REASON),by hand)"
+rollback: install
+	$(PY) -m trainers.registry rollback --reason "$(or $(REASON),by hand)"
+
+# The ranker against the simulator's truth: oracle, full retrain, warm start, online after a drift, frozen,
+# River baseline, and delay correction for CVR (HTML report in var/evaluation). SCALE=small|full.
+SCALE ?= full
+evaluate: install
+	$(PY) -m trainers.evaluate --scale $(SCALE)
+
 # Fit the conversion-delay curve (Kaplan-Meier, open clicks censored) and publish it (JSON + PNG).
 delay-curve: up
 	$(PY) -m label_joiner.delay_curve
@@ -130,6 +155,10 @@ bench-restart: up
 
 bench-decode: install
 	$(PY) -m bench.decode
+
+# Training examples/s of the full ranker vs a plain MLP over the same embeddings, with the input-wait share.
+bench-train: install
+	$(PY) -m bench.train_throughput
 
 # One ranking request (1 user + 500 ads): our read path vs Feast get_online_features vs a raw redis-py pipeline.
 bench-online: up

@@ -5,7 +5,11 @@ label joiner and the real-time feature worker, simulates the last ``--hours`` of
 a simulated day in two minutes), waits until both workers have caught up, then runs the batch side:
 bronze -> silver -> gold (each day checked by the data-quality suites) -> ``feast apply`` + ``feast
 materialize`` -> the point-in-time training set, reads one ranking request through the online read path,
-and prints where every output is.
+then trains the ranker by its three cadences (a full retrain over the first day, a warm start over the
+second, online updates over the joiner's training examples) and prints where every output is.
+
+The simulated hours straddle a UTC midnight (they end at most a few hours ago), so the run has two days:
+one for the full retrain and one for the warm start.
 
 The demo's conversion window is one hour (the default is seven days), so its silver labels mature within
 the run; everything else uses the settings as they are.
@@ -80,6 +84,35 @@ def batch_side(settings, start: datetime, end: datetime) -> dict[str, str]:
             "online store": f"Redis {settings.redis.host}:{settings.redis.port}, project {settings.feast_project}"}
 
 
+def training_side(settings) -> dict[str, str]:
+    """Full retrain over the first training-set day, warm start over the next, then online updates."""
+    from infra.spark_session import spark_session
+    from trainers import full_retrain, online, warm_start
+    from trainers.datasets import available_days
+    from trainers.registry import Registry
+
+    have = available_days(spark_session("demo", settings), settings)
+    full_retrain.run(settings, end=have[0], days=1)
+    if len(have) > 1:
+        warm_start.run(settings, ds=have[-1])
+    versions = online.run(settings, publish_every_s=5.0, idle_exit_s=10.0)
+    registry = Registry(settings.registry_dir)
+    print(f"demo: online trainer published {len(versions)} versions; promoted {registry.promoted()}", flush=True)
+    for meta in registry.list():
+        print(f"  {meta['version']:<16} parent {str(meta.get('parent')):<16} data {meta.get('data_range', '-')}")
+    return {"model registry": f"{settings.registry_dir} (python -m trainers.registry --root ... list)"}
+
+
+def straddling_start(hours: float, now: datetime) -> datetime:
+    """The start of ``hours`` of simulated traffic that cross the last UTC midnight at their middle and end
+    before ``now``."""
+    half = timedelta(hours=hours / 2)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if now - midnight < half:
+        midnight -= timedelta(days=1)
+    return midnight - half
+
+
 def one_request(settings, truth_path) -> None:
     """Serve one ranking request (a user and up to 500 ads) through the online read path."""
     import pandas as pd
@@ -113,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                             app_module="streams.realtime_app")
     print(f"demo: label joiner (pid {joiner.pid}) and real-time features (pid {realtime.pid}) started, topics "
           f"{run_id}-*, logs in {settings.var_dir}", flush=True)
-    # The simulated hours end now: every record's timestamp (its simulated delivery) lies in the past.
-    start = (datetime.now(UTC) - timedelta(hours=a.hours)).replace(second=0, microsecond=0)
+    # The simulated hours end before now: every record's timestamp (its simulated delivery) lies in the past.
+    start = straddling_start(a.hours, datetime.now(UTC))
     try:
         simulate(["--hours", str(a.hours), "--speed", str(a.speed), "--start", start.isoformat(),
                   "--run-id", run_id], settings)
@@ -126,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nWhat landed in each topic of this demo ({run_id}-*; transaction markers count as messages):")
     for name, count in topic_counts(settings).items():
         print(f"  {name:<34} {count:>10,} messages")
-    where = batch_side(settings, start, datetime.now(UTC))
+    end = start + timedelta(hours=a.hours)
+    where = batch_side(settings, start, end)
     one_request(settings, settings.runs_dir / run_id / "truth.parquet")
+    where.update(training_side(settings))
     print("\nWhere the outputs are:")
     for what, path in where.items():
         print(f"  {what:<34} {path}")

@@ -20,9 +20,11 @@ frames) is turned into the same :class:`Batch`:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import pandas as pd
@@ -70,6 +72,10 @@ class InputSpec:
         buckets = tuple(id_buckets if f in LARGE_FIELDS else small_buckets for f in SPARSE_FIELDS)
         return cls(SPARSE_FIELDS, buckets, tuple(dense), tuple(_is_log_scaled(c) for c in dense))
 
+    def fingerprint(self) -> str:
+        """A short hash of the spec: a model can only score inputs of the same spec."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
     def hash_ids(self, field: str, values: np.ndarray) -> np.ndarray:
         """Bucket of each id in ``1 .. buckets - 1`` (a multiplicative hash, stable across processes)."""
         n = self.buckets[self.sparse_fields.index(field)]
@@ -94,15 +100,23 @@ class Batch:
     label_neg: torch.Tensor  # [B] float32, NaN = no label
     weight: torch.Tensor  # [B] float32
     clicked: torch.Tensor  # [B] bool: the impression was clicked (FNW weights apply to these rows)
+    # [B] float32 extra weight of the CTR task (0 for FNW's duplicated conversion rows, whose click was
+    # already counted); None = 1 everywhere.
+    ctr_weight: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.sparse.shape[0]
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+        return Batch(**{f.name: _map(getattr(self, f.name), lambda t: t.to(device, non_blocking=True))
+                        for f in fields(self)})
 
     def slice(self, index: torch.Tensor | slice) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return Batch(**{f.name: _map(getattr(self, f.name), lambda t: t[index]) for f in fields(self)})
+
+
+def _map(value: torch.Tensor | None, fn) -> torch.Tensor | None:
+    return None if value is None else fn(value)
 
 
 def _column(frame: pd.DataFrame, name: str, default: float = np.nan) -> np.ndarray:
@@ -169,6 +183,7 @@ def encode(frame: pd.DataFrame, spec: InputSpec) -> Batch:
         label_neg=torch.from_numpy(_column(frame, "label_neg").astype(np.float32)),
         weight=torch.from_numpy(_column(frame, "weight", 1.0).astype(np.float32)),
         clicked=torch.from_numpy(label_ctr > 0.5),
+        ctr_weight=torch.from_numpy(_column(frame, "ctr_weight", 1.0).astype(np.float32)),
     )
 
 
@@ -181,5 +196,9 @@ def minibatches(data: Batch, batch_size: int, shuffle: bool = True, seed: int = 
 
 
 def concat(batches: list[Batch]) -> Batch:
-    return Batch(**{f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in fields(Batch)})
+    out = {}
+    for f in fields(Batch):
+        parts = [getattr(b, f.name) for b in batches]
+        out[f.name] = None if any(p is None for p in parts) else torch.cat(parts)
+    return Batch(**out)
 

@@ -50,6 +50,11 @@ class SimulatorConfig(BaseModel):
     drift_logit_per_day: float = -0.1
     diurnal_amplitude: float = 0.3
     ad_churn_per_day: float = 0.05
+    # An abrupt drift (a vertical's season starts): from ``shock_hour`` on, the CTR logit of the ads of the
+    # first ``shock_categories`` categories moves by ``shock_logit`` and the others' by minus that.
+    shock_hour: float | None = Field(default=None, ge=0)
+    shock_logit: float = 1.0
+    shock_categories: int = Field(default=8, ge=0)
     prediction_log: bool = True
     # Pacing: simulated seconds per wall-clock second; 0 sends as fast as the producer can.
     speed: float = Field(default=720.0, ge=0)

@@ -84,6 +84,10 @@ def simulate_traffic(cfg: SimulatorConfig, world: World, rng: np.random.Generato
                  + world.ad_ctr_bias[gen, slot] + PLACEMENT_LOGIT[place] + DEVICE_LOGIT[device]
                  + world.user_category_affinity[user, world.category_of(slot)]
                  + POSITION_LOGIT_PER_SLOT * position + cfg.drift_logit_per_day * days)
+    if cfg.shock_hour is not None:
+        shocked = t_ms >= cfg.start_ms + int(cfg.shock_hour * 3_600_000)
+        up = world.category_of(slot) < cfg.shock_categories
+        ctr_logit = ctr_logit + np.where(shocked, np.where(up, cfg.shock_logit, -cfg.shock_logit), 0.0)
     true_pctr = expit(ctr_logit + solve_offset(ctr_logit, cfg.ctr))
     clicked = rng.random(n) < true_pctr
 

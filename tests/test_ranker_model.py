@@ -1,0 +1,330 @@
+"""The ranker and its loss on small synthetic frames (pure torch, CPU; one CUDA test where CUDA is present)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from trainers.data import Batch, InputSpec, encode, minibatches
+from trainers.loss import multitask_loss
+from trainers.model import PlainMLP, Ranker, RankerOutput, autocast, model_from_config, pick_device
+from trainers.train import optimizers
+
+SPEC = InputSpec.from_schemas(id_buckets=1009, small_buckets=101)
+USER_CTR = "user_features__user_ctr_7d"
+AD_IMPRESSIONS = "ad_features__ad_impressions_7d"
+SESSION_DEPTH = "user_realtime__user_session_depth"
+HISTORY = "user_realtime__user_recent_ad_ids"
+N_ADS = 200
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny batches: one intra-op thread is faster than two, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def make_frame(n: int, seed: int = 0, click_logit: np.ndarray | None = None, features: bool = True,
+               n_ads: int = N_ADS) -> pd.DataFrame:
+    """Impressions with ids, context, a few features (10 % missing), histories and labels.
+
+    Clicks: ``click_logit`` when given, else a planted signal (even ad ids and a high ``USER_CTR`` click).
+    """
+    rng = np.random.default_rng(seed)
+    ad = rng.integers(0, n_ads, n)
+    frame = pd.DataFrame({
+        "user_id": rng.integers(0, 500, n), "ad_id": ad, "advertiser_id": ad // 10, "campaign_id": ad // 2,
+        "category_id": ad % 16, "placement": rng.choice(["feed", "sidebar", "search"], n),
+        "device": rng.choice(["ios", "android", "web"], n), "position": rng.integers(0, 16, n),
+    })
+    user_ctr = rng.uniform(0, 1, n)
+    if features:
+        frame[USER_CTR] = np.where(rng.random(n) < 0.1, np.nan, user_ctr)
+        frame[AD_IMPRESSIONS] = rng.poisson(50, n).astype(float)
+        frame[SESSION_DEPTH] = np.where(rng.random(n) < 0.1, np.nan, rng.integers(0, 20, n))
+        frame[HISTORY] = [list(rng.integers(0, N_ADS, rng.integers(0, 31))) if rng.random() > 0.1 else None
+                          for _ in range(n)]
+    if click_logit is None:
+        click_logit = -1.0 + 2.5 * np.where(ad % 2 == 0, 1.0, -1.0) + 4.0 * (user_ctr - 0.5)
+    frame["clicked"] = rng.random(n) < sigmoid(click_logit)
+    frame["converted"] = False
+    return frame
+
+
+def dense(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient as a dense tensor (the embedding tables' gradients are sparse)."""
+    return grad.to_dense() if grad.is_sparse else grad
+
+
+def train(model: torch.nn.Module, data: Batch, steps: int, lr: float = 1e-2, batch_size: int = 256) -> None:
+    model.fit_normalizer(data.dense)
+    opts = optimizers(model, lr)
+    model.train()
+    step, epoch = 0, 0
+    while step < steps:
+        for batch in minibatches(data, batch_size, seed=epoch):
+            loss, _ = multitask_loss(model(batch), batch)
+            for opt in opts:
+                opt.zero_grad()
+            loss.backward()
+            for opt in opts:
+                opt.step()
+            step += 1
+            if step == steps:
+                return
+        epoch += 1
+
+
+def small_ranker(seed: int = 0) -> Ranker:
+    torch.manual_seed(seed)
+    return Ranker(SPEC, embedding_dim=8, mlp=(64, 32), expert_dim=32)
+
+
+def small_mlp(seed: int = 0) -> PlainMLP:
+    torch.manual_seed(seed)
+    return PlainMLP(SPEC, embedding_dim=8, mlp=(64, 32))
+
+
+@pytest.mark.parametrize("make", [small_ranker, small_mlp])
+def test_shapes_and_ctcvr_below_ctr(make):
+    batch = encode(make_frame(64), SPEC)
+    model = make()
+    model.fit_normalizer(batch.dense)
+    out = model(batch)
+    for t in (out.ctr_logit, out.cvr_logit, out.neg_logit, out.p_ctr, out.p_cvr, out.p_ctcvr, out.p_neg):
+        assert t.shape == (64,) and t.dtype == torch.float32
+    assert bool((out.p_ctcvr <= out.p_ctr).all())
+
+
+@pytest.mark.parametrize("make", [small_ranker, small_mlp])
+def test_no_nan_with_missing_features_and_empty_histories(make):
+    frame = make_frame(32, features=False)
+    frame["label_neg"] = np.nan
+    batch = encode(frame, SPEC)
+    assert bool(torch.isnan(batch.dense).all()) and int(batch.history.count_nonzero()) == 0
+    model = make()
+    model.fit_normalizer(batch.dense)
+    out = model(batch)
+    assert all(bool(torch.isfinite(t).all()) for t in (out.ctr_logit, out.cvr_logit, out.neg_logit))
+    loss, metrics = multitask_loss(out, batch)
+    loss.backward()
+    assert math.isfinite(metrics["loss"]) and metrics["neg"] == 0.0
+    for name, param in model.named_parameters():
+        assert param.grad is None or bool(torch.isfinite(dense(param.grad)).all()), name
+
+
+def test_fit_normalizer_ignores_nan():
+    model = small_mlp()
+    dense = torch.full((4, len(SPEC.dense_columns)), float("nan"))
+    dense[:, 0] = torch.tensor([1.0, 3.0, float("nan"), 5.0])
+    dense[:, 1] = 2.0
+    model.fit_normalizer(dense)
+    assert model.dense_mean[0].item() == pytest.approx(3.0)
+    assert model.dense_std[0].item() == pytest.approx(math.sqrt(8 / 3), rel=1e-5)
+    assert model.dense_std[1].item() == pytest.approx(1e-3)  # constant: the floor
+    assert model.dense_mean[2].item() == 0.0 and model.dense_std[2].item() == 1.0  # never seen
+    assert {"dense_mean", "dense_std"} <= set(model.state_dict())
+
+
+def test_position_bias_only_when_training_and_only_on_ctr():
+    # Clicks fall with the slot: the model learns a position bias.
+    rng = np.random.default_rng(1)
+    frame = make_frame(3000, seed=1)
+    frame["clicked"] = rng.random(len(frame)) < np.where(frame["position"] < 4, 0.5, 0.05)
+    model = small_ranker()
+    train(model, encode(frame, SPEC), steps=100)
+    model.eval()
+    rows = make_frame(16, seed=2)
+    moved = rows.assign(position=(rows["position"] + 7) % 16)
+    a, b = encode(rows, SPEC), encode(moved, SPEC)
+    with torch.no_grad():
+        scored_a, scored_b = model(a, position=False), model(b, position=False)
+        trained_a, trained_b = model(a), model(b)
+    torch.testing.assert_close(scored_a.ctr_logit, scored_b.ctr_logit)
+    assert not torch.allclose(trained_a.ctr_logit, trained_b.ctr_logit, atol=1e-4)
+    torch.testing.assert_close(trained_a.cvr_logit, trained_b.cvr_logit)
+    torch.testing.assert_close(trained_a.neg_logit, trained_b.neg_logit)
+    bias = model.position_bias.weight.squeeze(-1)
+    assert bias[:4].mean() > bias[6:].mean() + 0.5
+
+
+@pytest.mark.parametrize("make", [small_ranker, small_mlp])
+def test_learns_planted_signal(make):
+    data = encode(make_frame(12000, seed=3), SPEC)
+    train_rows, held_out = data.slice(slice(0, 10000)), data.slice(slice(10000, None))
+    model = make()
+    train(model, train_rows, steps=250)
+    model.eval()
+    with torch.no_grad():
+        p = model(held_out, position=False).p_ctr
+    auc = roc_auc_score(held_out.label_ctr.numpy(), p.numpy())
+    assert auc > 0.75, auc
+
+
+def test_esmm_learns_cvr_from_all_impressions():
+    rng = np.random.default_rng(4)
+    frame = make_frame(10000, seed=4, click_logit=np.full(10000, math.log(0.3 / 0.7)), n_ads=20)
+    cvr = np.where(frame["ad_id"] % 2 == 0, 0.5, 0.1)
+    frame["converted"] = frame["clicked"] & (rng.random(len(frame)) < cvr)
+    model = small_ranker()
+    train(model, encode(frame, SPEC), steps=300)
+    model.eval()
+    test = make_frame(4000, seed=5, n_ads=20)
+    with torch.no_grad():
+        p_cvr = model(encode(test, SPEC), position=False).p_cvr.numpy()
+    even = (test["ad_id"] % 2 == 0).to_numpy()
+    assert p_cvr[even].mean() > p_cvr[~even].mean() + 0.2, (p_cvr[even].mean(), p_cvr[~even].mean())
+
+
+def tiny_batch(label_ctcvr: list[float], clicked: list[bool], weight: list[float], label_neg: list[float]) -> Batch:
+    n = len(label_ctcvr)
+    return Batch(
+        sparse=torch.ones(n, len(SPEC.sparse_fields), dtype=torch.long),
+        dense=torch.zeros(n, len(SPEC.dense_columns)), history=torch.zeros(n, 30, dtype=torch.long),
+        position=torch.zeros(n, dtype=torch.long), label_ctr=torch.tensor([float(c) for c in clicked]),
+        label_ctcvr=torch.tensor(label_ctcvr), label_neg=torch.tensor(label_neg), weight=torch.tensor(weight),
+        clicked=torch.tensor(clicked),
+    )
+
+
+def test_fnw_weights_match_manual_computation():
+    ctr, cvr, neg = [0.5, 1.0, -0.3, 2.0], [0.2, -1.0, 0.7, 0.0], [0.1, 0.2, 0.3, 0.4]
+    label_ctcvr, clicked, weight = [1.0, 0.0, 0.0, 0.3], [True, True, False, True], [1.0, 2.0, 1.0, 1.0]
+    label_neg = [0.0, float("nan"), 1.0, float("nan")]
+    batch = tiny_batch(label_ctcvr, clicked, weight, label_neg)
+    out = RankerOutput(torch.tensor(ctr), torch.tensor(cvr), torch.tensor(neg))
+
+    def s(x: float) -> float:
+        return 1 / (1 + math.exp(-x))
+
+    def bce(p: float, y: float) -> tuple[float, float]:
+        return -y * math.log(p), -(1 - y) * math.log(1 - p)
+
+    total_w = sum(abs(w) for w in weight)
+    exp_ctr = sum(w * sum(bce(s(z), c)) for z, c, w in zip(ctr, clicked, weight, strict=True)) / total_w
+    naive = fnw = 0.0
+    for a, b, y, c, w in zip(ctr, cvr, label_ctcvr, clicked, weight, strict=True):
+        pos, negative = bce(s(a) * s(b), y)
+        p = s(b)
+        naive += w * (pos + negative)
+        fnw += w * ((1 + p) * pos + (1 - p) * (1 + p) * negative if c else pos + negative)
+    labelled = [(z, y, w) for z, y, w in zip(neg, label_neg, weight, strict=True) if not math.isnan(y)]
+    exp_neg = sum(w * sum(bce(s(z), y)) for z, y, w in labelled) / sum(w for _, _, w in labelled)
+
+    loss, m = multitask_loss(out, batch, scheme="fnw")
+    assert m["ctr"] == pytest.approx(exp_ctr, rel=1e-5)
+    assert m["ctcvr"] == pytest.approx(fnw / total_w, rel=1e-5)
+    assert m["neg"] == pytest.approx(exp_neg, rel=1e-5)
+    assert loss.item() == pytest.approx(exp_ctr + fnw / total_w + 0.5 * exp_neg, rel=1e-5)
+    _, m_naive = multitask_loss(out, batch, scheme="naive")
+    assert m_naive["ctcvr"] == pytest.approx(naive / total_w, rel=1e-5)
+    assert m_naive["ctcvr"] != pytest.approx(m["ctcvr"], rel=1e-3)
+    with pytest.raises(ValueError):
+        multitask_loss(out, batch, scheme="nope")
+
+
+def test_fnw_weights_carry_no_gradient_through_p():
+    """FNW's weight uses pCVR as a constant: the gradient is that of a fixed-weight BCE."""
+    cvr = torch.tensor([0.4], requires_grad=True)
+    out = RankerOutput(torch.tensor([0.0]), cvr, torch.tensor([0.0]))
+    loss, _ = multitask_loss(out, tiny_batch([0.0], [True], [1.0], [float("nan")]), scheme="fnw")
+    (grad,) = torch.autograd.grad(loss, cvr)
+    p, q = torch.sigmoid(cvr.detach()), torch.sigmoid(torch.tensor(0.0))
+    # d/dz of -(w) log(1 - q sigmoid(z)), w = (1 - p)(1 + p) held fixed
+    expected = (1 - p) * (1 + p) * q * p * (1 - p) / (1 - q * p)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_negative_weight_cancels_an_example():
+    model = small_ranker()
+    frame = make_frame(1, seed=6)
+    frame["converted"] = frame["clicked"] = True
+    frame["label_neg"] = 1.0
+    pair = pd.concat([frame, frame.assign(weight=-1.0)], ignore_index=True).assign(
+        weight=[1.0, -1.0], label_ctcvr=[0.7, 0.7])
+    batch = encode(pair, SPEC)
+    loss, metrics = multitask_loss(model(batch), batch, scheme="fnw")
+    loss.backward()
+    assert abs(metrics["loss"]) < 1e-6
+    grads = [dense(p.grad).abs().max().item() for p in model.parameters() if p.grad is not None]
+    assert grads and max(grads) < 1e-6
+
+
+@pytest.mark.parametrize("make", [small_ranker, small_mlp])
+def test_from_config_round_trip(make, tmp_path):
+    data = encode(make_frame(200, seed=7), SPEC)
+    model = make()
+    train(model, data, steps=3)
+    model.eval()
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    config = json.loads(json.dumps(model.config))
+    rebuilt = type(model).from_config(config)
+    rebuilt.load_state_dict(torch.load(path), strict=True)
+    rebuilt.eval()
+    again = model_from_config(config)
+    again.load_state_dict(torch.load(path), strict=True)
+    again.eval()
+    assert rebuilt.config == model.config
+    with torch.no_grad():
+        expected = model(data, position=False)
+        for other in (rebuilt, again):
+            out = other(data, position=False)
+            torch.testing.assert_close(out.ctr_logit, expected.ctr_logit)
+            torch.testing.assert_close(out.cvr_logit, expected.cvr_logit)
+            torch.testing.assert_close(out.neg_logit, expected.neg_logit)
+
+
+def test_from_settings_uses_embedding_dim():
+    from infra.settings import TrainerSettings
+
+    model = Ranker.from_settings(SPEC, TrainerSettings(embedding_dim=4))
+    assert model.config["embedding_dim"] == 4 and model.embeddings["ad_id"].embedding_dim == 4
+
+
+def run_on(device: torch.device) -> RankerOutput:
+    data = encode(make_frame(512, seed=8), SPEC)
+    model = small_ranker().to(device)
+    model.fit_normalizer(data.dense)
+    opts = optimizers(model, 1e-2)
+    for batch in minibatches(data, 128):
+        batch = batch.to(device)
+        with autocast(device):
+            loss, metrics = multitask_loss(model(batch), batch, scheme="fnw")
+        for opt in opts:
+            opt.zero_grad()
+        loss.backward()
+        for opt in opts:
+            opt.step()
+        assert math.isfinite(metrics["loss"])
+    model.eval()
+    with torch.no_grad(), autocast(device):
+        return model(data.to(device), position=False)
+
+
+def test_runs_on_auto_device():
+    device = pick_device("auto")
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    out = run_on(device)
+    assert out.ctr_logit.device.type == device.type and bool(torch.isfinite(out.p_ctcvr).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the bf16 autocast path needs one")
+def test_cuda_bf16_autocast():
+    out = run_on(torch.device("cuda"))
+    assert out.ctr_logit.is_cuda and out.ctr_logit.dtype == torch.float32
+    assert bool(torch.isfinite(out.p_ctcvr).all()) and bool((out.p_ctcvr <= out.p_ctr).all())

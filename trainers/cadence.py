@@ -1,0 +1,94 @@
+"""What the batch cadences share: train, calibrate on held-out rows, measure, register, promote.
+
+Held-out rows are split in two by impression id: calibrators are fitted on one half and the metrics in the
+registry's metadata are measured on the other, so a reported ECE is never measured on the rows it was fitted on.
+Downsampled negatives count ``1 / sample_rate`` times in both, which is what the undone probabilities estimate.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from infra.settings import Settings
+from trainers.calibration import Calibrator
+from trainers.data import Batch, encode
+from trainers.datasets import holdout_mask
+from trainers.metrics import summary
+from trainers.model import Ranker
+from trainers.registry import Registry
+from trainers.scoring import ScoringModel, save
+from trainers.train import fit
+
+TASKS = {"ctr": "clicked", "ctcvr": "converted"}
+
+
+def labels(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    return {task: frame[col].fillna(False).to_numpy(dtype=np.float64) for task, col in TASKS.items()}
+
+
+def row_weights(frame: pd.DataFrame) -> np.ndarray:
+    if "sample_rate" not in frame:
+        return np.ones(len(frame))
+    return 1.0 / frame["sample_rate"].to_numpy(dtype=np.float64)
+
+
+ISOTONIC_MIN_POSITIVES = 1_000  # below this, isotonic steps overfit: Platt's two parameters do better
+
+
+def calibrate(scoring: ScoringModel, held: pd.DataFrame, spec, device: torch.device, method: str = "auto") -> dict:
+    """Fit the calibrators on half the held-out rows; return metrics (raw and calibrated) on the other half.
+
+    ``method`` "auto": isotonic where the fitting half has ``ISOTONIC_MIN_POSITIVES`` positives, else Platt."""
+    if len(held) == 0:
+        return {}
+    fit_half = holdout_mask(held["impression_id"], 0.5, salt="calibration")
+    metrics: dict[str, dict] = {}
+    parts = {name: held[mask].reset_index(drop=True) for name, mask in (("fit", fit_half), ("eval", ~fit_half))}
+    raw = {name: scoring.uncalibrated(encode(part, spec), device) for name, part in parts.items()}
+    y = {name: labels(part) for name, part in parts.items()}
+    w = {name: row_weights(part) for name, part in parts.items()}
+    scoring.calibrators = {}
+    for task in TASKS:
+        positives = y["fit"][task].sum()
+        if positives == 0 or positives == len(y["fit"][task]):
+            continue
+        chosen = method if method != "auto" else "isotonic" if positives >= ISOTONIC_MIN_POSITIVES else "platt"
+        scoring.calibrators[task] = Calibrator(chosen).fit(raw["fit"][task], y["fit"][task], w["fit"])
+    calibrated = scoring.calibrate(raw["eval"])
+    for task in TASKS:
+        if len(parts["eval"]):
+            metrics[task] = {"raw": summary(y["eval"][task], raw["eval"][task], w["eval"]),
+                             "calibrated": summary(y["eval"][task], calibrated[task], w["eval"])}
+    return metrics
+
+
+def train_and_register(model: Ranker, train: Batch, held: pd.DataFrame, *, settings: Settings, cadence: str,
+                       data_range: list[str], parent: str | None, negative_rate: float, epochs: int, lr: float,
+                       device: torch.device, promote: bool, checkpoint=None) -> tuple[str, dict]:
+    """Train ``model`` on ``train``, calibrate and measure on ``held``, register; promote when asked."""
+    cfg = settings.trainer
+    progress = fit(model, train, epochs=epochs, batch_size=cfg.batch_size, lr=lr, device=device,
+                   checkpoint=checkpoint, desc=cadence)
+    print(f"{cadence}: {progress.examples:,} examples in {progress.seconds:.1f} s "
+          f"({progress.examples / max(progress.seconds, 1e-9):,.0f}/s); loss {progress.loss}", flush=True)
+    scoring = ScoringModel(model.cpu(), negative_rate=negative_rate)
+    metrics = calibrate(scoring, held, model.spec, torch.device("cpu"))
+    for task, m in metrics.items():
+        print(f"{cadence}: held-out {task}: AUC {m['calibrated']['auc']:.4f} NE {m['calibrated']['ne']:.4f} "
+              f"ECE raw {m['raw']['ece']:.4f} -> calibrated {m['calibrated']['ece']:.4f}", flush=True)
+    registry = Registry(settings.registry_dir)
+    meta = {"cadence": cadence, "data_range": data_range, "parent": parent, "metrics": metrics,
+            "feature_service": {"name": "ranker", "spec": model.spec.fingerprint()},
+            "train": {"examples": progress.examples, "seconds": progress.seconds, "epochs": epochs, "lr": lr,
+                      "device": str(device)},
+            "created_ms": int(time.time() * 1000)}
+    version = save(registry, scoring, cadence, meta)
+    print(f"{cadence}: registered {version} in {settings.registry_dir}", flush=True)
+    if promote:
+        registry.promote(version, reason=f"{cadence} over {data_range[0]}..{data_range[-1]}")
+        print(f"{cadence}: promoted {version}", flush=True)
+    return version, metrics

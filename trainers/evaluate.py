@@ -1,0 +1,362 @@
+"""The ranker judged against the simulator's truth: ``make evaluate`` (``python -m trainers.evaluate``).
+
+Two simulated runs, generated in process (no broker: the truth of every impression is known):
+
+* **models**: ``history_days`` days of traffic, a held-out day, then a day with an abrupt drift (``shock_hour``:
+  half the ad categories' CTR moves up, half down). On the held-out day, per task (CTR, CVR on clicks, CTCVR):
+  (a) the oracle (true probabilities), (b) a full retrain over the history, (c) a full retrain over all but
+  the last history day, warm-started on it, (f) the River baseline (learned on the same stream). On the drift
+  day: (d) the online ranker (the full model, then updated by mini-batches in event-time order, each batch
+  scored before it is learned) and (e) the same model frozen; hour by hour, with the daily warm start (trained on
+  the held-out day, serving the drift day) beside them.
+* **delay**: a run with many conversions, fed through the label joiner (``label_joiner.replay``) under each
+  delay-correction scheme; the online ranker learns each scheme's examples in the order they are emitted and,
+  hour by hour on the last day, is scored on that hour's clicks before learning them, against the conversion
+  that really happens in the window. Oracle labels (the outcome known at impression time) are the ceiling.
+  The gap closed is (naive - scheme) / (naive - oracle) in CVR log loss.
+
+Batch models train on rows whose negatives are kept at ``negative_rate`` (as the training-set builder does),
+undo it exactly and are calibrated (isotonic) on held-out history rows. Features here are ids and context; the
+lakehouse features (gold and real-time) enter through the training sets in the main job.
+
+Writes ``report.html`` (tables, reliability plots, the drift curve, the delay table) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from infra.settings import Settings, get_settings
+from streams.simulator.config import SimulatorConfig
+from streams.simulator.run import generate
+from trainers.cadence import calibrate
+from trainers.calibration import reliability_plot
+from trainers.data import InputSpec, encode
+from trainers.datasets import holdout_mask
+from trainers.metrics import log_loss, summary
+from trainers.model import Ranker
+from trainers.online import ExampleState, OnlineLearner, to_rows
+from trainers.river_baseline import RiverBaseline
+from trainers.scoring import ScoringModel
+from trainers.train import fit
+
+DAY_MS = 86_400_000
+HOUR_MS = 3_600_000
+START = datetime.fromisoformat("2026-10-01T00:00:00+00:00")
+
+
+@dataclass(frozen=True)
+class Scale:
+    users: int
+    ads: int
+    impressions_per_hour: float
+    history_days: int
+    delay_days: int
+    delay_impressions_per_hour: float
+    epochs: int = 2
+
+
+SCALES = {
+    "small": Scale(users=2_000, ads=400, impressions_per_hour=2_500, history_days=3, delay_days=4,
+                   delay_impressions_per_hour=1_500),
+    "full": Scale(users=20_000, ads=2_000, impressions_per_hour=12_000, history_days=6, delay_days=8,
+                  delay_impressions_per_hour=4_000, epochs=3),
+}
+
+
+def _frame(truth: pd.DataFrame, in_window_share: float) -> pd.DataFrame:
+    f = truth.rename(columns={"event_time_ms": "impression_time_ms"}).copy()
+    f["converted"] = f["converted_in_window"]
+    f["oracle_ctr"] = f["true_pctr"]
+    f["oracle_cvr"] = f["true_pcvr"] * in_window_share
+    return f.sort_values("impression_time_ms", kind="stable").reset_index(drop=True)
+
+
+def downsample(frame: pd.DataFrame, rate: float) -> pd.DataFrame:
+    """Keep every click and a deterministic ``rate`` of the rest; ``sample_rate`` travels with the rows."""
+    keep = frame["clicked"].to_numpy() | holdout_mask(frame["impression_id"], rate, salt="negatives")
+    out = frame[keep].copy()
+    out["sample_rate"] = np.where(out["clicked"], 1.0, rate)
+    return out.reset_index(drop=True)
+
+
+def task_metrics(frame: pd.DataFrame, p: dict[str, np.ndarray]) -> dict[str, dict]:
+    clicked = frame["clicked"].to_numpy()
+    return {"ctr": summary(frame["clicked"].to_numpy(float), p["ctr"]),
+            "cvr": summary(frame["converted"].to_numpy(float)[clicked], p["cvr"][clicked]),
+            "ctcvr": summary(frame["converted"].to_numpy(float), p["ctcvr"])}
+
+
+def oracle(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    ctr, cvr = frame["oracle_ctr"].to_numpy(), frame["oracle_cvr"].to_numpy()
+    return {"ctr": ctr, "cvr": cvr, "ctcvr": ctr * cvr}
+
+
+def train_batch(frame: pd.DataFrame, spec: InputSpec, settings: Settings, scale: Scale, rate: float,
+                model: Ranker | None = None, lr_factor: float = 1.0, epochs: int | None = None) -> ScoringModel:
+    """A batch cadence on ``frame``: downsample, train (from scratch or on from ``model``), calibrate."""
+    cfg = settings.trainer
+    rows = downsample(frame, rate)
+    held = holdout_mask(rows["impression_id"], cfg.calibration_share)
+    train = encode(rows[~held], spec)
+    if model is None:
+        model = Ranker.from_settings(spec, cfg)
+        model.fit_normalizer(train.dense)
+    fit(model, train, epochs=epochs or scale.epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate * lr_factor,
+        device=torch.device("cpu"), desc="batch")
+    scoring = ScoringModel(model, negative_rate=rate)
+    calibrate(scoring, rows[held].reset_index(drop=True), spec, torch.device("cpu"))
+    return scoring
+
+
+def online_copy(scoring: ScoringModel) -> Ranker:
+    """A copy of a batch model for online learning on the undownsampled stream (CTR logit moved by log(w))."""
+    model = Ranker.from_config(scoring.model.config)
+    model.load_state_dict(scoring.model.state_dict())
+    if scoring.negative_rate < 1.0:
+        model.shift_ctr_logit(math.log(scoring.negative_rate))
+    return model
+
+
+def hourly(frame: pd.DataFrame, start_ms: int) -> np.ndarray:
+    return ((frame["impression_time_ms"].to_numpy() - start_ms) // HOUR_MS).astype(int)
+
+
+def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float) -> dict:
+    """(a)-(f) on the held-out day and the drift day; the hourly drift curve."""
+    h = scale.history_days
+    cfg = SimulatorConfig(seed=seed, start=START, hours=24 * (h + 2), users=scale.users, ads=scale.ads,
+                          impressions_per_hour=scale.impressions_per_hour, ctr=0.05, cvr=0.1,
+                          drift_logit_per_day=0.0, shock_hour=24 * (h + 1), speed=0, prediction_log=False)
+    truth = generate(cfg, settings).truth
+    share = float(truth["converted_in_window"].sum() / max(truth["converts"].sum(), 1))
+    frame = _frame(truth, share)
+    day = (frame["impression_time_ms"].to_numpy() - cfg.start_ms) // DAY_MS
+    history, held_day, drift_day = frame[day < h], frame[day == h], frame[day == h + 1]
+    spec = InputSpec.from_schemas(settings.trainer.id_buckets, settings.trainer.small_buckets)
+    print(f"evaluate: {len(frame):,} impressions; history {len(history):,}, held-out {len(held_day):,}, "
+          f"drift day {len(drift_day):,}", flush=True)
+
+    full = train_batch(history, spec, settings, scale, rate)
+    older = train_batch(frame[day < h - 1], spec, settings, scale, rate)
+    warm = train_batch(frame[day == h - 1], spec, settings, scale, rate, model=older.model, lr_factor=0.3,
+                       epochs=1)
+    river = RiverBaseline()
+    river.learn_many(history)
+    river_pred = river.predict_many(held_day)
+    river_p = {"ctr": river_pred["ctr"].to_numpy(), "ctcvr": river_pred["ctcvr"].to_numpy()}
+    river_p["cvr"] = np.clip(river_p["ctcvr"] / np.maximum(river_p["ctr"], 1e-6), 0, 1)
+
+    held_batch = encode(held_day, spec)
+    rows = {"(a) oracle": task_metrics(held_day, oracle(held_day)),
+            "(b) full retrain": task_metrics(held_day, full.score(held_batch)),
+            "(c) warm start": task_metrics(held_day, warm.score(held_batch)),
+            "(f) river baseline": task_metrics(held_day, river_p)}
+
+    # The drift day: the online ranker learns the held-out and drift days in event-time order.
+    warm_daily = train_batch(held_day, spec, settings, scale, rate, model=online_copy_as_batch(full), lr_factor=0.3,
+                             epochs=1)
+    learner = OnlineLearner(online_copy(full), settings.trainer.learning_rate * 0.3, torch.device("cpu"), "naive")
+    stream = pd.concat([held_day, drift_day], ignore_index=True)
+    hours = hourly(stream, cfg.start_ms + h * DAY_MS)
+    online_p = {k: np.zeros(len(stream)) for k in ("ctr", "cvr", "ctcvr")}
+    bs = settings.trainer.online_batch_size
+    for start in range(0, len(stream), bs):
+        part = stream.iloc[start:start + bs]
+        batch = encode(part, spec)
+        scored = ScoringModel(learner.model).score(batch)
+        for k in online_p:
+            online_p[k][start:start + len(part)] = scored[k]
+        learner.learn(batch)
+    drift_mask = hours >= 24
+    frozen_p, warm_p = full.score(encode(stream, spec)), warm_daily.score(encode(stream, spec))
+    rows["(d) online after drift"] = task_metrics(drift_day, {k: v[drift_mask] for k, v in online_p.items()})
+    rows["(e) frozen after drift"] = task_metrics(drift_day, {k: v[drift_mask] for k, v in frozen_p.items()})
+    rows["(c') daily warm start after drift"] = task_metrics(drift_day, {k: v[drift_mask] for k, v in warm_p.items()})
+    rows["(a') oracle after drift"] = task_metrics(drift_day, oracle(drift_day))
+
+    y = stream["clicked"].to_numpy(float)
+    # The daily warm start serves the held-out day with yesterday's model (the full one) and the drift day with
+    # the model warm-started on the held-out day.
+    daily = np.where(drift_mask, warm_p["ctr"], frozen_p["ctr"])
+    curve = []
+    for hour in range(48):
+        m = hours == hour
+        if m.sum() == 0:
+            continue
+        curve.append({"hour": hour, "oracle": log_loss(y[m], stream["oracle_ctr"].to_numpy()[m]),
+                      "online": log_loss(y[m], online_p["ctr"][m]), "frozen": log_loss(y[m], frozen_p["ctr"][m]),
+                      "daily warm start": log_loss(y[m], daily[m])})
+    reliability = {"full retrain (calibrated)": (held_day["clicked"].to_numpy(float), full.score(held_batch)["ctr"]),
+                   "oracle": (held_day["clicked"].to_numpy(float), held_day["oracle_ctr"].to_numpy())}
+    return {"rows": rows, "curve": curve, "reliability": reliability, "drift_detected": learner.drift.drift_points,
+            "impressions": len(frame)}
+
+
+def online_copy_as_batch(scoring: ScoringModel) -> Ranker:
+    model = Ranker.from_config(scoring.model.config)
+    model.load_state_dict(scoring.model.state_dict())
+    return model
+
+
+def evaluate_delay(settings: Settings, scale: Scale, seed: int) -> dict:
+    """CVR log loss on the last day for the online ranker under each label scheme (see the module docstring)."""
+    from label_joiner.delay_report import historical_curve
+    from label_joiner.replay import new_join, replay
+    from label_joiner.rules import Rules
+    from label_joiner.schemes import make_scheme
+
+    cfg = SimulatorConfig(seed=seed + 100, start=START, hours=24 * scale.delay_days, users=scale.users,
+                          ads=scale.ads, impressions_per_hour=scale.delay_impressions_per_hour, ctr=0.15, cvr=0.2,
+                          drift_logit_per_day=0.0, speed=0, prediction_log=False)
+    gen = generate(cfg, settings)
+    truth = gen.truth.set_index("impression_id")
+    share = float(truth["converted_in_window"].sum() / max(truth["converts"].sum(), 1))
+    curve = historical_curve(cfg.model_copy(update={"seed": seed + 101, "hours": 48.0}), settings)
+    spec = InputSpec.from_schemas(settings.trainer.id_buckets, settings.trainer.small_buckets)
+    last_day = cfg.end_ms - DAY_MS
+    clicks = _frame(gen.truth, share)
+    clicks = clicks[clicks["clicked"] & (clicks["impression_time_ms"] >= last_day)]
+    click_hours = hourly(clicks, last_day)
+    y = clicks["converted"].to_numpy(float)
+    streams: dict[str, pd.DataFrame] = {}
+    for scheme in ("naive", "fnw", "delay_curve"):
+        join = new_join(Rules.from_settings(settings.windows),
+                        make_scheme(scheme, curve, settings.windows.elapsed_windows_s))
+        ex = replay(join, gen.schedule, flush=False, advance_every=200).examples_frame()
+        streams[scheme] = ex.sort_values("as_of_ms", kind="stable").reset_index(drop=True)
+        print(f"evaluate: delay: {scheme}: {len(ex):,} examples", flush=True)
+    oracle_ex = gen.truth.rename(columns={"event_time_ms": "impression_time_ms"}).copy()
+    oracle_ex["as_of_ms"] = oracle_ex["impression_time_ms"]
+    oracle_ex["label_ctr"] = oracle_ex["clicked"].astype(float)
+    oracle_ex["label_ctcvr"] = oracle_ex["converted_in_window"].astype(float)
+    oracle_ex["weight"] = 1.0
+    streams["oracle labels"] = oracle_ex.sort_values("as_of_ms", kind="stable").reset_index(drop=True)
+    category = gen.truth.set_index("impression_id")["category_id"]
+    out: dict[str, dict] = {}
+    for name, ex in streams.items():
+        scheme = name if name in ("naive", "fnw", "delay_curve") else "naive"
+        rows = _scheme_rows(ex, scheme) if name != "oracle labels" else ex
+        rows["category_id"] = category.reindex(rows["impression_id"]).to_numpy()
+        torch.manual_seed(seed)
+        learner = OnlineLearner(Ranker.from_settings(spec, settings.trainer), settings.trainer.learning_rate,
+                                torch.device("cpu"), scheme)
+        first = encode(rows.iloc[: min(len(rows), 20_000)], spec)
+        learner.model.fit_normalizer(first.dense)
+        as_of = rows["as_of_ms"].to_numpy()
+        p = np.zeros(len(clicks))
+        bs = settings.trainer.online_batch_size
+        cursor = 0
+        for hour in range(24):
+            upto = last_day + hour * HOUR_MS
+            end = int(np.searchsorted(as_of, upto, side="left"))
+            for start in range(cursor, end, bs):
+                learner.learn(encode(rows.iloc[start:min(start + bs, end)], spec))
+            cursor = end
+            m = click_hours == hour
+            if m.any():
+                p[m] = ScoringModel(learner.model).uncalibrated(encode(clicks[m], spec))["cvr"]
+        out[name] = {"cvr_logloss": log_loss(y, p), "mean_pcvr": float(p.mean()), "rate": float(y.mean()),
+                     "examples": int(len(rows)), "clicks scored": int(len(clicks))}
+    naive, best = out["naive"]["cvr_logloss"], out["oracle labels"]["cvr_logloss"]
+    for name in out:
+        gap = naive - best
+        out[name]["gap closed"] = float((naive - out[name]["cvr_logloss"]) / gap) if gap > 0 else math.nan
+    return out
+
+
+def _scheme_rows(ex: pd.DataFrame, scheme: str) -> pd.DataFrame:
+    """The joiner's examples through the online trainer's repeat dropping and supersession."""
+    from schemas.events import TrainingExample
+
+    ex = ex.astype({c: "Int64" for c in ("click_time_ms", "conversion_time_ms")})
+    ex = ex.astype(object).where(ex.notna(), None)
+    records = [((0, i), TrainingExample.model_validate(r)) for i, r in enumerate(ex.to_dict("records"))]
+    rows = pd.DataFrame(to_rows(records, ExampleState(), scheme).rows)
+    return rows.sort_values("as_of_ms", kind="stable").reset_index(drop=True)
+
+
+def _img(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_report(result: dict, out_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame({(name, task): m for name, tasks in result["models"]["rows"].items()
+                          for task, m in tasks.items()}).T[["auc", "ne", "ece", "nll", "mean_p", "rate", "n"]]
+    curve = pd.DataFrame(result["models"]["curve"]).set_index("hour")
+    fig, ax = plt.subplots(figsize=(9, 4))
+    curve.plot(ax=ax)
+    ax.axvline(24, color="grey", ls="--")
+    ax.set(xlabel="simulated hour (drift at 24)", ylabel="CTR log loss", title="Recovery from drift")
+    curve_img = _img(fig)
+    plt.close(fig)
+    rel = reliability_plot(result["models"]["reliability"], out_dir / "reliability_ctr.png", "CTR, held-out day")
+    delay = pd.DataFrame(result["delay"]).T
+    html = (f"<html><head><title>Ranker evaluation</title></head><body><h1>Ranker vs the simulator's truth</h1>"
+            f"<p>scale {result['scale']}, {result['seconds']:.0f} s</p>"
+            f"<h2>Per task, held-out day and drift day</h2>{table.to_html(float_format='%.4f')}"
+            f"<h2>Drift: CTR log loss by hour</h2><img src='data:image/png;base64,{curve_img}'/>"
+            f"<p>ADWIN on the online loss flagged drift at examples {result['models']['drift_detected'][:10]}</p>"
+            f"<h2>Delay correction (CVR on the last day's clicks)</h2>{delay.to_html(float_format='%.4f')}"
+            f"<h2>Reliability</h2><img src='{rel.name}'/></body></html>")
+    path = out_dir / "report.html"
+    path.write_text(html)
+    (out_dir / "summary.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, np.ndarray):
+        return None  # the reliability inputs stay out of the summary
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(type(value))
+
+
+def run(settings: Settings, scale_name: str = "small", seed: int = 11, negative_rate: float = 0.25,
+        out_dir: Path | None = None) -> dict:
+    scale = SCALES[scale_name]
+    began = time.monotonic()
+    torch.manual_seed(seed)
+    result = {"scale": {"name": scale_name, **asdict(scale)},
+              "models": evaluate_models(settings, scale, seed, negative_rate),
+              "delay": evaluate_delay(settings, scale, seed)}
+    result["seconds"] = time.monotonic() - began
+    path = write_report(result, out_dir or settings.var_dir / "evaluation")
+    print(f"evaluate: report {path}", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainers.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=sorted(SCALES), default="small")
+    p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    run(get_settings(), args.scale, args.seed, out_dir=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""The ranker's multi-task loss: CTR, CTCVR (ESMM) and negative feedback, over every impression.
+
+- CTR: weighted BCE of ``ctr_logit`` against ``label_ctr``.
+- CTCVR: BCE of ``p_ctcvr = p_ctr * p_cvr`` against ``label_ctcvr`` (soft labels allowed). pCVR is only
+  ever trained through this product over all impressions (ESMM), never on clicked rows alone, so it is
+  free of the sample-selection bias of a click-only CVR model.
+- neg: BCE of ``neg_logit`` on rows that have a negative-feedback label (``label_neg`` not NaN).
+
+Weights are used as they come, negative ones included: a row of weight -1 cancels an earlier example that
+a correction superseded. Each term is divided by the sum of ``|weight|`` of its rows, so the batch size
+does not change the step size.
+
+Schemes (the joiner's delay correction, ``label_joiner/schemes.py``):
+
+- ``naive`` and ``delay_curve``: the loss above (delay_curve's correction is in its soft labels);
+- ``fnw``, fake-negative weighting (Ktena et al. 2019): on clicked rows, with ``p`` the model's own
+  pCVR (no gradient), the positive term is weighted by ``(1 + p)`` and the negative term by
+  ``(1 - p)(1 + p)``; non-clicked rows keep weight 1. FNW's fixed point is a biased estimate: the trainer
+  corrects the served pCVR elsewhere (not in this module).
+
+>>> import torch
+>>> from trainers.model import RankerOutput
+>>> from trainers.data import Batch
+>>> z = torch.zeros(2)
+>>> batch = Batch(torch.zeros(2, 7, dtype=torch.long), torch.zeros(2, 1), torch.zeros(2, 3, dtype=torch.long),
+...               torch.zeros(2, dtype=torch.long), torch.tensor([1.0, 0.0]), z, torch.full((2,), float("nan")),
+...               torch.ones(2), torch.tensor([True, False]))
+>>> loss, metrics = multitask_loss(RankerOutput(z, z, z), batch)
+>>> round(metrics["ctr"], 4), metrics["neg"]
+(0.6931, 0.0)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainers.data import Batch
+from trainers.model import RankerOutput
+
+SCHEMES = ("naive", "fnw", "delay_curve")
+NEG_WEIGHT = 0.5
+P_CLAMP = 1e-7
+EPS = 1e-12
+
+
+def weighted_mean(values: Tensor, weight: Tensor) -> Tensor:
+    """``sum(weight * values) / sum(|weight|)`` (0 when every weight is 0)."""
+    return (weight * values).sum() / weight.abs().sum().clamp_min(EPS)
+
+
+def fnw_weights(p_cvr: Tensor, clicked: Tensor) -> tuple[Tensor, Tensor]:
+    """FNW factors of the positive and the negative term of each row's CTCVR loss (1 off clicked rows)."""
+    p = p_cvr.detach()
+    positive = torch.where(clicked, 1.0 + p, 1.0)
+    negative = torch.where(clicked, (1.0 - p) * (1.0 + p), 1.0)
+    return positive, negative
+
+
+def multitask_loss(out: RankerOutput, batch: Batch, scheme: str = "naive") -> tuple[Tensor, dict[str, float]]:
+    """The total loss to minimize and its float parts ``{"loss", "ctr", "ctcvr", "neg"}``."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown label scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    weight = batch.weight.float()
+
+    # FNW's extra conversion rows carry ctr_weight 0: their click was already learned with the fake negative.
+    ctr_weight = weight if batch.ctr_weight is None else weight * batch.ctr_weight.float()
+    ctr = weighted_mean(
+        F.binary_cross_entropy_with_logits(out.ctr_logit.float(), batch.label_ctr.float(), reduction="none"),
+        ctr_weight,
+    )
+
+    p = out.p_ctcvr.float().clamp(P_CLAMP, 1.0 - P_CLAMP)
+    y = batch.label_ctcvr.float()
+    pos_term, neg_term = -y * torch.log(p), -(1.0 - y) * torch.log1p(-p)
+    if scheme == "fnw":
+        pos_w, neg_w = fnw_weights(out.p_cvr.float(), batch.clicked)
+        pos_term, neg_term = pos_w * pos_term, neg_w * neg_term
+    ctcvr = weighted_mean(pos_term + neg_term, weight)
+
+    labelled = ~torch.isnan(batch.label_neg)
+    neg_bce = F.binary_cross_entropy_with_logits(
+        out.neg_logit.float(), torch.nan_to_num(batch.label_neg.float(), nan=0.0), reduction="none"
+    )
+    neg = weighted_mean(torch.where(labelled, neg_bce, 0.0), torch.where(labelled, weight, 0.0))
+
+    total = ctr + ctcvr + NEG_WEIGHT * neg
+    parts = torch.stack([total, ctr, ctcvr, neg]).detach().tolist()  # one device sync, not four
+    return total, dict(zip(("loss", "ctr", "ctcvr", "neg"), parts, strict=True))
