@@ -9,7 +9,7 @@ HOURS  ?= 3
 
 .PHONY: install system-deps jars up down status topics demo simulate joiner realtime bronze silver batch-labels gold \
 	realtime-log training-set quality feast-apply materialize full-retrain warm-start online registry promote rollback evaluate delay-curve delay-report test kill-loop lint flink bench-produce \
-	bench-joiner bench-restart bench-decode bench-train bench-online bench-materialize bench-freshness clean
+	bench-joiner bench-restart bench-decode bench-train bench-online-freshness bench-online bench-materialize bench-freshness clean
 
 install: system-deps $(VENV)/.installed jars
 
@@ -155,6 +155,10 @@ bench-restart: up
 
 bench-decode: install
 	$(PY) -m bench.decode
+
+# An example's arrival in Kafka -> a published online model that learned it (p50/p99 at the live rate and above).
+bench-online-freshness: up
+	$(PY) -m bench.online_freshness
 
 # Training examples/s of the full ranker vs a plain MLP over the same embeddings, with the input-wait share.
 bench-train: install

@@ -142,8 +142,8 @@ class TrainerSettings(BaseModel):
     id_buckets: int = 200_003
     small_buckets: int = 1_009  # placement, device, category, position
     embedding_dim: int = 16
-    batch_size: int = 1024
-    learning_rate: float = 3e-3
+    batch_size: int = 512
+    learning_rate: float = 1e-2
     # Full retrain: the last N days of training sets; warm start: the latest day, from the promoted model.
     full_retrain_days: int = 30
     epochs: int = 2

@@ -180,7 +180,7 @@ def test_esmm_learns_cvr_from_all_impressions():
     cvr = np.where(frame["ad_id"] % 2 == 0, 0.5, 0.1)
     frame["converted"] = frame["clicked"] & (rng.random(len(frame)) < cvr)
     model = small_ranker()
-    train(model, encode(frame, SPEC), steps=300)
+    train(model, encode(frame, SPEC), steps=600)
     model.eval()
     test = make_frame(4000, seed=5, n_ads=20)
     with torch.no_grad():

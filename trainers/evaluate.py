@@ -69,6 +69,8 @@ class Scale:
 
 
 SCALES = {
+    "ci": Scale(users=1_500, ads=300, impressions_per_hour=2_000, history_days=2, delay_days=3,
+                delay_impressions_per_hour=1_200, epochs=1),
     "small": Scale(users=2_000, ads=400, impressions_per_hour=2_500, history_days=3, delay_days=4,
                    delay_impressions_per_hour=1_500),
     "full": Scale(users=20_000, ads=2_000, impressions_per_hour=12_000, history_days=6, delay_days=8,

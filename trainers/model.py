@@ -227,17 +227,25 @@ class MMoE(nn.Module):
 
 
 class Ranker(RankerBase):
-    """Embeddings + target attention + dense -> DCN-v2 cross || MLP -> MMoE -> ctr / cvr / neg towers."""
+    """Embeddings + target attention + dense -> DCN-v2 cross || MLP -> MMoE -> ctr / cvr / neg towers.
+
+    With ``interactions`` the pairwise dot products of the field embeddings (and the attention's interest
+    vector) join the input, as in DLRM: a user x ad affinity is one number the towers read directly, instead of
+    a product the MLP has to approximate."""
 
     def __init__(self, spec: InputSpec, embedding_dim: int = 16, cross_layers: int = 2,
-                 mlp: tuple[int, ...] = (128, 64), experts: int = 3, expert_dim: int = 64) -> None:
+                 mlp: tuple[int, ...] = (128, 64), experts: int = 3, expert_dim: int = 64,
+                 interactions: bool = True) -> None:
         super().__init__(spec, embedding_dim)
         self.config = {"model": type(self).__name__, "spec": dataclasses.asdict(spec),
                        "embedding_dim": embedding_dim, "cross_layers": cross_layers, "mlp": list(mlp),
-                       "experts": experts, "expert_dim": expert_dim}
+                       "experts": experts, "expert_dim": expert_dim, "interactions": interactions}
+        self.interactions = interactions
+        n_vectors = len(spec.sparse_fields) + 1
+        self.pairs = torch.triu_indices(n_vectors, n_vectors, offset=1) if interactions else None
         self.ad_field = spec.sparse_fields.index("ad_id")
         self.attention = TargetAttention(embedding_dim)
-        x0_dim = (len(spec.sparse_fields) + 1) * embedding_dim + self.dense_dim
+        x0_dim = n_vectors * embedding_dim + self.dense_dim + (self.pairs.shape[1] if interactions else 0)
         self.cross = CrossNetwork(x0_dim, cross_layers)
         self.deep = mlp_layers(x0_dim, mlp)
         self.mmoe = MMoE(x0_dim + (mlp[-1] if mlp else x0_dim), experts, expert_dim, len(TASKS))
@@ -263,7 +271,12 @@ class Ranker(RankerBase):
         fields = self.field_embeddings(batch)
         history = self.embeddings["ad_id"](batch.history)
         interest = self.attention(history, fields[:, self.ad_field], batch.history > 0)
-        x0 = torch.cat([fields.flatten(1), interest, self.dense_inputs(batch)], 1)
+        parts = [fields.flatten(1), interest, self.dense_inputs(batch)]
+        if self.interactions:
+            vectors = torch.cat([fields, interest.unsqueeze(1)], 1)
+            dots = torch.bmm(vectors, vectors.transpose(1, 2))
+            parts.append(dots[:, self.pairs[0], self.pairs[1]])
+        x0 = torch.cat(parts, 1)
         shared = torch.cat([self.cross(x0), self.deep(x0)], 1)
         ctr, cvr, neg = (tower(x) for tower, x in zip(self.towers, self.mmoe(shared), strict=True))
         return self.output(ctr, cvr, neg, batch, position)

@@ -263,6 +263,7 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
                 for start in range(0, len(frame), cfg.online_batch_size):
                     learner.learn(encode(frame.iloc[start:start + cfg.online_batch_size], spec))
                 arrivals.extend(stamps)
+                last_input = time.monotonic()  # idle means waiting for input, not learning it
             if time.monotonic() - last_publish >= publish_every_s and arrivals:
                 publish()
             if idle_exit_s is not None and time.monotonic() - last_input > idle_exit_s:
