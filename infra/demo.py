@@ -100,7 +100,8 @@ def training_side(settings) -> dict[str, str]:
     print(f"demo: online trainer published {len(versions)} versions; promoted {registry.promoted()}", flush=True)
     for meta in registry.list():
         print(f"  {meta['version']:<16} parent {str(meta.get('parent')):<16} data {meta.get('data_range', '-')}")
-    return {"model registry": f"{settings.registry_dir} (python -m trainers.registry --root {settings.registry_dir} list)"}
+    root = settings.registry_dir
+    return {"model registry": f"{root} (python -m trainers.registry --root {root} list)"}
 
 
 def straddling_start(hours: float, now: datetime) -> datetime:
