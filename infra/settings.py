@@ -149,6 +149,7 @@ class TrainerSettings(BaseModel):
     epochs: int = 2
     # Online updates: mini-batch size, and a new model version published every N seconds.
     online_batch_size: int = 256
+    online_learning_rate: float = 3e-3  # lower than the batch rate: the stream never ends
     publish_every_s: float = 10.0
     # Delay correction the online trainer applies to what the joiner emits: naive, fnw or delay_curve.
     label_scheme: str = "fnw"

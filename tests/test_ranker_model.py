@@ -186,7 +186,8 @@ def test_esmm_learns_cvr_from_all_impressions():
     with torch.no_grad():
         p_cvr = model(encode(test, SPEC), position=False).p_cvr.numpy()
     even = (test["ad_id"] % 2 == 0).to_numpy()
-    assert p_cvr[even].mean() > p_cvr[~even].mean() + 0.2, (p_cvr[even].mean(), p_cvr[~even].mean())
+    # Truth: 0.5 vs 0.1. A CVR tower that learned nothing through pCTCVR would give no gap at all.
+    assert p_cvr[even].mean() > p_cvr[~even].mean() + 0.15, (p_cvr[even].mean(), p_cvr[~even].mean())
 
 
 def tiny_batch(label_ctcvr: list[float], clicked: list[bool], weight: list[float], label_neg: list[float]) -> Batch:

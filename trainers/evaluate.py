@@ -170,7 +170,7 @@ def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float) ->
     # The drift day: the online ranker learns the held-out and drift days in event-time order.
     warm_daily = train_batch(held_day, spec, settings, scale, rate, model=online_copy_as_batch(full), lr_factor=0.3,
                              epochs=1)
-    learner = OnlineLearner(online_copy(full), settings.trainer.learning_rate * 0.3, torch.device("cpu"), "naive")
+    learner = OnlineLearner(online_copy(full), settings.trainer.online_learning_rate, torch.device("cpu"), "naive")
     stream = pd.concat([held_day, drift_day], ignore_index=True)
     hours = hourly(stream, cfg.start_ms + h * DAY_MS)
     online_p = {k: np.zeros(len(stream)) for k in ("ctr", "cvr", "ctcvr")}
@@ -201,8 +201,14 @@ def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float) ->
         curve.append({"hour": hour, "oracle": log_loss(y[m], stream["oracle_ctr"].to_numpy()[m]),
                       "online": log_loss(y[m], online_p["ctr"][m]), "frozen": log_loss(y[m], frozen_p["ctr"][m]),
                       "daily warm start": log_loss(y[m], daily[m])})
-    reliability = {"full retrain (calibrated)": (held_day["clicked"].to_numpy(float), full.score(held_batch)["ctr"]),
-                   "oracle": (held_day["clicked"].to_numpy(float), held_day["oracle_ctr"].to_numpy())}
+    full_p, full_raw, truth_p = full.score(held_batch), full.uncalibrated(held_batch), oracle(held_day)
+    clicked = held_day["clicked"].to_numpy()
+    labels = {"ctr": held_day["clicked"].to_numpy(float), "ctcvr": held_day["converted"].to_numpy(float),
+              "cvr": held_day["converted"].to_numpy(float)[clicked]}
+    rows_of = {"ctr": slice(None), "ctcvr": slice(None), "cvr": clicked}
+    reliability = {task: {"full retrain, downsampling undone": (y, full_raw[task][rows_of[task]]),
+                          "full retrain, calibrated": (y, full_p[task][rows_of[task]]),
+                          "oracle": (y, truth_p[task][rows_of[task]])} for task, y in labels.items()}
     return {"rows": rows, "curve": curve, "reliability": reliability, "drift_detected": learner.drift.drift_points,
             "impressions": len(frame)}
 
@@ -253,7 +259,7 @@ def evaluate_delay(settings: Settings, scale: Scale, seed: int) -> dict:
         rows = _scheme_rows(ex, scheme) if name != "oracle labels" else ex
         rows["category_id"] = category.reindex(rows["impression_id"]).to_numpy()
         torch.manual_seed(seed)
-        learner = OnlineLearner(Ranker.from_settings(spec, settings.trainer), settings.trainer.learning_rate,
+        learner = OnlineLearner(Ranker.from_settings(spec, settings.trainer), settings.trainer.online_learning_rate,
                                 torch.device("cpu"), scheme)
         first = encode(rows.iloc[: min(len(rows), 20_000)], spec)
         learner.model.fit_normalizer(first.dense)
@@ -312,15 +318,17 @@ def write_report(result: dict, out_dir: Path) -> Path:
     ax.set(xlabel="simulated hour (drift at 24)", ylabel="CTR log loss", title="Recovery from drift")
     curve_img = _img(fig)
     plt.close(fig)
-    rel = reliability_plot(result["models"]["reliability"], out_dir / "reliability_ctr.png", "CTR, held-out day")
+    plots = [reliability_plot(curves, out_dir / f"reliability_{task}.png", f"{task.upper()}, held-out day")
+             for task, curves in result["models"]["reliability"].items()]
     delay = pd.DataFrame(result["delay"]).T
+    images = "".join(f"<img src='{p.name}'/>" for p in plots)
     html = (f"<html><head><title>Ranker evaluation</title></head><body><h1>Ranker vs the simulator's truth</h1>"
             f"<p>scale {result['scale']}, {result['seconds']:.0f} s</p>"
             f"<h2>Per task, held-out day and drift day</h2>{table.to_html(float_format='%.4f')}"
             f"<h2>Drift: CTR log loss by hour</h2><img src='data:image/png;base64,{curve_img}'/>"
             f"<p>ADWIN on the online loss flagged drift at examples {result['models']['drift_detected'][:10]}</p>"
             f"<h2>Delay correction (CVR on the last day's clicks)</h2>{delay.to_html(float_format='%.4f')}"
-            f"<h2>Reliability</h2><img src='{rel.name}'/></body></html>")
+            f"<h2>Reliability per task (held-out day)</h2>{images}</body></html>")
     path = out_dir / "report.html"
     path.write_text(html)
     (out_dir / "summary.json").write_text(json.dumps(result, indent=1, default=_json_default))

@@ -71,9 +71,12 @@ def multitask_loss(out: RankerOutput, batch: Batch, scheme: str = "naive") -> tu
         ctr_weight,
     )
 
-    p = out.p_ctcvr.float().clamp(P_CLAMP, 1.0 - P_CLAMP)
+    # log pCTCVR = log sigmoid(ctr) + log sigmoid(cvr), in log space: a clamp on p would stop the gradient of
+    # a row whose pCTCVR fell below it, and a collapsed tower would never come back.
+    log_p = F.logsigmoid(out.ctr_logit.float()) + F.logsigmoid(out.cvr_logit.float())
+    log_not_p = torch.log(-torch.expm1(log_p.clamp(max=-P_CLAMP)))
     y = batch.label_ctcvr.float()
-    pos_term, neg_term = -y * torch.log(p), -(1.0 - y) * torch.log1p(-p)
+    pos_term, neg_term = -y * log_p, -(1.0 - y) * log_not_p
     if scheme == "fnw":
         pos_w, neg_w = fnw_weights(out.p_cvr.float(), batch.clicked)
         pos_term, neg_term = pos_w * pos_term, neg_w * neg_term

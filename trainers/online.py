@@ -200,7 +200,7 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
     registry = Registry(settings.registry_dir)
     spec = InputSpec.from_schemas(cfg.id_buckets, cfg.small_buckets)
     model, offsets, parent = start_model(registry, spec, settings)
-    learner = OnlineLearner(model, cfg.learning_rate, pick_device(cfg.device), scheme)
+    learner = OnlineLearner(model, cfg.online_learning_rate, pick_device(cfg.device), scheme)
     state = ExampleState(settings.var_dir / "trainers" / "online-state")
     reader = OnlineReader(settings).start() if features else None
     dead = DeadLetterSink(settings, stage="online_trainer")
