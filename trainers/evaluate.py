@@ -123,10 +123,16 @@ def train_batch(frame: pd.DataFrame, spec: InputSpec, settings: Settings, scale:
     return scoring
 
 
-def online_copy(scoring: ScoringModel) -> Ranker:
-    """A copy of a batch model for online learning on the undownsampled stream (CTR logit moved by log(w))."""
+def copy_model(scoring: ScoringModel) -> Ranker:
+    """A trainable copy of a scoring model's network."""
     model = Ranker.from_config(scoring.model.config)
     model.load_state_dict(scoring.model.state_dict())
+    return model
+
+
+def online_copy(scoring: ScoringModel) -> Ranker:
+    """A copy of a batch model for online learning on the undownsampled stream (CTR logit moved by log(w))."""
+    model = copy_model(scoring)
     if scoring.negative_rate < 1.0:
         model.shift_ctr_logit(math.log(scoring.negative_rate))
     return model
@@ -168,7 +174,7 @@ def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float) ->
             "(f) river baseline": task_metrics(held_day, river_p)}
 
     # The drift day: the online ranker learns the held-out and drift days in event-time order.
-    warm_daily = train_batch(held_day, spec, settings, scale, rate, model=online_copy_as_batch(full), lr_factor=0.3,
+    warm_daily = train_batch(held_day, spec, settings, scale, rate, model=copy_model(full), lr_factor=0.3,
                              epochs=1)
     learner = OnlineLearner(online_copy(full), settings.trainer.online_learning_rate, torch.device("cpu"), "naive")
     stream = pd.concat([held_day, drift_day], ignore_index=True)
@@ -211,12 +217,6 @@ def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float) ->
                           "oracle": (y, truth_p[task][rows_of[task]])} for task, y in labels.items()}
     return {"rows": rows, "curve": curve, "reliability": reliability, "drift_detected": learner.drift.drift_points,
             "impressions": len(frame)}
-
-
-def online_copy_as_batch(scoring: ScoringModel) -> Ranker:
-    model = Ranker.from_config(scoring.model.config)
-    model.load_state_dict(scoring.model.state_dict())
-    return model
 
 
 def evaluate_delay(settings: Settings, scale: Scale, seed: int) -> dict:
