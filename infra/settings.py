@@ -11,6 +11,7 @@ Values come from environment variables (prefix ``ADS_``, nested with ``__``, for
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -159,6 +160,39 @@ class TrainerSettings(BaseModel):
     calibration_share: float = 0.1
 
 
+class ServingSettings(BaseModel):
+    """Scoring and the auction, prediction logging, the circuit breaker and the A/B experiment."""
+
+    host: str = "127.0.0.1"
+    port: int = 18080
+    # Registry polled this often for a new promoted model (swapped in without dropping a request).
+    reload_every_s: float = 1.0
+    # Auction: eCPM = bid x pCTR x pCVR x (1 - pNeg) ** quality_exponent, x 1000; reserve price per conversion.
+    quality_exponent: float = 1.0
+    reserve_ecpm: float = 0.0
+    # Frequency cap: at most this many impressions of one campaign per user per UTC day (Redis counters).
+    frequency_cap: int = 5
+    # Exploration: ads with fewer impressions than ``new_ad_impressions`` are new; on ``explore_share`` of
+    # requests their pCTR is a Thompson sample from Beta(prior at the model's pCTR, ``prior_strength``).
+    explore_share: float = 0.05
+    new_ad_impressions: int = 100
+    prior_strength: float = 50.0
+    # Prediction logging: bounded in-memory queue, then a bounded on-disk spool while Kafka is down.
+    log_queue_records: int = 100_000
+    log_spool_bytes: int = 256 * 1024 * 1024
+    log_spool_subdir: str = "serving/spool"
+    # Circuit breaker on a newly promoted model: roll back when PSI of served pCTR against the model's
+    # training reference, or |log(mean predicted / observed)| per task, crosses these.
+    psi_threshold: float = 0.25
+    calibration_threshold: float = 0.4
+    min_breaker_impressions: int = 2_000
+    # A/B: users hash into ``buckets`` buckets; arm -> (first bucket, last bucket + 1, model version or
+    # "promoted"). An empty experiment serves the promoted model to everyone.
+    buckets: int = 1_000
+    experiment_salt: str = "ab1"
+    experiment: dict[str, tuple[int, int, str]] = Field(default_factory=dict)
+
+
 class Settings(BaseSettings):
     """Everything configurable in the pipeline."""
 
@@ -171,6 +205,7 @@ class Settings(BaseSettings):
     windows: WindowSettings = Field(default_factory=WindowSettings)
     spark: SparkSettings = Field(default_factory=SparkSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
     # Feast project: the online store's keys end with it (tests use their own).
     feast_project: str = "adsstream"
     # Local state: broker logs, Redis data, Delta tables, simulator runs.
@@ -183,7 +218,7 @@ class Settings(BaseSettings):
         env = {}
         for name, value in self.model_dump(mode="json").items():
             if isinstance(value, dict):
-                env.update({f"ADS_{name}__{k}".upper(): str(v) for k, v in value.items() if v is not None})
+                env.update({f"ADS_{name}__{k}".upper(): _env_value(v) for k, v in value.items() if v is not None})
             elif value is not None:
                 env[f"ADS_{name}".upper()] = str(value)
         return env
@@ -199,6 +234,11 @@ class Settings(BaseSettings):
     @property
     def registry_dir(self) -> Path:
         return self.var_dir / self.trainer.registry_subdir
+
+
+def _env_value(value: object) -> str:
+    """A setting as pydantic-settings reads it back: JSON for lists and dicts."""
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
 @lru_cache(maxsize=1)

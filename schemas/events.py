@@ -90,9 +90,17 @@ class Conversion(Event):
 
 
 class PredictionLog(Event):
-    """What serving scored: the features and scores of one candidate, logged for replay."""
+    """One candidate serving showed, as it scored it: the exact model inputs, the model version, the scores
+    and the auction's outcome. Training replays these (log-and-replay) instead of recomputing features.
+
+    ``features`` holds the scalar model inputs by column name (``<view>__<feature>``; a feature the store
+    had no value for is absent), ``feature_lists`` the list-valued ones (the user's recent ads, the
+    category profile). ``impression_id`` is the impression this candidate became (the record's key, and
+    the impression's ``feature_ref``). Version 1 records (no context, no auction fields) still decode.
+    """
 
     NAME: ClassVar[str] = "prediction_log"
+    VERSION: ClassVar[int] = 2
 
     request_id: str = Field(min_length=1)
     impression_id: str = Field(min_length=1)
@@ -103,6 +111,21 @@ class PredictionLog(Event):
     features: dict[str, float]
     pctr: float = Probability
     pcvr: float = Probability
+    # Version 2: the request's context and the candidate's catalog ids, as the model saw them.
+    advertiser_id: int = Field(default=0, ge=0)
+    campaign_id: int = Field(default=0, ge=0)
+    category_id: int = Field(default=-1, ge=-1)
+    placement: str = ""
+    device: str = ""
+    position: int = Field(default=0, ge=0, le=100)
+    bid: float = Field(default=0.0, ge=0.0)
+    feature_lists: dict[str, list[float]] = Field(default_factory=dict)
+    # The auction: expected revenue per thousand impressions, the second price charged per conversion,
+    # whether the slot went to exploration, and the A/B arm of the user's bucket.
+    ecpm: float = Field(default=0.0, ge=0.0)
+    price: float = Field(default=0.0, ge=0.0)
+    explored: bool = False
+    arm: str = ""
 
 
 class TrainingExample(Event):
