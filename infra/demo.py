@@ -1,19 +1,22 @@
-"""The main job, end to end on the local stack: ``python -m infra.demo --hours 3``.
+"""The main job, end to end on the local stack, the loop closed: ``python -m infra.demo --days 3``.
 
 Creates this demo's own topics (``demo<time>-impressions``, ...) and lake (``var/demo<time>/``), starts the
-label joiner and the real-time feature worker, simulates the last ``--hours`` of traffic into Kafka (paced:
-a simulated day in two minutes), waits until both workers have caught up, then runs the batch side:
-bronze -> silver -> gold (each day checked by the data-quality suites) -> ``feast apply`` + ``feast
-materialize`` -> the point-in-time training set, reads one ranking request through the online read path,
-then trains the ranker by its three cadences (a full retrain over the first day, a warm start over the
-second, online updates over the joiner's training examples) and prints where every output is.
+label joiner and the real-time feature worker, then simulates ``--days`` + 1 days that end at the last UTC
+midnight (paced: a simulated day in about a minute):
 
-The simulated hours straddle a UTC midnight (they end at most a few hours ago), so the run has two days:
-one for the full retrain and one for the warm start.
+- day 0 (bootstrap): the simulator's ad server with the serving that ran before any model (the truth seen
+  through noise); then the batch side (bronze -> silver -> gold with data-quality checks -> ``feast apply`` +
+  ``feast materialize`` -> the point-in-time training set) and a full retrain, promoted;
+- days 1..N: the ad server asks the scorer for every request (in process: features from the online store,
+  the promoted model hot-reloaded, eCPM auction with second prices, frequency caps, exploration of new ads,
+  an A/B experiment: ``control`` keeps the full retrain, ``treatment`` follows promotions), and the scorer
+  logs every shown ad to the prediction log. The circuit breaker checks the promoted model every simulated
+  hour. After each day: the batch side, the log-and-replay training set and the skew report, a warm start
+  on the replayed day (promoted), and online updates from the joiner's training examples. On the last day
+  a deliberately broken model (its CTR logit shifted) is promoted at hour 6: the breaker rolls it back.
+- at the end: the monitoring report and the A/B report (checked against the simulator's truth).
 
-The demo's conversion window is one hour (the default is seven days), so its silver labels mature within
-the run; everything else uses the settings as they are.
-
+The demo's conversion window is one hour (the default is seven days), so its labels mature within the run.
 Each demo has topics of its own because the simulator stamps every record with its simulated delivery
 time: a second demo on the same topics would send records older than the joiner's clock.
 """
@@ -28,7 +31,6 @@ from datetime import UTC, datetime, timedelta
 from infra.settings import get_settings
 from infra.topics import group_lag, topic_counts, with_topic_prefix
 from label_joiner.worker import start_worker, stop_worker
-from streams.simulator.__main__ import main as simulate
 
 
 def wait_until_caught_up(settings, group: str, timeout_s: float = 300.0) -> None:
@@ -59,115 +61,182 @@ def wait_until_still(settings, group: str, topics: list[str], timeout_s: float =
     print(f"demo: {group} did not settle in time; see its log")
 
 
-def batch_side(settings, start: datetime, end: datetime) -> dict[str, str]:
-    """bronze -> silver -> gold (with quality) -> feast apply + materialize -> training set."""
-    from batch_jobs import bronze, gold, realtime_log, silver, training_set
-    from batch_jobs.days import days
+def day_batch(settings, ds, *, training_set: bool, replay: bool) -> None:
+    """One day of the batch side: bronze (every topic, incrementally), the real-time log, silver, gold (each
+    checked by its data-quality suite), the online store, and the day's training data."""
+    from batch_jobs import bronze, gold, realtime_log, silver
     from feature_repo.cli import feast
 
-    first, last = start.date(), end.date()
     bronze.run(None, settings)
-    realtime_log.run(None, settings)  # the real-time rows, for point-in-time joins
-    for ds in days(first, last):
-        silver.run(ds, settings)
-        print(f"demo: gold {ds}: {gold.run(ds, settings)}", flush=True)
+    realtime_log.run(None, settings)
+    silver.run(ds, settings)
+    print(f"demo: gold {ds}: {gold.run(ds, settings)}", flush=True)
     feast(["apply"], settings)
-    feast(["materialize", (start - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S"),
-           (end + timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%S")], settings)
-    print(f"demo: training set {training_set.run(first, last, settings)}", flush=True)
-    lake = settings.lake_dir
-    return {"bronze tables": f"{lake}/bronze/<topic>", "silver labels": silver.silver_path(settings),
-            "gold features": f"{lake}/gold/<view>",
-            "real-time feature log": f"{lake}/realtime/<view>", "training set": f"{lake}/training/training_set",
-            "data-quality reports": f"{settings.var_dir}/quality/gx/uncommitted/data_docs/local_site/index.html",
-            "quarantine markers": f"{lake}/_quarantine", "feast registry": f"{settings.var_dir}/feast/",
-            "online store": f"Redis {settings.redis.host}:{settings.redis.port}, project {settings.feast_project}"}
+    feast(["materialize", (datetime.combine(ds, datetime.min.time()) - timedelta(days=1)).isoformat(),
+           (datetime.combine(ds, datetime.min.time()) + timedelta(days=2)).isoformat()], settings)
+    if training_set:
+        from batch_jobs import training_set as ts
+
+        print(f"demo: training set {ts.run(ds, ds, settings)}", flush=True)
+    if replay:
+        from batch_jobs import replay_set, skew_report
+
+        print(f"demo: replay set {replay_set.run(ds, ds, settings)}", flush=True)
+        print(f"demo: skew report {skew_report.run(ds, ds, settings)}", flush=True)
 
 
-def training_side(settings) -> dict[str, str]:
-    """Full retrain over the first training-set day, warm start over the next, then online updates."""
-    from infra.spark_session import spark_session
-    from trainers import full_retrain, online, warm_start
-    from trainers.datasets import available_days
-    from trainers.registry import Registry
-
-    have = available_days(spark_session("demo", settings), settings)
-    full_retrain.run(settings, end=have[0], days=1)
-    if len(have) > 1:
-        warm_start.run(settings, ds=have[-1])
-    versions = online.run(settings, publish_every_s=5.0, idle_exit_s=10.0)
-    registry = Registry(settings.registry_dir)
-    print(f"demo: online trainer published {len(versions)} versions; promoted {registry.promoted()}", flush=True)
-    for meta in registry.list():
-        print(f"  {meta['version']:<16} parent {str(meta.get('parent')):<16} data {meta.get('data_range', '-')}")
-    root = settings.registry_dir
-    return {"model registry": f"{root} (python -m trainers.registry --root {root} list)"}
-
-
-def straddling_start(hours: float, now: datetime) -> datetime:
-    """The start of ``hours`` of simulated traffic that cross the last UTC midnight at their middle and end
-    before ``now``."""
-    half = timedelta(hours=hours / 2)
-    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    if now - midnight < half:
-        midnight -= timedelta(days=1)
-    return midnight - half
-
-
-def one_request(settings, truth_path) -> None:
-    """Serve one ranking request (a user and up to 500 ads) through the online read path."""
-    import pandas as pd
-
-    from feature_repo.online import OnlineReader
-
-    truth = pd.read_parquet(truth_path, columns=["user_id", "ad_id"])
-    ads = truth["ad_id"].drop_duplicates().head(500).tolist()
-    reader = OnlineReader(settings)
-    reader.features(int(truth["user_id"].iloc[0]), ads)  # the first request loads the ads
-    t0 = time.perf_counter()
-    got = reader.features(int(truth["user_id"].iloc[0]), ads).to_feast_dict()
-    print(f"demo: one request, 1 user x {len(ads)} ads, {len(got)} columns in {1000 * (time.perf_counter() - t0):.2f} "
-          f"ms (ad features at most {reader.staleness_s:.0f} s stale)")
+def demo_settings(run_id: str, days: int):
+    """This demo's topics, lake, registry and Feast project; a one-hour conversion window; the A/B experiment
+    (control: the full retrain, pinned once it exists; treatment: the promoted model); a breaker that decides
+    on the demo's small hourly volume."""
+    base = get_settings()
+    serving = base.serving.model_copy(update={"min_breaker_impressions": 300})
+    return with_topic_prefix(base, run_id).model_copy(update={
+        "var_dir": base.var_dir / run_id, "feast_project": run_id, "serving": serving,
+        "windows": base.windows.model_copy(update={"conversion_window_s": 3600.0})})
 
 
 def main(argv: list[str] | None = None) -> int:
+    import numpy as np
+    from trainers.circuit_breaker import check
+
+    from streams.simulator.closed_loop import ClosedLoop, baseline_policy, run_hours, scorer_policy
+    from streams.simulator.config import SimulatorConfig
+    from streams.simulator.run import make_producer, send_catalog
+    from trainers import full_retrain, online, warm_start
+    from trainers.registry import Registry
+
     p = argparse.ArgumentParser(prog="python -m infra.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hours", type=float, default=3.0)
-    p.add_argument("--speed", type=float, default=720.0)
+    p.add_argument("--days", type=int, default=3, help="closed-loop days after the bootstrap day")
+    p.add_argument("--speed", type=float, default=1440.0, help="simulated seconds per wall-clock second")
+    p.add_argument("--impressions-per-hour", type=float, default=600.0)
+    p.add_argument("--candidates", type=int, default=100, help="candidate ads per request")
     a = p.parse_args(argv)
     run_id = f"demo{int(time.time())}"
-    base = get_settings()
-    settings = with_topic_prefix(base, run_id).model_copy(update={
-        "var_dir": base.var_dir / run_id, "feast_project": run_id,
-        "windows": base.windows.model_copy(update={"conversion_window_s": 3600.0})})
+    settings = demo_settings(run_id, a.days)
+    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    start = midnight - timedelta(days=a.days + 1)
+    cfg = SimulatorConfig(run_id=run_id, start=start, hours=24.0 * (a.days + 1), users=20_000, ads=4_000,
+                          impressions_per_hour=a.impressions_per_hour, speed=a.speed, prediction_log=False)
     joiner_group, realtime_group = f"label-joiner-{run_id}", f"realtime-{run_id}"
     joiner = start_worker(settings, joiner_group, settings.var_dir / "label_joiner.log")
     realtime = start_worker(settings, realtime_group, settings.var_dir / "realtime.log",
                             app_module="streams.realtime_app")
     print(f"demo: label joiner (pid {joiner.pid}) and real-time features (pid {realtime.pid}) started, topics "
           f"{run_id}-*, logs in {settings.var_dir}", flush=True)
-    # The simulated hours end before now: every record's timestamp (its simulated delivery) lies in the past.
-    start = straddling_start(a.hours, datetime.now(UTC))
+    registry = Registry(settings.registry_dir)
+    loop = ClosedLoop(cfg, settings, candidates=a.candidates)
+    producer = make_producer(settings)
+    send_catalog(loop.world.campaigns(cfg.start_ms), settings)
+    truths, scorer, logger = [], None, None
     try:
-        simulate(["--hours", str(a.hours), "--speed", str(a.speed), "--start", start.isoformat(),
-                  "--run-id", run_id], settings)
-        wait_until_caught_up(settings, joiner_group)
-        wait_until_still(settings, f"{realtime_group}-entities", [settings.topics.realtime_entity_events])
+        # Day 0: the serving before any model.
+        truths.append(run_hours(loop, range(0, 24), baseline_policy(loop), producer, a.speed))
+        settle(settings, joiner_group, realtime_group)
+        day_batch(settings, start.date(), training_set=True, replay=False)
+        v1 = full_retrain.run(settings, end=start.date().isoformat(), days=1)
+        print(f"demo: full retrain {v1} promoted", flush=True)
+        scorer, logger = start_scorer(settings, registry, control=v1)
+        for day in range(1, a.days + 1):
+            ds = (start + timedelta(days=day)).date()
+            broken_at = 24 * day + 6 if day == a.days else None
+
+            def each_hour(hour, truth, broken_at=broken_at):
+                if hour == broken_at:
+                    inject_broken_model(registry)
+                verdict = check(settings, registry)
+                print(f"demo: circuit breaker: {verdict}", flush=True)
+
+            truths.append(run_hours(loop, range(24 * day, 24 * (day + 1)), scorer_policy(scorer), producer,
+                                    a.speed, on_hour=each_hour))
+            logger.flush(60)
+            settle(settings, joiner_group, realtime_group)
+            day_batch(settings, ds, training_set=True, replay=True)
+            version = warm_start.run(settings, ds=ds.isoformat(), source="replay")
+            print(f"demo: warm start {version} on the replayed {ds}, promoted", flush=True)
+            online.run(settings, publish_every_s=5.0, idle_exit_s=10.0)
+            print(f"demo: online updates; promoted {registry.promoted()}", flush=True)
     finally:
+        if scorer is not None:
+            scorer.close()
+        if logger is not None:
+            logger.close()
+        producer.close()
         stop_worker(joiner)
         stop_worker(realtime)
+    truth = pd_concat(truths)
+    truth_path = settings.runs_dir / run_id / "truth.parquet"
+    truth_path.parent.mkdir(parents=True, exist_ok=True)
+    truth.to_parquet(truth_path, index=False)
     print(f"\nWhat landed in each topic of this demo ({run_id}-*; transaction markers count as messages):")
     for name, count in topic_counts(settings).items():
         print(f"  {name:<34} {count:>10,} messages")
-    end = start + timedelta(hours=a.hours)
-    where = batch_side(settings, start, end)
-    one_request(settings, settings.runs_dir / run_id / "truth.parquet")
-    where.update(training_side(settings))
+    print(f"  pending (delivery time after now, not sent): {len(loop.pending):,}; pacing {loop.pacer.summary()}")
+    served = truth[truth["model_version"] != "sim-serving-v1"]
+    print(f"demo: closed loop served {len(served):,} impressions, CTR {served['clicked'].mean():.4f}, "
+          f"true CTR {served['true_pctr'].mean():.4f}; bootstrap CTR "
+          f"{truth.loc[truth['model_version'] == 'sim-serving-v1', 'clicked'].mean():.4f}; explored "
+          f"{int(np.sum(served['explored']))}", flush=True)
+    where = reports(settings, truth_path)
+    print("\nModel registry:")
+    for meta in registry.list():
+        print(f"  {meta['version']:<16} parent {str(meta.get('parent')):<16} data {meta.get('data_range', '-')}")
+    for event in registry.events()[-8:]:
+        print(f"  event {event}")
     print("\nWhere the outputs are:")
     for what, path in where.items():
         print(f"  {what:<34} {path}")
     return 0
+
+
+def pd_concat(frames):
+    import pandas as pd
+
+    return pd.concat([f for f in frames if len(f)], ignore_index=True)
+
+
+def settle(settings, joiner_group: str, realtime_group: str) -> None:
+    wait_until_caught_up(settings, joiner_group)
+    wait_until_still(settings, f"{realtime_group}-entities", [settings.topics.realtime_entity_events])
+
+
+def start_scorer(settings, registry, control: str):
+    """The in-process scorer with its prediction logger; A/B: half the users keep ``control``."""
+    from streams.serving.prediction_log import PredictionLogger
+    from streams.serving.scorer import Scorer
+
+    half = settings.serving.buckets // 2
+    experiment = {"control": (0, half, control), "treatment": (half, settings.serving.buckets, "promoted")}
+    settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={"experiment": experiment})})
+    logger = PredictionLogger(settings).start()
+    scorer = Scorer(settings, registry=registry, logger=logger).start()
+    return scorer, logger
+
+
+def inject_broken_model(registry) -> None:
+    """Register and promote a copy of the promoted model whose CTR logit is shifted by +2 (a bad push)."""
+    from trainers.scoring import load, save
+
+    good = load(registry)
+    good.model.shift_ctr_logit(2.0)
+    meta = {k: v for k, v in good.meta.items() if k not in ("model_config", "negative_rate", "fnw", "calibrators")}
+    version = save(registry, good, cadence="broken", meta={**meta, "parent": good.version})
+    registry.promote(version, reason="demo: a deliberately broken model (CTR logit +2)")
+    print(f"demo: promoted the deliberately broken {version}", flush=True)
+
+
+def reports(settings, truth_path) -> dict[str, str]:
+    from batch_jobs import ab_report, monitor
+
+    monitor_out = monitor.run(settings)
+    ab_out = ab_report.run(settings, truth_path=truth_path)
+    return {"monitoring report": str(monitor_out), "A/B report": str(ab_out),
+            "lake": str(settings.lake_dir), "prediction log": settings.topics.prediction_log,
+            "data-quality reports": f"{settings.var_dir}/quality/gx/uncommitted/data_docs/local_site/index.html",
+            "skew reports": f"{settings.var_dir}/skew", "truth": str(truth_path),
+            "model registry": f"{settings.registry_dir} (python -m trainers.registry --root "
+                              f"{settings.registry_dir} list)"}
 
 
 if __name__ == "__main__":

@@ -41,18 +41,27 @@ class Schedule:
         return len(self.kind)
 
 
+def derived_id(impression_ids: pd.Series, tag: str) -> pd.Series:
+    """The click (``c``) or conversion (``v``) id of an impression: ``-i`` becomes ``-<tag>``, or ``-<tag>`` is
+    appended to an id without one (the closed loop's ``<request>-<position>``)."""
+    replaced = impression_ids.str.replace("-i", f"-{tag}", n=1, regex=False)
+    return replaced.where(replaced != impression_ids, impression_ids + f"-{tag}")
+
+
 def event_rows(truth: pd.DataFrame, cfg: SimulatorConfig) -> dict[type[Event], pd.DataFrame]:
     """The records of each kind that happened before the run's horizon, shaped by their schema."""
-    imp = truth.assign(model_version=MODEL_VERSION, feature_ref=truth["impression_id"])
+    imp = truth
+    if "model_version" not in truth:  # the open loop's serving; a closed-loop run names the scorer's model
+        imp = truth.assign(model_version=MODEL_VERSION, feature_ref=truth["impression_id"])
     clicked = truth[truth["clicked"]]
     clicks = pd.DataFrame({
-        "click_id": clicked["impression_id"].str.replace("-i", "-c", n=1, regex=False),
+        "click_id": derived_id(clicked["impression_id"], "c"),
         "impression_id": clicked["impression_id"], "user_id": clicked["user_id"],
         "ad_id": clicked["ad_id"], "event_time_ms": clicked["click_time_ms"]}, index=clicked.index)
     conv = truth[truth["converts"]]
     conversions = pd.DataFrame({
-        "conversion_id": conv["impression_id"].str.replace("-i", "-v", n=1, regex=False),
-        "click_id": conv["impression_id"].str.replace("-i", "-c", n=1, regex=False),
+        "conversion_id": derived_id(conv["impression_id"], "v"),
+        "click_id": derived_id(conv["impression_id"], "c"),
         "impression_id": conv["impression_id"], "user_id": conv["user_id"], "ad_id": conv["ad_id"],
         "event_time_ms": conv["conversion_time_ms"], "value": conv["conversion_value"]}, index=conv.index)
     out = {Impression: imp[Impression.field_names()], Click: clicks, Conversion: conversions}

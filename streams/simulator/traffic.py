@@ -57,6 +57,29 @@ def conversion_delays(cfg: SimulatorConfig, rng: np.random.Generator, n: int) ->
                     rng.lognormal(np.log(cfg.conv_slow_median_s), cfg.conv_slow_sigma, n))
 
 
+def true_ctr_logit(cfg: SimulatorConfig, world: World, user: np.ndarray, slot: np.ndarray, gen: np.ndarray,
+                   place: np.ndarray, device: np.ndarray, position: np.ndarray, t_ms: np.ndarray) -> np.ndarray:
+    """The click logit of each impression before the run's offset (the hidden truth)."""
+    days = (t_ms - cfg.start_ms) / 86_400_000.0
+    logit = (4.0 * np.einsum("ij,ij->i", world.user_ctr_f[user], world.ad_ctr_f[gen, slot])
+             + world.ad_ctr_bias[gen, slot] + PLACEMENT_LOGIT[place] + DEVICE_LOGIT[device]
+             + world.user_category_affinity[user, world.category_of(slot)]
+             + POSITION_LOGIT_PER_SLOT * position + cfg.drift_logit_per_day * days)
+    if cfg.shock_hour is not None:
+        shocked = t_ms >= cfg.start_ms + int(cfg.shock_hour * 3_600_000)
+        up = world.category_of(slot) < cfg.shock_categories
+        logit = logit + np.where(shocked, np.where(up, cfg.shock_logit, -cfg.shock_logit), 0.0)
+    return logit
+
+
+def true_cvr_logit(cfg: SimulatorConfig, world: World, user: np.ndarray, slot: np.ndarray, gen: np.ndarray,
+                   t_ms: np.ndarray) -> np.ndarray:
+    """The conversion logit (given a click) of each impression before the run's offset."""
+    days = (t_ms - cfg.start_ms) / 86_400_000.0
+    return (4.0 * np.einsum("ij,ij->i", world.user_cvr_f[user], world.ad_cvr_f[gen, slot])
+            + world.ad_cvr_bias[gen, slot] + cfg.drift_logit_per_day * days)
+
+
 def simulate_traffic(cfg: SimulatorConfig, world: World, rng: np.random.Generator,
                      click_window_s: float, conversion_window_s: float) -> pd.DataFrame:
     """One row per impression with its served context, true probabilities and true outcomes."""
@@ -78,21 +101,12 @@ def simulate_traffic(cfg: SimulatorConfig, world: World, rng: np.random.Generato
     hour = np.minimum((t_ms - cfg.start_ms) // 3_600_000, world.generation.shape[0] - 1)
     slot = rng.choice(world.n_slots, n, p=world.slot_p)
     gen = world.generation[hour, slot]
-    days = (t_ms - cfg.start_ms) / 86_400_000.0
 
-    ctr_logit = (4.0 * np.einsum("ij,ij->i", world.user_ctr_f[user], world.ad_ctr_f[gen, slot])
-                 + world.ad_ctr_bias[gen, slot] + PLACEMENT_LOGIT[place] + DEVICE_LOGIT[device]
-                 + world.user_category_affinity[user, world.category_of(slot)]
-                 + POSITION_LOGIT_PER_SLOT * position + cfg.drift_logit_per_day * days)
-    if cfg.shock_hour is not None:
-        shocked = t_ms >= cfg.start_ms + int(cfg.shock_hour * 3_600_000)
-        up = world.category_of(slot) < cfg.shock_categories
-        ctr_logit = ctr_logit + np.where(shocked, np.where(up, cfg.shock_logit, -cfg.shock_logit), 0.0)
+    ctr_logit = true_ctr_logit(cfg, world, user, slot, gen, place, device, position, t_ms)
     true_pctr = expit(ctr_logit + solve_offset(ctr_logit, cfg.ctr))
     clicked = rng.random(n) < true_pctr
 
-    cvr_logit = (4.0 * np.einsum("ij,ij->i", world.user_cvr_f[user], world.ad_cvr_f[gen, slot])
-                 + world.ad_cvr_bias[gen, slot] + cfg.drift_logit_per_day * days)
+    cvr_logit = true_cvr_logit(cfg, world, user, slot, gen, t_ms)
     true_pcvr = expit(cvr_logit + solve_offset(cvr_logit[clicked], cfg.cvr))
     converts = clicked & (rng.random(n) < true_pcvr)
 
