@@ -8,7 +8,8 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HOURS  ?= 3
 
 .PHONY: install system-deps jars up down status topics demo simulate joiner realtime bronze silver batch-labels gold \
-	realtime-log training-set quality feast-apply materialize full-retrain warm-start online registry promote rollback evaluate delay-curve delay-report test kill-loop lint flink bench-produce \
+	realtime-log training-set quality feast-apply materialize serve replay-set skew-report monitor breaker breaker-watch \
+	ab-report bench-scoring full-retrain warm-start online registry promote rollback evaluate delay-curve delay-report test kill-loop lint flink bench-produce \
 	bench-joiner bench-restart bench-decode bench-train bench-online-freshness bench-online bench-materialize bench-freshness clean
 
 install: system-deps $(VENV)/.installed jars
@@ -120,14 +121,38 @@ delay-curve: up
 delay-report: install
 	$(PY) -m label_joiner.delay_report
 
-# The main job, end to end on the local stack: install, start Kafka and Redis, create topics, run the
-# label joiner while simulating a few hours of traffic, print what landed in each topic.
+# The main job, end to end on the local stack, the loop closed (infra/demo.py): a bootstrap day and DAYS_LOOP
+# closed-loop days where the scorer picks every ad, with the batch side, the three cadences, log-and-replay,
+# the circuit breaker, monitoring and the A/B report.
+DAYS_LOOP ?= 3
 demo: up
-	$(PY) -m infra.demo --hours $(HOURS)
+	$(PY) -m infra.demo --days $(DAYS_LOOP)
+
+# Scoring and the auction as an HTTP service (POST /score, GET /health, GET /metrics) on 127.0.0.1:18080.
+serve: up
+	$(PY) -m streams.serving
+
+# Log-and-replay: training rows from the prediction log joined to matured labels (features exactly as served),
+# and the skew report (logged features against the same features recomputed from the lake).
+replay-set: up
+	$(PY) -m batch_jobs.replay_set --start $(START) --end $(END)
+skew-report: up
+	$(PY) -m batch_jobs.skew_report --start $(START) --end $(END)
+
+# Monitoring (HTML + JSON in var/monitor): PSI, calibration drift, feature freshness, label-join lag, dead-letter
+# rates, scoring latency, circuit-breaker events. The circuit breaker alone: once, or always on (breaker-watch).
+monitor: up
+	$(PY) -m batch_jobs.monitor
+breaker: up
+	$(PY) -m trainers.circuit_breaker
+breaker-watch: up
+	$(PY) -m trainers.circuit_breaker --watch
+ab-report: up
+	$(PY) -m batch_jobs.ab_report
 
 test: up
 	$(PY) -m ruff check .
-	$(PY) -m pytest tests --doctest-modules schemas streams/dead_letter.py streams/state.py infra/settings.py \
+	$(PY) -m pytest tests --durations=15 --doctest-modules schemas streams/dead_letter.py streams/state.py infra/settings.py \
 	  label_joiner/join.py label_joiner/rules.py batch_jobs/days.py
 
 # kill -9 the label joiner at random moments, ROUNDS times, then check every label exact and no output twice.
@@ -159,6 +184,11 @@ bench-decode: install
 # An example's arrival in Kafka -> a published online model that learned it (p50/p99 at the live rate and above).
 bench-online-freshness: up
 	$(PY) -m bench.online_freshness
+
+# Scoring latency of one request (500 candidates: features + model + auction + logging) vs one candidate at a
+# time, and the HTTP service's requests/s and p99 under load.
+bench-scoring: up
+	$(PY) -m bench.scoring
 
 # Training examples/s of the full ranker vs a plain MLP over the same embeddings, with the input-wait share.
 bench-train: install
