@@ -20,7 +20,7 @@ from trainers.datasets import holdout_mask
 from trainers.metrics import summary
 from trainers.model import Ranker
 from trainers.registry import Registry
-from trainers.scoring import ScoringModel, save
+from trainers.scoring import ScoringModel, reference_of, save
 from trainers.train import fit
 
 TASKS = {"ctr": "clicked", "ctcvr": "converted"}
@@ -85,7 +85,8 @@ def train_and_register(model: Ranker, train: Batch, held: pd.DataFrame, *, setti
             "feature_service": {"name": "ranker", "spec": model.spec.fingerprint()},
             "train": {"examples": progress.examples, "seconds": progress.seconds, "epochs": epochs, "lr": lr,
                       "device": str(device)},
-            "created_ms": int(time.time() * 1000)}
+            "created_ms": int(time.time() * 1000),
+            "reference": reference_of(scoring, held)}  # the circuit breaker's yardstick
     version = save(registry, scoring, cadence, meta)
     print(f"{cadence}: registered {version} in {settings.registry_dir}", flush=True)
     if promote:

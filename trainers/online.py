@@ -200,6 +200,8 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
     registry = Registry(settings.registry_dir)
     spec = InputSpec.from_schemas(cfg.id_buckets, cfg.small_buckets)
     model, offsets, parent = start_model(registry, spec, settings)
+    # The circuit breaker's yardstick travels down the lineage: every online version keeps its batch ancestor's.
+    reference = registry.load(parent)[1].get("reference") if parent else None
     learner = OnlineLearner(model, cfg.online_learning_rate, pick_device(cfg.device), scheme)
     state = ExampleState(settings.var_dir / "trainers" / "online-state")
     reader = OnlineReader(settings).start() if features else None
@@ -232,6 +234,8 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
                                 "n": int(len(lag))} if len(lag) else None,
                 "feature_service": {"name": "ranker", "spec": learner.model.spec.fingerprint()},
                 "created_ms": now_ms}
+        if reference is not None:
+            meta["reference"] = reference
         version = save(registry, ScoringModel(learner.model.cpu()), "online", meta)
         learner.model.to(learner.device)
         registry.promote(version, reason=f"online update after {learner.examples:,} examples")

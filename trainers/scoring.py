@@ -8,7 +8,9 @@
 3. post-hoc calibrators (fitted on held-out rows) for CTR and CTCVR; pCVR = pCTCVR / pCTR.
 
 ``save``/``load`` write and read it through the registry: weights as safetensors, the network's config,
-calibrators and the rest as JSON metadata (nothing is unpickled).
+calibrators and the rest as JSON metadata (nothing is unpickled). ``reference_of`` gives a model's score
+distribution on its held-out rows, which the cadences store in ``meta["reference"]`` (the circuit breaker's
+yardstick, ``trainers.circuit_breaker``).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
 
 from trainers.calibration import Calibrator, undo_downsampling
-from trainers.data import Batch
+from trainers.data import Batch, encode
 from trainers.model import Ranker, model_from_config
 from trainers.registry import Registry
 from trainers.train import predict
@@ -57,6 +60,18 @@ class ScoringModel:
         out["ctcvr"] = np.minimum(out["ctcvr"], out["ctr"])
         out["cvr"] = out["ctcvr"] / np.maximum(out["ctr"], EPS)
         return out
+
+
+def reference_of(scoring: ScoringModel, frame: pd.DataFrame) -> dict:
+    """The model's calibrated pCTR / pCVR distribution and per-task rates on ``frame``, negatives weighted by
+    ``1 / sample_rate`` (see :func:`trainers.circuit_breaker.reference_distribution`)."""
+    from trainers.circuit_breaker import reference_distribution
+
+    scores = scoring.score(encode(frame, scoring.model.spec))
+    weights = 1.0 / frame["sample_rate"].to_numpy(dtype=np.float64) if "sample_rate" in frame else None
+    labels = {c: frame[c].fillna(False).to_numpy(dtype=np.float64) if c in frame else np.zeros(len(frame))
+              for c in ("clicked", "converted")}
+    return reference_distribution(scores, labels["clicked"], labels["converted"], weights)
 
 
 def save(registry: Registry, scoring: ScoringModel, cadence: str, meta: dict) -> str:

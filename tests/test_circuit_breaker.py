@@ -1,0 +1,207 @@
+"""The circuit breaker on real Kafka topics and a real registry folder: a deliberately broken model (its CTR logit
+shifted) is rolled back to the previous version with the numbers in the reason, a healthy promotion stays, too few
+impressions decide nothing, and a promotion is never rolled back twice."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from schemas.codec import encode as encode_event
+from schemas.events import MaturedLabel, PredictionLog, TrainingExample
+from trainers.circuit_breaker import ServedLog, check, psi, reference_distribution
+from trainers.data import encode
+from trainers.model import Ranker
+from trainers.registry import Registry
+from trainers.scoring import ScoringModel, reference_of, save
+from trainers.train import fit
+
+T0 = 1_790_000_000_000  # event times of the "simulated world": far from the wall clock on purpose
+USER_CTR = "user_features__user_ctr_7d"
+
+
+def small_settings(base, tmp_path, min_impressions: int = 500):
+    trainer = base.trainer.model_copy(update={"id_buckets": 1009, "small_buckets": 101, "embedding_dim": 8})
+    serving = base.serving.model_copy(update={"min_breaker_impressions": min_impressions})
+    return base.model_copy(update={"var_dir": tmp_path, "trainer": trainer, "serving": serving})
+
+
+def requests(n: int, seed: int) -> pd.DataFrame:
+    """Shown ads: ids, context, one feature, clicks with a planted signal and conversions on a fifth of clicks."""
+    rng = np.random.default_rng(seed)
+    ad = rng.integers(0, 200, n)
+    user_ctr = rng.uniform(0, 1, n)
+    frame = pd.DataFrame({
+        "impression_id": [f"imp-{seed}-{i}" for i in range(n)], "user_id": rng.integers(0, 300, n), "ad_id": ad,
+        "advertiser_id": ad // 10, "campaign_id": ad // 2, "category_id": ad % 16,
+        "placement": rng.choice(["feed", "search"], n), "device": rng.choice(["ios", "web"], n), "position": 0,
+        USER_CTR: user_ctr,
+    })
+    p = 1 / (1 + np.exp(-(-2.0 + 1.5 * np.where(ad % 2 == 0, 1.0, -1.0) + 3.0 * (user_ctr - 0.5))))
+    frame["clicked"] = rng.random(n) < p
+    frame["converted"] = frame["clicked"] & (rng.random(n) < 0.2)
+    return frame
+
+
+@pytest.fixture(scope="module")
+def good_model(tmp_path_factory):
+    """A small ranker trained for a few steps, and its reference on held-out rows."""
+    from infra.settings import get_settings
+
+    torch.manual_seed(0)
+    cfg = small_settings(get_settings(), tmp_path_factory.mktemp("cb")).trainer
+    from trainers.data import InputSpec
+
+    spec = InputSpec.from_schemas(cfg.id_buckets, cfg.small_buckets)
+    model = Ranker.from_settings(spec, cfg)
+    train = encode(requests(3000, seed=1), spec)
+    model.fit_normalizer(train.dense)
+    fit(model, train, epochs=1, batch_size=256, lr=1e-2, device=torch.device("cpu"), desc="test")
+    return ScoringModel(model.cpu())
+
+
+def register(registry: Registry, scoring: ScoringModel, reference: dict, promote: bool = True) -> str:
+    version = save(registry, scoring, "full", {"reference": reference})
+    if promote:
+        registry.promote(version, reason="test")
+    return version
+
+
+def broken_copy(scoring: ScoringModel, shift: float = 2.0) -> ScoringModel:
+    model = copy.deepcopy(scoring.model)
+    model.shift_ctr_logit(shift)
+    return ScoringModel(model)
+
+
+def serve(settings, version: str, served_by: ScoringModel, truth: ScoringModel, n: int, seed: int,
+          labels: str = "matured") -> None:
+    """What serving logs for ``n`` shown ads scored by ``served_by``, and their labels drawn from ``truth``."""
+    from kafka import KafkaProducer
+
+    frame = requests(n, seed)
+    batch = encode(frame, served_by.model.spec)
+    served, true = served_by.score(batch), truth.score(batch)
+    rng = np.random.default_rng(seed + 1)
+    clicked = rng.random(n) < true["ctr"]
+    converted = clicked & (rng.random(n) < true["cvr"])
+    producer = KafkaProducer(**settings.kafka.client_config(), acks="all", retries=10)
+    t, sent = settings.topics, []
+    for i, row in enumerate(frame.itertuples()):
+        when = T0 + seed * 10_000_000 + i * 1000
+        log = PredictionLog(request_id=f"req-{row.impression_id}", impression_id=row.impression_id,
+                            user_id=row.user_id, ad_id=row.ad_id, model_version=version, event_time_ms=when,
+                            features={USER_CTR: float(getattr(row, USER_CTR))}, pctr=float(served["ctr"][i]),
+                            pcvr=float(served["cvr"][i]), advertiser_id=row.advertiser_id,
+                            campaign_id=row.campaign_id, category_id=row.category_id, placement=row.placement,
+                            device=row.device, explored=False, arm="")
+        key, value, headers = encode_event(log)
+        sent.append(producer.send(t.prediction_log, key=key, value=value, headers=headers, timestamp_ms=when))
+        base = {"impression_id": row.impression_id, "user_id": row.user_id, "ad_id": row.ad_id,
+                "advertiser_id": row.advertiser_id, "campaign_id": row.campaign_id, "impression_time_ms": when,
+                "clicked": bool(clicked[i])}
+        if labels == "matured":
+            label = MaturedLabel(**base, converted=bool(converted[i]),
+                                 click_time_ms=when + 2000 if clicked[i] else None)
+            topic = t.matured_labels
+        else:  # the joiner's first example: a click, or the negative when the click window closed
+            label = TrainingExample(**base, example_id=f"{row.impression_id}/x", placement=row.placement,
+                                    position=0, device=row.device, model_version=version, converted=False,
+                                    scheme="fnw", label_ctr=float(clicked[i]), label_ctcvr=0.0, weight=1.0,
+                                    as_of_ms=when + 30_000)
+            topic = t.training_examples
+        key, value, headers = encode_event(label)
+        sent.append(producer.send(topic, key=key, value=value, headers=headers, timestamp_ms=when + 60_000))
+    producer.flush()
+    for future in sent:
+        future.get(timeout=30)  # raises if the broker did not take a record
+    producer.close()
+
+
+def reference_for(scoring: ScoringModel) -> dict:
+    frame = requests(2000, seed=2)
+    out = scoring.score(encode(frame, scoring.model.spec))
+    return reference_distribution(out, frame["clicked"].to_numpy(), frame["converted"].to_numpy())
+
+
+def test_psi_and_reference_pure():
+    rng = np.random.default_rng(0)
+    scores = {"ctr": rng.beta(2, 30, 20_000), "cvr": rng.beta(2, 10, 20_000)}
+    ref = reference_distribution(scores, rng.random(20_000) < 0.06, rng.random(20_000) < 0.1)
+    assert len(ref["bins"]["ctr"]["shares"]) == 10 and abs(sum(ref["bins"]["ctr"]["shares"]) - 1) < 1e-9
+    assert psi(ref["bins"]["ctr"], rng.beta(2, 30, 5000)) < 0.02  # same distribution
+    assert psi(ref["bins"]["ctr"], 3 * rng.beta(2, 30, 5000)) > 0.25  # scores tripled
+
+
+def test_reference_of_held_out_rows_weights_downsampled_negatives(good_model):
+    held = requests(500, seed=3)
+    held["sample_rate"] = np.where(held["clicked"], 1.0, 0.5)
+    ref = reference_of(good_model, held)
+    assert ref["rows"] == 500 and set(ref["bins"]) == {"ctr", "cvr"}
+    assert ref["calibration"]["cvr"]["n"] == int(held["clicked"].sum())
+    # Each kept negative stands for two: the observed CTR is clicks over the reweighted impressions.
+    clicks = int(held["clicked"].sum())
+    expected = clicks / (clicks + 2 * (len(held) - clicks))
+    assert abs(ref["calibration"]["ctr"]["rate"] - expected) < 1e-9, ref["calibration"]["ctr"]
+
+
+def test_broken_model_is_rolled_back_once(fresh_topics, tmp_path, good_model):
+    settings = small_settings(fresh_topics, tmp_path)
+    registry = Registry(settings.registry_dir)
+    reference = reference_for(good_model)
+    v1 = register(registry, good_model, reference)
+    serve(settings, v1, good_model, good_model, 300, seed=10)  # the good model's own records: not judged
+    v2 = register(registry, broken_copy(good_model), reference)
+    serve(settings, v2, broken_copy(good_model), good_model, 1000, seed=11)
+
+    verdict = check(settings, registry)
+    assert verdict.decision == "rollback" and verdict.version == v2, verdict
+    assert verdict.rolled_back_to == v1 and registry.promoted() == v1
+    assert verdict.served == 1000 and verdict.psi["ctr"] > settings.serving.psi_threshold
+    assert verdict.calibration["ctr"].status == "drift" and verdict.calibration["ctr"].log_ratio > 0.4
+    event = registry.events()[-1]
+    assert event["event"] == "rollback" and event["from"] == v2 and event["version"] == v1
+    assert "PSI of served pCTR" in event["reason"] and "CTR calibration" in event["reason"]
+    assert f"{verdict.psi['ctr']:.3f} > 0.25" in event["reason"], event["reason"]
+
+    # v1 was restored by the rollback: judged, never rolled back (too few of its records anyway).
+    again = check(settings, registry)
+    assert registry.promoted() == v1 and again.rolled_back_to is None
+    assert again.decision == "no decision" and "300" in again.reason
+    assert [e["event"] for e in registry.events()].count("rollback") == 1
+
+
+def test_healthy_promotion_stays(fresh_topics, tmp_path, good_model):
+    settings = small_settings(fresh_topics, tmp_path)
+    registry = Registry(settings.registry_dir)
+    reference = reference_for(good_model)
+    register(registry, good_model, reference)
+    v2 = register(registry, ScoringModel(copy.deepcopy(good_model.model)), reference)
+    serve(settings, v2, good_model, good_model, 1000, seed=12, labels="examples")
+    verdict = check(settings, registry)
+    assert verdict.decision == "ok", verdict
+    assert verdict.psi["ctr"] < 0.1 and verdict.calibration["ctr"].status == "ok"
+    assert verdict.calibration["cvr"].status == "not enough data"  # training examples carry no matured CVR
+    assert registry.promoted() == v2 and "rollback" not in [e["event"] for e in registry.events()]
+
+
+def test_too_few_impressions_then_nothing_to_roll_back_to(fresh_topics, tmp_path, good_model):
+    settings = small_settings(fresh_topics, tmp_path)
+    registry = Registry(settings.registry_dir)
+    broken = broken_copy(good_model)
+    v1 = register(registry, broken, reference_for(good_model))  # the first model ever promoted is broken
+    serve(settings, v1, broken, good_model, 200, seed=13)
+    log = ServedLog(settings)  # as the always-on breaker does: each check reads what was appended since the last
+    try:
+        verdict = check(settings, registry, log=log)
+        assert verdict.decision == "no decision" and "200 served impressions" in verdict.reason
+        serve(settings, v1, broken, good_model, 600, seed=14)
+        verdict = check(settings, registry, log=log)
+    finally:
+        log.close()
+    assert verdict.decision == "rollback" and verdict.served == 800 and verdict.rolled_back_to is None
+    assert "nothing to roll back to" in verdict.action
+    assert registry.promoted() == v1
