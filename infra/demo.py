@@ -98,12 +98,12 @@ def demo_settings(run_id: str, days: int):
 
 def main(argv: list[str] | None = None) -> int:
     import numpy as np
-    from trainers.circuit_breaker import check
 
     from streams.simulator.closed_loop import ClosedLoop, baseline_policy, run_hours, scorer_policy
     from streams.simulator.config import SimulatorConfig
     from streams.simulator.run import make_producer, send_catalog
     from trainers import full_retrain, online, warm_start
+    from trainers.circuit_breaker import ServedLog, check
     from trainers.registry import Registry
 
     p = argparse.ArgumentParser(prog="python -m infra.demo", description=__doc__,
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     loop = ClosedLoop(cfg, settings, candidates=a.candidates)
     producer = make_producer(settings)
     send_catalog(loop.world.campaigns(cfg.start_ms), settings)
-    truths, scorer, logger = [], None, None
+    truths, scorer, logger, served_log = [], None, None, None
     try:
         # Day 0: the serving before any model.
         truths.append(run_hours(loop, range(0, 24), baseline_policy(loop), producer, a.speed))
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         v1 = full_retrain.run(settings, end=start.date().isoformat(), days=1)
         print(f"demo: full retrain {v1} promoted", flush=True)
         scorer, logger = start_scorer(settings, registry, control=v1)
+        served_log = ServedLog(settings)  # the breaker reads the prediction log incrementally
         for day in range(1, a.days + 1):
             ds = (start + timedelta(days=day)).date()
             broken_at = 24 * day + 6 if day == a.days else None
@@ -145,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             def each_hour(hour, truth, broken_at=broken_at):
                 if hour == broken_at:
                     inject_broken_model(registry)
-                verdict = check(settings, registry)
-                print(f"demo: circuit breaker: {verdict}", flush=True)
+                logger.flush(10)
+                verdict = check(settings, registry, log=served_log)
+                if verdict.decision != "no decision" or hour == broken_at:
+                    print(f"demo: circuit breaker: {verdict}", flush=True)
 
             truths.append(run_hours(loop, range(24 * day, 24 * (day + 1)), scorer_policy(scorer), producer,
                                     a.speed, on_hour=each_hour))
@@ -158,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             online.run(settings, publish_every_s=5.0, idle_exit_s=10.0)
             print(f"demo: online updates; promoted {registry.promoted()}", flush=True)
     finally:
+        if served_log is not None:
+            served_log.close()
         if scorer is not None:
             scorer.close()
         if logger is not None:
@@ -229,9 +234,10 @@ def inject_broken_model(registry) -> None:
 def reports(settings, truth_path) -> dict[str, str]:
     from batch_jobs import ab_report, monitor
 
-    monitor_out = monitor.run(settings)
-    ab_out = ab_report.run(settings, truth_path=truth_path)
-    return {"monitoring report": str(monitor_out), "A/B report": str(ab_out),
+    monitor.run(settings)
+    ab_report.run(settings, truth=truth_path)
+    return {"monitoring report": f"{settings.var_dir}/monitor/report.html (summary.json beside it)",
+            "A/B report": f"{settings.var_dir}/ab/report.html (summary.json beside it)",
             "lake": str(settings.lake_dir), "prediction log": settings.topics.prediction_log,
             "data-quality reports": f"{settings.var_dir}/quality/gx/uncommitted/data_docs/local_site/index.html",
             "skew reports": f"{settings.var_dir}/skew", "truth": str(truth_path),

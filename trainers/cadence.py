@@ -68,7 +68,8 @@ def calibrate(scoring: ScoringModel, held: pd.DataFrame, spec, device: torch.dev
 
 def train_and_register(model: Ranker, train: Batch, held: pd.DataFrame, *, settings: Settings, cadence: str,
                        data_range: list[str], parent: str | None, negative_rate: float, epochs: int, lr: float,
-                       device: torch.device, promote: bool, checkpoint=None) -> tuple[str, dict]:
+                       device: torch.device, promote: bool, checkpoint=None,
+                       source: str = "training") -> tuple[str, dict]:
     """Train ``model`` on ``train``, calibrate and measure on ``held``, register; promote when asked."""
     cfg = settings.trainer
     progress = fit(model, train, epochs=epochs, batch_size=cfg.batch_size, lr=lr, device=device,
@@ -81,7 +82,7 @@ def train_and_register(model: Ranker, train: Batch, held: pd.DataFrame, *, setti
         print(f"{cadence}: held-out {task}: AUC {m['calibrated']['auc']:.4f} NE {m['calibrated']['ne']:.4f} "
               f"ECE raw {m['raw']['ece']:.4f} -> calibrated {m['calibrated']['ece']:.4f}", flush=True)
     registry = Registry(settings.registry_dir)
-    meta = {"cadence": cadence, "data_range": data_range, "parent": parent, "metrics": metrics,
+    meta = {"cadence": cadence, "data_range": data_range, "source": source, "parent": parent, "metrics": metrics,
             "feature_service": {"name": "ranker", "spec": model.spec.fingerprint()},
             "train": {"examples": progress.examples, "seconds": progress.seconds, "epochs": epochs, "lr": lr,
                       "device": str(device)},

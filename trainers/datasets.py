@@ -1,5 +1,9 @@
-"""Training data for the batch cadences: training-set partitions (Delta) read day by day, and the held-out
-split used for calibration and metrics."""
+"""Training data for the batch cadences: partitions (Delta) read day by day, and the held-out split used for
+calibration and metrics.
+
+Two sources, with the same columns: ``training`` (default), the point-in-time training sets
+(``batch_jobs.training_set``: features recomputed from the lake), and ``replay``, the replay set
+(``batch_jobs.replay_set``: features exactly as serving logged them, joined to matured labels)."""
 
 from __future__ import annotations
 
@@ -11,34 +15,54 @@ import pandas as pd
 from infra.settings import Settings
 from trainers.data import Batch, InputSpec, concat, encode
 
+SOURCES = ("training", "replay")  # point-in-time training sets (default) | the replay set (features as served)
 
-def available_days(spark, settings: Settings) -> list[str]:
-    """The ``ds`` partitions of the training set, oldest first."""
-    from batch_jobs.training_set import training_path
 
+def source_table(settings: Settings, source: str = "training") -> tuple[str, str, str]:
+    """(Delta path, quality table name, job that builds it) of a training-data source."""
+    if source == "training":
+        from batch_jobs.training_set import TABLE, training_path
+
+        return training_path(settings), TABLE, "batch_jobs.training_set"
+    if source == "replay":
+        from batch_jobs.replay_set import TABLE, replay_path
+
+        return replay_path(settings), TABLE, "batch_jobs.replay_set"
+    raise ValueError(f"unknown training-data source {source!r}; one of {SOURCES}")
+
+
+def available_days(spark, settings: Settings, source: str = "training") -> list[str]:
+    """The ``ds`` partitions of the source's table, oldest first (days its quality gate quarantined are left
+    out, and printed)."""
+    from batch_jobs.quality import quarantined_days
+
+    path, table_name, job = source_table(settings, source)
     try:
-        table = spark.read.format("delta").load(training_path(settings))
+        table = spark.read.format("delta").load(path)
     except Exception as exc:  # noqa: BLE001 - Spark raises AnalysisException subclasses here
-        raise FileNotFoundError(f"no training set at {training_path(settings)}: run "
-                                f"`python -m batch_jobs.training_set` first ({exc.__class__.__name__})") from None
-    return sorted(r["ds"] for r in table.select("ds").distinct().collect())
+        raise FileNotFoundError(f"no {source} set at {path}: run "
+                                f"`python -m {job}` first ({exc.__class__.__name__})") from None
+    have = {r["ds"] for r in table.select("ds").distinct().collect()}
+    if bad := sorted(have & quarantined_days(settings, table_name)):
+        print(f"trainers: skipping quarantined {source} days {', '.join(bad)}", flush=True)
+    return sorted(have - set(bad))
 
 
 def day_range(end: date, days: int) -> list[str]:
     return [(end - timedelta(days=i)).isoformat() for i in range(days - 1, -1, -1)]
 
 
-def read_days(spark, settings: Settings, days: list[str]) -> pd.DataFrame:
-    """The training rows of ``days`` (one Spark read per day, so memory follows the encoded size)."""
+def read_days(spark, settings: Settings, days: list[str], source: str = "training") -> pd.DataFrame:
+    """The rows of ``days`` from the source's table (one Spark read per day, so memory follows the encoded
+    size). Both sources have the same columns; the replay set adds what serving did (model version, scores)."""
     from pyspark.sql import functions as F
 
-    from batch_jobs.training_set import training_path
-
-    table = spark.read.format("delta").load(training_path(settings))
+    path, _, _ = source_table(settings, source)
+    table = spark.read.format("delta").load(path)
     frames = []
     for ds in days:
         frame = table.where(F.col("ds") == F.lit(ds)).toPandas()
-        print(f"trainers: {ds}: {len(frame):,} training rows", flush=True)
+        print(f"trainers: {ds}: {len(frame):,} {source} rows", flush=True)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

@@ -17,7 +17,7 @@ from infra.settings import Settings, get_settings
 from infra.spark_session import spark_session
 from trainers.cadence import train_and_register
 from trainers.data import InputSpec
-from trainers.datasets import available_days, day_range, encode_split, read_days
+from trainers.datasets import SOURCES, available_days, day_range, encode_split, read_days
 from trainers.model import Ranker, pick_device
 
 
@@ -31,18 +31,18 @@ def negative_rate_of(frame) -> float:
 
 
 def run(settings: Settings, end: str | None = None, days: int | None = None, epochs: int | None = None,
-        promote: bool = True) -> str:
+        promote: bool = True, source: str = "training") -> str:
     cfg = settings.trainer
     spark = spark_session("full_retrain", settings)
-    have = available_days(spark, settings)
+    have = available_days(spark, settings, source)
     if not have:
-        raise SystemExit("full_retrain: the training set has no partitions yet")
+        raise SystemExit(f"full_retrain: the {source} set has no partitions yet")
     end_day = date.fromisoformat(end or have[-1])
     wanted = [d for d in day_range(end_day, days or cfg.full_retrain_days) if d in have]
     if not wanted:
         raise SystemExit(f"full_retrain: no training-set partitions in the {days} days up to {end_day}")
     print(f"full_retrain: days {wanted[0]} .. {wanted[-1]} ({len(wanted)} partitions)", flush=True)
-    frame = read_days(spark, settings, wanted)
+    frame = read_days(spark, settings, wanted, source)
     spec = InputSpec.from_schemas(cfg.id_buckets, cfg.small_buckets)
     train, _, held = encode_split(frame, spec, cfg.calibration_share)
     model = Ranker.from_settings(spec, cfg)
@@ -53,7 +53,7 @@ def run(settings: Settings, end: str | None = None, days: int | None = None, epo
     version, _ = train_and_register(model, train, held, settings=settings, cadence="full", data_range=wanted,
                                     parent=None, negative_rate=negative_rate_of(frame),
                                     epochs=epochs or cfg.epochs, lr=cfg.learning_rate, device=device,
-                                    promote=promote, checkpoint=ckpt)
+                                    promote=promote, checkpoint=ckpt, source=source)
     return version
 
 
@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--days", type=int, help="days of training sets (default settings.trainer.full_retrain_days)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--no-promote", action="store_true", help="register without promoting")
+    p.add_argument("--source", choices=SOURCES, default="training",
+                   help="training: point-in-time training sets; replay: the prediction log joined to labels")
     args = p.parse_args(argv)
-    run(get_settings(), args.end, args.days, args.epochs, promote=not args.no_promote)
+    run(get_settings(), args.end, args.days, args.epochs, promote=not args.no_promote, source=args.source)
     return 0
 
 

@@ -15,7 +15,7 @@ import argparse
 from infra.settings import Settings, get_settings
 from infra.spark_session import spark_session
 from trainers.cadence import train_and_register
-from trainers.datasets import available_days, encode_split, read_days
+from trainers.datasets import SOURCES, available_days, encode_split, read_days
 from trainers.full_retrain import negative_rate_of
 from trainers.model import pick_device
 from trainers.registry import Registry
@@ -25,21 +25,23 @@ WARM_LR_FACTOR = 0.3
 
 
 def run(settings: Settings, ds: str | None = None, epochs: int = 1, promote: bool = True,
-        force: bool = False) -> str:
+        force: bool = False, source: str = "training") -> str:
+    """Train the promoted model on one day of ``source`` (``training``: the point-in-time training set;
+    ``replay``: the prediction log joined to matured labels, features exactly as served)."""
     cfg = settings.trainer
     registry = Registry(settings.registry_dir)
     parent = load(registry)
     spark = spark_session("warm_start", settings)
-    have = available_days(spark, settings)
+    have = available_days(spark, settings, source)
     day = ds or (have[-1] if have else None)
     if day not in have:
-        raise SystemExit(f"warm_start: no training-set partition {day}")
+        raise SystemExit(f"warm_start: no {source} partition {day}")
     seen = parent.meta.get("data_range", [])
     if day in seen and not force:
         raise SystemExit(f"warm_start: the promoted model {parent.version} was already trained on {day} "
                          f"(pass --force to train on it again)")
-    print(f"warm_start: from {parent.version} over {day}", flush=True)
-    frame = read_days(spark, settings, [day])
+    print(f"warm_start: from {parent.version} over {day} ({source})", flush=True)
+    frame = read_days(spark, settings, [day], source)
     model = parent.model
     if model.spec.fingerprint() != parent.meta["feature_service"]["spec"]:
         raise SystemExit("warm_start: the promoted model's input spec differs from its metadata")
@@ -50,7 +52,7 @@ def run(settings: Settings, ds: str | None = None, epochs: int = 1, promote: boo
                                     data_range=[*seen, day], parent=parent.version,
                                     negative_rate=negative_rate_of(frame), epochs=epochs,
                                     lr=cfg.learning_rate * WARM_LR_FACTOR, device=pick_device(cfg.device),
-                                    promote=promote, checkpoint=ckpt)
+                                    promote=promote, checkpoint=ckpt, source=source)
     return version
 
 
@@ -61,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--no-promote", action="store_true")
     p.add_argument("--force", action="store_true", help="train on a day the parent has already seen")
+    p.add_argument("--source", choices=SOURCES, default="training",
+                   help="training: point-in-time training set; replay: the prediction log joined to labels")
     args = p.parse_args(argv)
-    run(get_settings(), args.ds, args.epochs, promote=not args.no_promote, force=args.force)
+    run(get_settings(), args.ds, args.epochs, promote=not args.no_promote, force=args.force, source=args.source)
     return 0
 
 
