@@ -243,7 +243,7 @@ def run(ds: date | None, settings: Settings | None = None, sources: tuple[Source
         if landed.skipped_by_retention:
             print(f"bronze: WARNING {source.table}: {landed.skipped_by_retention:,} records were deleted by "
                   "retention before they were landed", flush=True)
-        if quality:
+        if quality and landed.days:  # a topic with nothing new (or nothing yet: no table) has no day to check
             check_days(spark, settings, source, landed.days)
         out.append(landed)
     return out
