@@ -42,6 +42,7 @@ from batch_jobs.training_set import (
     feature_columns,
     keep_column,
     quality_checks,
+    replace_days,
     silver_days,
 )
 from infra.settings import Settings, get_settings
@@ -220,12 +221,7 @@ def run(start: date, end: date, settings: Settings | None = None, negative_rate:
     frame = _build(spark, settings, replaced, log, negative_rate, seed).cache()
     path = replay_path(settings)
     try:
-        in_list = ", ".join(f"'{d}'" for d in replaced)
-        (frame.write.format("delta").mode("overwrite").partitionBy("ds").option("mergeSchema", "true")
-         .option("replaceWhere", f"ds IN ({in_list})").save(path))
-        counts = {r["ds"]: (r["n"], r["p"]) for r in
-                  frame.groupBy("ds").agg(F.count("*").alias("n"),
-                                          F.sum(F.col("clicked").cast("long")).alias("p")).collect()}
+        counts = replace_days(frame, path, replaced)
     finally:
         frame.unpersist()
     written = sorted(counts)

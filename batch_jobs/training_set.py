@@ -177,6 +177,18 @@ def build(spark, settings: Settings, start: date, end: date, negative_rate: floa
     return frame.select(*out_cols, "ds")
 
 
+def replace_days(frame, path: str, days: list[str]) -> dict[str, tuple[int, int]]:
+    """Replace the ``ds`` partitions ``days`` of the Delta table at ``path`` with ``frame`` (a day ``frame``
+    lacks is emptied); returns ``{ds: (rows, positives)}`` of what was written."""
+    from pyspark.sql import functions as F
+
+    in_list = ", ".join(f"'{d}'" for d in days)
+    (frame.write.format("delta").mode("overwrite").partitionBy("ds").option("mergeSchema", "true")
+     .option("replaceWhere", f"ds IN ({in_list})").save(path))
+    return {r["ds"]: (r["n"], r["p"]) for r in
+            frame.groupBy("ds").agg(F.count("*").alias("n"), F.sum(F.col("clicked").cast("long")).alias("p")).collect()}
+
+
 def run(start: date, end: date, settings: Settings | None = None, negative_rate: float = 0.1,
         seed: int = 7) -> dict:
     """Build and replace the ``ds`` partitions of the silver days in [start, end]; gate each written day.
@@ -192,12 +204,7 @@ def run(start: date, end: date, settings: Settings | None = None, negative_rate:
             print("training_set: nothing to write")
             return {"rows": 0, "positives": 0, "days": [], "warnings": {}}
         path = training_path(settings)
-        in_list = ", ".join(f"'{d}'" for d in written)
-        (frame.write.format("delta").mode("overwrite").partitionBy("ds").option("mergeSchema", "true")
-         .option("replaceWhere", f"ds IN ({in_list})").save(path))
-        counts = {r["ds"]: (r["n"], r["p"]) for r in
-                  frame.groupBy("ds").agg(F.count("*").alias("n"),
-                                          F.sum(F.col("clicked").cast("long")).alias("p")).collect()}
+        counts = replace_days(frame, path, written)
     finally:
         frame.unpersist()
     table = spark.read.format("delta").load(path)

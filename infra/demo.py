@@ -4,8 +4,8 @@ Creates this demo's own topics (``demo<time>-impressions``, ...) and lake (``var
 label joiner and the real-time feature worker, then simulates ``--days`` + 1 days that end at the last UTC
 midnight (paced: a simulated day in about a minute):
 
-- day 0 (bootstrap): the simulator's ad server with the serving that ran before any model (the truth seen
-  through noise); then the batch side (bronze -> silver -> gold with data-quality checks -> ``feast apply`` +
+- day 0 (bootstrap): the simulator's ad server serves uniformly (the candidates as drawn, no model); then
+  the batch side (bronze -> silver -> gold with data-quality checks -> ``feast apply`` +
   ``feast materialize`` -> the point-in-time training set) and a full retrain, promoted;
 - days 1..N: the ad server asks the scorer for every request (in process: features from the online store,
   the promoted model hot-reloaded, eCPM auction with second prices, frequency caps, exploration of new ads,
@@ -99,7 +99,7 @@ def demo_settings(run_id: str, days: int):
 def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
-    from streams.simulator.closed_loop import ClosedLoop, baseline_policy, run_hours, scorer_policy
+    from streams.simulator.closed_loop import ClosedLoop, random_policy, run_hours, scorer_policy
     from streams.simulator.config import SimulatorConfig
     from streams.simulator.run import make_producer, send_catalog
     from trainers import full_retrain, online, warm_start
@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     send_catalog(loop.world.campaigns(cfg.start_ms), settings)
     truths, scorer, logger, served_log = [], None, None, None
     try:
-        # Day 0: the serving before any model.
-        truths.append(run_hours(loop, range(0, 24), baseline_policy(loop), producer, a.speed))
+        # Day 0: uniform serving (no model yet): data free of any model's selection.
+        truths.append(run_hours(loop, range(0, 24), random_policy, producer, a.speed))
         settle(settings, joiner_group, realtime_group)
         day_batch(settings, start.date(), training_set=True, replay=False)
         v1 = full_retrain.run(settings, end=start.date().isoformat(), days=1)

@@ -7,18 +7,11 @@ from datetime import UTC, datetime
 import numpy as np
 
 from infra.settings import get_settings
-from streams.simulator.closed_loop import ClosedLoop, Pacer, baseline_policy
+from streams.simulator.closed_loop import ClosedLoop, Pacer, baseline_policy, random_policy
 from streams.simulator.config import SimulatorConfig
 
 CFG = SimulatorConfig(seed=3, start=datetime(2026, 11, 20, tzinfo=UTC), hours=4, users=5_000, ads=1_000,
                       impressions_per_hour=1_500)
-
-
-def random_policy(req):
-    """Shows the first candidates as drawn: no model at all."""
-    return [{"impression_id": f"{req.request_id}-{k}", "candidate": k, "position": k, "pctr": 0.03, "pcvr": 0.02,
-             "ecpm": 0.0, "price": float(req.bids[k]), "explored": False, "model_version": "random", "arm": ""}
-            for k in range(min(req.slots, len(req.ad_ids)))]
 
 
 def test_a_better_policy_earns_more_clicks_on_the_same_requests():
@@ -50,7 +43,8 @@ def test_deliveries_wait_for_their_time_and_carry_the_models_version():
     due = loop.due(end)
     assert due and all(d[0] < end for d in due)
     assert all(d[0] >= end for d in loop.pending)  # conversions days later (and late events) wait
-    assert all(b"random" in d[3] for d in due if d[1] == settings.topics.impressions and b"model_version" in d[3])
+    impressions = [d[3] for d in due if d[1] == settings.topics.impressions and b"model_version" in d[3]]
+    assert impressions and all(b"sim-serving-v1" in v for v in impressions)
 
 
 def test_pacing_holds_back_a_campaign_that_spends_ahead_and_closes_it_when_spent():

@@ -108,6 +108,14 @@ class Pacer:
                 "mean_rate": float(self.rate.mean()), "spend": float(self.spend.sum())}
 
 
+def random_policy(req: Request) -> list[dict]:
+    """Uniform serving: the first candidates as drawn (by ad popularity), no model. What a platform's small
+    randomized bucket shows, and the demo's bootstrap day: data without any model's selection bias."""
+    return [{"impression_id": f"{req.request_id}-{k}", "candidate": k, "position": k, "pctr": 0.0, "pcvr": 0.0,
+             "ecpm": 0.0, "price": float(req.bids[k]), "explored": False, "model_version": BASELINE_VERSION, "arm": ""}
+            for k in range(min(req.slots, len(req.ad_ids)))]
+
+
 def baseline_policy(loop: ClosedLoop) -> Callable[[Request], list[dict]]:
     """The serving that ran before any model: the truth seen through noise, ranked by eCPM (first-price)."""
 
