@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     loop = ClosedLoop(cfg, settings, candidates=a.candidates)
     producer = make_producer(settings)
     send_catalog(loop.world.campaigns(cfg.start_ms), settings)
-    truths, scorer, logger, served_log = [], None, None, None
+    truths, scorer, logger, served_log, metrics, said = [], None, None, None, None, set()
     try:
         # Day 0: uniform serving (no model yet): data free of any model's selection.
         truths.append(run_hours(loop, range(0, 24), random_policy, producer, a.speed))
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         day_batch(settings, start.date(), training_set=True, replay=False)
         v1 = full_retrain.run(settings, end=start.date().isoformat(), days=1)
         print(f"demo: full retrain {v1} promoted", flush=True)
-        scorer, logger = start_scorer(settings, registry, control=v1)
+        scorer, logger, metrics = start_scorer(settings, registry, control=v1)
         served_log = ServedLog(settings)  # the breaker reads the prediction log incrementally
         for day in range(1, a.days + 1):
             ds = (start + timedelta(days=day)).date()
@@ -148,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                     inject_broken_model(registry)
                 logger.flush(10)
                 verdict = check(settings, registry, log=served_log)
-                if verdict.decision != "no decision" or hour == broken_at:
-                    print(f"demo: circuit breaker: {verdict}", flush=True)
+                key = (verdict.version, verdict.decision, verdict.action)
+                if key not in said:  # each version's verdict once, and every action
+                    said.add(key)
+                    print(f"demo: hour {hour}: {verdict}", flush=True)
 
             truths.append(run_hours(loop, range(24 * day, 24 * (day + 1)), scorer_policy(scorer), producer,
                                     a.speed, on_hour=each_hour))
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             online.run(settings, publish_every_s=5.0, idle_exit_s=10.0)
             print(f"demo: online updates; promoted {registry.promoted()}", flush=True)
     finally:
+        if metrics is not None:
+            metrics.stop()  # writes the scorer's final metrics
         if served_log is not None:
             served_log.close()
         if scorer is not None:
@@ -208,6 +212,7 @@ def settle(settings, joiner_group: str, realtime_group: str) -> None:
 
 def start_scorer(settings, registry, control: str):
     """The in-process scorer with its prediction logger; A/B: half the users keep ``control``."""
+    from streams.serving.app import MetricsWriter, metrics_path
     from streams.serving.prediction_log import PredictionLogger
     from streams.serving.scorer import Scorer
 
@@ -216,7 +221,8 @@ def start_scorer(settings, registry, control: str):
     settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={"experiment": experiment})})
     logger = PredictionLogger(settings).start()
     scorer = Scorer(settings, registry=registry, logger=logger).start()
-    return scorer, logger
+    metrics = MetricsWriter(scorer, metrics_path(settings)).start()  # scoring latency for the monitoring report
+    return scorer, logger, metrics
 
 
 def inject_broken_model(registry) -> None:

@@ -186,11 +186,8 @@ def test_esmm_learns_cvr_from_all_impressions():
     with torch.no_grad():
         p_cvr = model(encode(test, SPEC), position=False).p_cvr.numpy()
     even = (test["ad_id"] % 2 == 0).to_numpy()
-    # Truth: 0.5 vs 0.1 (5x). A CVR tower that learned nothing through pCTCVR would give a ratio near 1. After 600
-    # steps the levels are still low and vary with thread scheduling (0.21-0.29 vs 0.05-0.09 over seeds), the
-    # ratio much less (3.2-4.6): it is what this checks.
-    ratio = p_cvr[even].mean() / p_cvr[~even].mean()
-    assert ratio > 2.5, (p_cvr[even].mean(), p_cvr[~even].mean())
+    # Truth: 0.5 vs 0.1. A CVR tower that learned nothing through pCTCVR would give no gap at all.
+    assert p_cvr[even].mean() > p_cvr[~even].mean() + 0.15, (p_cvr[even].mean(), p_cvr[~even].mean())
 
 
 def tiny_batch(label_ctcvr: list[float], clicked: list[bool], weight: list[float], label_neg: list[float]) -> Batch:
@@ -332,20 +329,3 @@ def test_cuda_bf16_autocast():
     out = run_on(torch.device("cuda"))
     assert out.ctr_logit.is_cuda and out.ctr_logit.dtype == torch.float32
     assert bool(torch.isfinite(out.p_ctcvr).all()) and bool((out.p_ctcvr <= out.p_ctr).all())
-
-
-def test_attention_scores_equal_the_mlp_on_the_concatenated_pair():
-    """The split first layer is the DIN MLP on ``[h, c, h - c, h * c]``, values and gradients."""
-    from trainers.model import TargetAttention
-
-    torch.manual_seed(0)
-    att = TargetAttention(dim=8, hidden=16)
-    history, candidate = torch.randn(5, 7, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
-    c = candidate.unsqueeze(1).expand_as(history)
-    want = att.score(torch.cat([history, c, history - c, history * c], -1)).squeeze(-1)
-    got = att.scores(history, candidate)
-    assert torch.allclose(got, want, atol=1e-5)
-    grad_want = torch.autograd.grad(want.sum(), [history, candidate, att.score[0].weight])
-    grad_got = torch.autograd.grad(got.sum(), [history, candidate, att.score[0].weight])
-    for a, b in zip(grad_got, grad_want, strict=True):
-        assert torch.allclose(a, b, atol=1e-5)

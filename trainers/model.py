@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from trainers.data import DEFAULT_POSITION, MAX_POSITION, Batch, InputSpec
 
@@ -186,19 +185,10 @@ class TargetAttention(nn.Module):
         super().__init__()
         self.score = nn.Sequential(nn.Linear(4 * dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
-    def scores(self, history: Tensor, candidate: Tensor) -> Tensor:
-        """The MLP's score of every (item, candidate) pair ``[B, L]``. Its first layer on ``[h, c, h - c, h * c]``
-        is computed as ``(W_h + W_d) h + (W_c - W_d) c + W_p (h * c)``: the same function and weights, but the
-        candidate's part once per row instead of once per item, and half the multiply-adds per pair."""
-        first, rest = self.score[0], self.score[1:]
-        w_h, w_c, w_d, w_p = first.weight.split(history.shape[-1], dim=1)
-        per_item = F.linear(history, w_h + w_d) + F.linear(history * candidate.unsqueeze(1), w_p)
-        per_row = F.linear(candidate, w_c - w_d, first.bias)
-        return rest(per_item + per_row.unsqueeze(1)).squeeze(-1)
-
     def forward(self, history: Tensor, candidate: Tensor, mask: Tensor) -> Tensor:
         """``history`` ``[B, L, D]``, ``candidate`` ``[B, D]``, ``mask`` ``[B, L]`` (True = real) -> ``[B, D]``."""
-        scores = self.scores(history, candidate)
+        c = candidate.unsqueeze(1).expand_as(history)
+        scores = self.score(torch.cat([history, c, history - c, history * c], -1)).squeeze(-1)
         has_history = mask.any(1, keepdim=True)
         # Empty rows attend uniformly over padding (finite, no NaN), then are zeroed.
         keep = mask | ~has_history
