@@ -124,7 +124,7 @@ delay-report: install
 # The main job, end to end on the local stack, the loop closed (infra/demo.py): a bootstrap day and DAYS_LOOP
 # closed-loop days where the scorer picks every ad, with the batch side, the three cadences, log-and-replay,
 # the circuit breaker, monitoring and the A/B report.
-DAYS_LOOP ?= 3
+DAYS_LOOP ?= 2
 demo: up
 	$(PY) -m infra.demo --days $(DAYS_LOOP)
 

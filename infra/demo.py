@@ -1,4 +1,4 @@
-"""The main job, end to end on the local stack, the loop closed: ``python -m infra.demo --days 3``.
+"""The main job, end to end on the local stack, the loop closed: ``python -m infra.demo --days 2``.
 
 Creates this demo's own topics (``demo<time>-impressions``, ...) and lake (``var/demo<time>/``), starts the
 label joiner and the real-time feature worker, then simulates ``--days`` + 1 days that end at the last UTC
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m infra.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--days", type=int, default=3, help="closed-loop days after the bootstrap day")
+    p.add_argument("--days", type=int, default=2, help="closed-loop days after the bootstrap day")
     p.add_argument("--speed", type=float, default=1440.0, help="simulated seconds per wall-clock second")
     p.add_argument("--impressions-per-hour", type=float, default=600.0)
     p.add_argument("--candidates", type=int, default=100, help="candidate ads per request")
