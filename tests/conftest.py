@@ -15,6 +15,17 @@ from infra.settings import Settings, get_settings
 from infra.topics import with_topic_prefix
 
 
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Restore torch's intra-op thread count after each test: the scorer sets it for its process, and training
+    results (float reduction order) depend on it, so one test must not change another's numbers."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def kafka_settings() -> Settings:
     """Settings whose topics are fresh for this test session, created on the running broker."""
