@@ -3,6 +3,7 @@ missing ones and raises partition counts that are too low (it never lowers them)
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from infra.settings import Settings, TopicSettings
@@ -85,7 +86,14 @@ def ensure_changelog(settings: Settings, name: str, inputs: list[str]) -> None:
     try:
         if name in set(admin.list_topics()):
             return
-        partitions = max(len(m["partitions"]) for m in admin.describe_topics(inputs))
+        partitions = 0
+        for _ in range(60):  # a topic created a moment ago may not have its partitions in the metadata yet
+            partitions = max(len(m["partitions"] or []) for m in admin.describe_topics(inputs))
+            if partitions > 0:
+                break
+            time.sleep(0.5)
+        if partitions == 0:
+            raise RuntimeError(f"{name}: the inputs {inputs} have no partitions in the broker's metadata after 30 s")
         try:
             admin.create_topics([NewTopic(name, partitions, settings.kafka.replication_factor,
                                           topic_configs={"cleanup.policy": "compact",
