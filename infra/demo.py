@@ -82,7 +82,9 @@ def day_batch(settings, ds, *, training_set: bool, replay: bool) -> None:
         from batch_jobs import replay_set, skew_report
 
         print(f"demo: replay set {replay_set.run(ds, ds, settings)}", flush=True)
-        print(f"demo: skew report {skew_report.run(ds, ds, settings)}", flush=True)
+        skew = skew_report.run(ds, ds, settings)
+        print(f"demo: skew report {ds}: most differing batch features {skew['top_differing_batch'][:3]}, real-time "
+              f"{skew['top_differing_realtime'][:3]} (report in {settings.var_dir}/skew)", flush=True)
 
 
 def demo_settings(run_id: str, days: int):
