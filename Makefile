@@ -9,7 +9,7 @@ HOURS  ?= 3
 
 .PHONY: install system-deps jars up down status topics demo simulate joiner realtime bronze silver batch-labels gold \
 	realtime-log training-set quality feast-apply materialize serve replay-set skew-report monitor breaker breaker-watch \
-	ab-report bench-scoring full-retrain warm-start online registry promote rollback evaluate delay-curve delay-report test kill-loop lint flink bench-produce \
+	ab-report bench-scoring full-retrain warm-start online registry promote rollback evaluate evaluate-spread delay-curve delay-report test kill-loop lint flink bench-produce \
 	bench-joiner bench-restart bench-decode bench-train bench-online-freshness bench-online bench-materialize bench-freshness clean
 
 install: system-deps $(VENV)/.installed jars
@@ -112,6 +112,13 @@ rollback: install
 SCALE ?= full
 evaluate: install
 	$(PY) -m trainers.evaluate --scale $(SCALE)
+
+# How far noise moves each claim of the evaluation: SEEDS runs at SCALE=ci, new initial weights on the CI world
+# (VARY=training, what another machine's float rounding does) or new worlds (VARY=data); a table per claim.
+SEEDS ?= 11-20
+VARY ?= training
+evaluate-spread: install
+	$(PY) -m trainers.evaluate --scale ci --seeds $(SEEDS) --vary $(VARY) --out var/evaluation/spread-$(VARY)
 
 # Fit the conversion-delay curve (Kaplan-Meier, open clicks censored) and publish it (JSON + PNG).
 delay-curve: up

@@ -1,42 +1,56 @@
 """`make evaluate` at its CI scale, judged on what the README claims: online updates recover from a drift that
-frozen and daily warm-started models do not, delay correction closes most of the naive-to-oracle CVR gap,
-calibrated batch models are calibrated, and the report is written."""
+frozen and daily warm-started models do not, delay correction closes a good share of the naive-to-oracle CVR gap,
+calibrated batch models are calibrated, and the report is written.
+
+The claims and their bars live in ``trainers.evaluate.CLAIMS``; each bar was set from the claim's measured spread
+over training seeds and worlds (README: "How noisy is the evaluation"), so float rounding on another machine
+passes and a real regression fails. The table is printed whether the test passes or not."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
+import torch
 
 from infra.settings import get_settings
-from trainers.evaluate import run
+from trainers.evaluate import CLAIMS, THREADS, claims_table, run
 
 
-def test_evaluation_against_the_simulators_truth(tmp_path):
+def test_evaluation_against_the_simulators_truth(tmp_path, capsys):
+    threads = torch.get_num_threads()
     result = run(get_settings(), "ci", out_dir=tmp_path)
+    assert torch.get_num_threads() == threads  # the evaluation sets its own count and restores the caller's
+    assert result["threads"] == THREADS
+
     rows = result["models"]["rows"]
     for name in ("(a) oracle", "(b) full retrain", "(c) warm start", "(f) river baseline", "(d) online after drift",
                  "(e) frozen after drift"):
         assert set(rows[name]) == {"ctr", "cvr", "ctcvr"}, name
-    # The oracle is the ceiling; the batch models learn something and are calibrated after the undoing.
-    assert rows["(a) oracle"]["ctr"]["auc"] > rows["(b) full retrain"]["ctr"]["auc"] > 0.65
-    assert rows["(b) full retrain"]["ctr"]["ece"] < 0.015, rows["(b) full retrain"]["ctr"]
-    assert abs(rows["(b) full retrain"]["ctr"]["mean_p"] / rows["(b) full retrain"]["ctr"]["rate"] - 1) < 0.15
+    assert all(d["learners"] == 6 for d in result["delay"].values()), result["delay"]
 
-    # After the drift (hour 24 on), the online ranker's CTR log loss is below the daily warm start's and the
-    # frozen model's, hour by hour on average.
-    curve = result["models"]["curve"]
-    after = {k: np.mean([c[k] for c in curve if c["hour"] >= 24]) for k in ("online", "frozen", "daily warm start")}
-    assert after["online"] < 0.97 * after["daily warm start"], after
-    assert after["daily warm start"] <= 1.01 * after["frozen"], after
-    assert rows["(d) online after drift"]["ctr"]["nll"] < rows["(e) frozen after drift"]["ctr"]["nll"]
-
-    # Delay correction: naive labels underestimate CVR; FNW and the delay curve close much of the gap.
-    delay = result["delay"]
-    assert delay["naive"]["mean_pcvr"] < delay["oracle labels"]["mean_pcvr"]
-    assert delay["fnw"]["gap closed"] > 0.3, delay
-    assert delay["delay_curve"]["gap closed"] > 0.5, delay
+    checks = result["claims"]
+    table = claims_table(checks)
+    with capsys.disabled():
+        print(f"\nevaluation claims at SCALE=ci (seed {result['seed']}, {result['threads']} torch thread):\n{table}")
+    assert [c["claim"] for c in checks] == [c.name for c in CLAIMS]
+    assert all(c["holds"] for c in checks), table
 
     html = (tmp_path / "report.html").read_text()
-    assert html.count("<img") >= 2 and "Delay correction" in html
-    assert json.loads((tmp_path / "summary.json").read_text())["scale"]["name"] == "ci"
+    assert html.count("<img") >= 2 and "Delay correction" in html and "delay gap closed: fnw" in html
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["scale"]["name"] == "ci" and len(summary["claims"]) == len(CLAIMS)
+
+
+def test_claims_and_their_spread(tmp_path):
+    """A claim's margin has the right sign either way; the spread table counts failures and margins in sds."""
+    from trainers.evaluate import Claim, spread_table
+
+    above, below = Claim("above", lambda r: r["v"], 0.5), Claim("below", lambda r: r["v"], 0.5, lower=True)
+    assert above.check({"v": 0.7})["holds"] and not above.check({"v": 0.5})["holds"]
+    assert below.check({"v": 0.2})["margin"] == 0.3 and not below.check({"v": 0.9})["holds"]
+    log = tmp_path / "spread.jsonl"
+    log.write_text("".join(json.dumps({"seed": s, "threads": 1, **above.check({"v": v})}) + "\n"
+                           for s, v in enumerate([0.6, 0.7, 0.4, 0.9])))
+    row = spread_table(log).loc["above"]
+    assert row["runs"] == 4 and row["failures"] == 1 and row["min"] == 0.4 and row["max"] == 0.9
+    assert abs(row["worst margin"] + 0.1) < 1e-12 and abs(row["mean margin / sd"] - 0.15 / row["sd"]) < 1e-12

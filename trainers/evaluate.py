@@ -30,6 +30,7 @@ import io
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -55,6 +56,9 @@ from trainers.train import fit
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
 START = datetime.fromisoformat("2026-10-01T00:00:00+00:00")
+# torch's intra-op threads inside the evaluation, set and restored by ``run``: the float reduction order, and so
+# every trained number, then does not depend on how many cores the machine has or what ran before in the process.
+THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -66,15 +70,18 @@ class Scale:
     delay_days: int
     delay_impressions_per_hour: float
     epochs: int = 2
+    # Online learners per label scheme in the delay evaluation (training seeds seed, seed+1, ...): one learner's
+    # trajectory moves the CVR log loss by about as much as the naive-to-oracle gap.
+    delay_learners: int = 4
 
 
 SCALES = {
     "ci": Scale(users=1_500, ads=300, impressions_per_hour=2_000, history_days=2, delay_days=3,
-                delay_impressions_per_hour=1_200, epochs=1),
+                delay_impressions_per_hour=1_200, epochs=1, delay_learners=6),
     "small": Scale(users=2_000, ads=400, impressions_per_hour=2_500, history_days=3, delay_days=4,
                    delay_impressions_per_hour=1_500),
     "full": Scale(users=20_000, ads=2_000, impressions_per_hour=12_000, history_days=6, delay_days=8,
-                  delay_impressions_per_hour=4_000, epochs=3),
+                  delay_impressions_per_hour=4_000, epochs=3, delay_learners=2),
 }
 
 
@@ -219,7 +226,8 @@ def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float) ->
             "impressions": len(frame)}
 
 
-def evaluate_delay(settings: Settings, scale: Scale, seed: int) -> dict:
+def evaluate_delay(settings: Settings, scale: Scale, seed: int, training_seed: int | None = None,
+                   learners: int = 1) -> dict:
     """CVR log loss on the last day for the online ranker under each label scheme (see the module docstring)."""
     from label_joiner.delay_report import historical_curve
     from label_joiner.replay import new_join, replay
@@ -253,36 +261,61 @@ def evaluate_delay(settings: Settings, scale: Scale, seed: int) -> dict:
     oracle_ex["weight"] = 1.0
     streams["oracle labels"] = oracle_ex.sort_values("as_of_ms", kind="stable").reset_index(drop=True)
     category = gen.truth.set_index("impression_id")["category_id"]
-    out: dict[str, dict] = {}
+    rows_of: dict[str, pd.DataFrame] = {}
     for name, ex in streams.items():
         scheme = name if name in ("naive", "fnw", "delay_curve") else "naive"
         rows = _scheme_rows(ex, scheme) if name != "oracle labels" else ex
         rows["category_id"] = category.reindex(rows["impression_id"]).to_numpy()
-        torch.manual_seed(seed)
-        learner = OnlineLearner(Ranker.from_settings(spec, settings.trainer), settings.trainer.online_learning_rate,
-                                torch.device("cpu"), scheme)
-        first = encode(rows.iloc[: min(len(rows), 20_000)], spec)
-        learner.model.fit_normalizer(first.dense)
-        as_of = rows["as_of_ms"].to_numpy()
-        p = np.zeros(len(clicks))
-        bs = settings.trainer.online_batch_size
-        cursor = 0
-        for hour in range(24):
-            upto = last_day + hour * HOUR_MS
-            end = int(np.searchsorted(as_of, upto, side="left"))
-            for start in range(cursor, end, bs):
-                learner.learn(encode(rows.iloc[start:min(start + bs, end)], spec))
-            cursor = end
-            m = click_hours == hour
-            if m.any():
-                p[m] = ScoringModel(learner.model).uncalibrated(encode(clicks[m], spec))["cvr"]
-        out[name] = {"cvr_logloss": log_loss(y, p), "mean_pcvr": float(p.mean()), "rate": float(y.mean()),
-                     "examples": int(len(rows)), "clicks scored": int(len(clicks))}
+        rows_of[name] = rows
+    # Every scheme's learner starts from the same initial weights for a training seed (common random numbers);
+    # the log loss is averaged over ``learners`` learners per scheme (training seeds ``training_seed`` on), since
+    # one learner's trajectory moves it by about as much as the naive-to-oracle gap (README: "How noisy").
+    losses: dict[str, list[float]] = {name: [] for name in rows_of}
+    means: dict[str, list[float]] = {name: [] for name in rows_of}
+    first = seed if training_seed is None else training_seed
+    for training_seed in range(first, first + learners):
+        for name, rows in rows_of.items():
+            scheme = name if name in ("naive", "fnw", "delay_curve") else "naive"
+            p = _learn_and_score(rows, clicks, click_hours, last_day, scheme, spec, settings, training_seed)
+            losses[name].append(log_loss(y, p))
+            means[name].append(float(p.mean()))
+        print(f"evaluate: delay: training seed {training_seed}: " + ", ".join(
+            f"{name} {losses[name][-1]:.4f}" for name in rows_of), flush=True)
+    out: dict[str, dict] = {}
+    for name, rows in rows_of.items():
+        out[name] = {"cvr_logloss": float(np.mean(losses[name])), "mean_pcvr": float(np.mean(means[name])),
+                     "rate": float(y.mean()), "examples": int(len(rows)), "clicks scored": int(len(clicks)),
+                     "learners": learners, "cvr_logloss per learner": losses[name]}
     naive, best = out["naive"]["cvr_logloss"], out["oracle labels"]["cvr_logloss"]
     for name in out:
         gap = naive - best
         out[name]["gap closed"] = float((naive - out[name]["cvr_logloss"]) / gap) if gap > 0 else math.nan
     return out
+
+
+def _learn_and_score(rows: pd.DataFrame, clicks: pd.DataFrame, click_hours: np.ndarray, last_day: int, scheme: str,
+                     spec: InputSpec, settings: Settings, seed: int) -> np.ndarray:
+    """A fresh online ranker learns ``rows`` in emission order; each hour of the last day, that hour's clicks are
+    scored (pCVR) before the ranker learns the examples emitted after the hour began."""
+    torch.manual_seed(seed)
+    learner = OnlineLearner(Ranker.from_settings(spec, settings.trainer), settings.trainer.online_learning_rate,
+                            torch.device("cpu"), scheme)
+    first = encode(rows.iloc[: min(len(rows), 20_000)], spec)
+    learner.model.fit_normalizer(first.dense)
+    as_of = rows["as_of_ms"].to_numpy()
+    p = np.zeros(len(clicks))
+    bs = settings.trainer.online_batch_size
+    cursor = 0
+    for hour in range(24):
+        upto = last_day + hour * HOUR_MS
+        end = int(np.searchsorted(as_of, upto, side="left"))
+        for start in range(cursor, end, bs):
+            learner.learn(encode(rows.iloc[start:min(start + bs, end)], spec))
+        cursor = end
+        m = click_hours == hour
+        if m.any():
+            p[m] = ScoringModel(learner.model).uncalibrated(encode(clicks[m], spec))["cvr"]
+    return p
 
 
 def _scheme_rows(ex: pd.DataFrame, scheme: str) -> pd.DataFrame:
@@ -294,6 +327,66 @@ def _scheme_rows(ex: pd.DataFrame, scheme: str) -> pd.DataFrame:
     records = [((0, i), TrainingExample.model_validate(r)) for i, r in enumerate(ex.to_dict("records"))]
     rows = pd.DataFrame(to_rows(records, ExampleState(), scheme).rows)
     return rows.sort_values("as_of_ms", kind="stable").reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim the README makes of the evaluation: ``value(result)`` above ``bar`` (below it if ``lower``)."""
+
+    name: str
+    value: Callable[[dict], float]
+    bar: float
+    lower: bool = False
+
+    def check(self, result: dict) -> dict:
+        value = float(self.value(result))
+        margin = self.bar - value if self.lower else value - self.bar
+        return {"claim": self.name, "value": value, "bar": self.bar, "op": "<" if self.lower else ">",
+                "margin": margin, "holds": bool(margin > 0)}
+
+
+def _row(result: dict, model: str, task: str, metric: str) -> float:
+    return result["models"]["rows"][model][task][metric]
+
+
+def _after_drift(result: dict, curve: str) -> float:
+    return float(np.mean([c[curve] for c in result["models"]["curve"] if c["hour"] >= 24]))
+
+
+CLAIMS = (
+    Claim("CTR AUC: oracle minus full retrain",
+          lambda r: _row(r, "(a) oracle", "ctr", "auc") - _row(r, "(b) full retrain", "ctr", "auc"), 0.0),
+    Claim("CTR AUC: full retrain", lambda r: _row(r, "(b) full retrain", "ctr", "auc"), 0.65),
+    Claim("CTR ECE: full retrain, calibrated", lambda r: _row(r, "(b) full retrain", "ctr", "ece"), 0.015, True),
+    Claim("CTR |mean p / rate - 1|: full retrain",
+          lambda r: abs(_row(r, "(b) full retrain", "ctr", "mean_p") / _row(r, "(b) full retrain", "ctr", "rate") - 1),
+          0.15, True),
+    Claim("CTR log loss after the drift: online / daily warm start",
+          lambda r: _after_drift(r, "online") / _after_drift(r, "daily warm start"), 0.97, True),
+    Claim("CTR log loss after the drift: daily warm start / frozen",
+          lambda r: _after_drift(r, "daily warm start") / _after_drift(r, "frozen"), 1.01, True),
+    Claim("CTR log loss after the drift: frozen minus online",
+          lambda r: _row(r, "(e) frozen after drift", "ctr", "nll") - _row(r, "(d) online after drift", "ctr", "nll"),
+          0.0),
+    Claim("mean pCVR: oracle labels minus naive",
+          lambda r: r["delay"]["oracle labels"]["mean_pcvr"] - r["delay"]["naive"]["mean_pcvr"], 0.0),
+    # Bars over 3 training-noise sds below the CI world's mean over 6 learners, under the 0.1 % quantile of a
+    # bootstrap over 11 measured learners (README: "How noisy"); a scheme no better than naive scores 0.
+    Claim("delay gap closed: fnw", lambda r: r["delay"]["fnw"]["gap closed"], 0.15),
+    Claim("delay gap closed: delay_curve", lambda r: r["delay"]["delay_curve"]["gap closed"], 0.4),
+)
+
+
+def judge(result: dict) -> list[dict]:
+    """Each claim of ``CLAIMS`` checked on one evaluation's result."""
+    return [claim.check(result) for claim in CLAIMS]
+
+
+def claims_table(checks: list[dict]) -> str:
+    lines = [f"{'claim':<60} {'value':>9}   {'bar':>7} {'margin':>9}  holds"]
+    lines += [f"{c['claim']:<60} {c['value']:>9.4f} {c['op']} {c['bar']:>7.3f} {c['margin']:>+9.4f}  {c['holds']}"
+              for c in checks]
+    return "\n".join(lines)
 
 
 def _img(fig) -> str:
@@ -320,10 +413,12 @@ def write_report(result: dict, out_dir: Path) -> Path:
     plt.close(fig)
     plots = [reliability_plot(curves, out_dir / f"reliability_{task}.png", f"{task.upper()}, held-out day")
              for task, curves in result["models"]["reliability"].items()]
-    delay = pd.DataFrame(result["delay"]).T
+    delay = pd.DataFrame(result["delay"]).T.drop(columns="cvr_logloss per learner").infer_objects()
     images = "".join(f"<img src='{p.name}'/>" for p in plots)
+    claims = pd.DataFrame(result["claims"]).to_html(float_format=lambda v: f"{v:.4f}", index=False)
     html = (f"<html><head><title>Ranker evaluation</title></head><body><h1>Ranker vs the simulator's truth</h1>"
             f"<p>scale {result['scale']}, {result['seconds']:.0f} s</p>"
+            f"<h2>The README's claims</h2>{claims}"
             f"<h2>Per task, held-out day and drift day</h2>{table.to_html(float_format='%.4f')}"
             f"<h2>Drift: CTR log loss by hour</h2><img src='data:image/png;base64,{curve_img}'/>"
             f"<p>ADWIN on the online loss flagged drift at examples {result['models']['drift_detected'][:10]}</p>"
@@ -344,17 +439,70 @@ def _json_default(value):
 
 
 def run(settings: Settings, scale_name: str = "small", seed: int = 11, negative_rate: float = 0.25,
-        out_dir: Path | None = None) -> dict:
+        out_dir: Path | None = None, threads: int = THREADS, training_seed: int | None = None,
+        learners: int | None = None) -> dict:
+    """The whole evaluation under ``threads`` torch threads (the caller's count is restored afterwards).
+
+    ``seed`` draws the simulated worlds; ``training_seed`` (default ``seed``) the models' initial weights, so the
+    spread due to training alone can be measured on the same data; ``learners`` overrides the scale's
+    ``delay_learners``."""
     scale = SCALES[scale_name]
     began = time.monotonic()
-    torch.manual_seed(seed)
-    result = {"scale": {"name": scale_name, **asdict(scale)},
-              "models": evaluate_models(settings, scale, seed, negative_rate),
-              "delay": evaluate_delay(settings, scale, seed)}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        training_seed = seed if training_seed is None else training_seed
+        torch.manual_seed(training_seed)
+        result = {"scale": {"name": scale_name, **asdict(scale)}, "seed": seed, "training_seed": training_seed,
+                  "threads": threads, "models": evaluate_models(settings, scale, seed, negative_rate),
+                  "delay": evaluate_delay(settings, scale, seed, training_seed, learners or scale.delay_learners)}
+    finally:
+        torch.set_num_threads(previous)
     result["seconds"] = time.monotonic() - began
+    result["claims"] = judge(result)
     path = write_report(result, out_dir or settings.var_dir / "evaluation")
+    print(claims_table(result["claims"]), flush=True)
     print(f"evaluate: report {path}", flush=True)
     return result
+
+
+def spread(settings: Settings, scale_name: str, seeds: list[int], threads: list[int], out_dir: Path,
+           vary: str = "data", learners: int | None = None) -> pd.DataFrame:
+    """Every claim's value over ``seeds`` x ``threads``: how far noise moves it. ``vary="data"``: each seed draws
+    new worlds and weights; ``"training"``: the worlds of ``run``'s default seed, each seed new weights (what a
+    different machine's float rounding does). Each run's checks are appended to ``out_dir/spread.jsonl`` (several
+    processes may share it); the table summarizes all runs in that file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = out_dir / "spread.jsonl"
+    per_run = learners or SCALES[scale_name].delay_learners
+    for t in threads:
+        for seed in seeds:
+            # Disjoint blocks of training seeds: run s's delay learners use 11 + (s - 11) * per_run onwards.
+            data_seed, training_seed = (seed, seed) if vary == "data" else (11, 11 + (seed - 11) * per_run)
+            result = run(settings, scale_name, data_seed, out_dir=out_dir / f"seed{seed}-threads{t}", threads=t,
+                         training_seed=training_seed, learners=learners)
+            lines = "".join(json.dumps({"vary": vary, "seed": seed, "threads": t, **c}) + "\n"
+                            for c in result["claims"])
+            with log.open("a") as f:
+                f.write(lines)
+    return spread_table(log)
+
+
+def spread_table(log: Path) -> pd.DataFrame:
+    """Per claim: runs, mean, sd, min, max, the bar, the worst margin, the mean margin in sds, failures."""
+    runs = pd.read_json(log, lines=True)
+    g = runs.groupby("claim", sort=False)
+    table = pd.DataFrame({"runs": g.size(), "mean": g["value"].mean(), "sd": g["value"].std(ddof=1),
+                          "min": g["value"].min(), "max": g["value"].max(), "op": g["op"].first(),
+                          "bar": g["bar"].first(), "worst margin": g["margin"].min(),
+                          "failures": g["holds"].apply(lambda h: int((~h.astype(bool)).sum()))})
+    table["mean margin / sd"] = g["margin"].mean() / table["sd"]
+    return table
+
+
+def _seeds(text: str) -> list[int]:
+    first, _, last = text.partition("-")
+    return list(range(int(first), int(last or first) + 1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,9 +510,22 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), default="small")
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--threads", default=str(THREADS),
+                   help="torch threads inside the evaluation; a list (1,2) with --seeds")
+    p.add_argument("--seeds", help="run over a seed range (11-20) and print each claim's spread")
+    p.add_argument("--vary", choices=("data", "training"), default="data",
+                   help="with --seeds: new worlds per seed, or the default world and new initial weights")
+    p.add_argument("--learners", type=int, help="online learners per label scheme (default: the scale's)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    run(get_settings(), args.scale, args.seed, out_dir=args.out)
+    settings = get_settings()
+    threads = [int(t) for t in args.threads.split(",")]
+    if args.seeds:
+        table = spread(settings, args.scale, _seeds(args.seeds), threads,
+                       args.out or settings.var_dir / "evaluation" / "spread", args.vary, args.learners)
+        print(table.to_string(float_format=lambda v: f"{v:.4f}"), flush=True)
+        return 0 if table["failures"].sum() == 0 else 1
+    run(settings, args.scale, args.seed, out_dir=args.out, threads=threads[0], learners=args.learners)
     return 0
 
 
