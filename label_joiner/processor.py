@@ -55,7 +55,15 @@ class JoinProcessor:
             except InvalidEvent as exc:
                 self._dead(out, r.topic, r.offset, str(exc), value, r.timestamp)
                 continue
-            on_event(SOURCE_OF_CLASS[self.inputs[r.topic]], event, r.timestamp, r.offset, emitted)
+            except Exception as exc:  # one record's failure is its dead letter, never a crash loop
+                self._dead(out, r.topic, r.offset, f"undecodable: {type(exc).__name__}: {exc}"[:500], value,
+                           r.timestamp)
+                continue
+            try:
+                on_event(SOURCE_OF_CLASS[self.inputs[r.topic]], event, r.timestamp, r.offset, emitted)
+            except Exception as exc:  # a bug shown by one record: its dead letter too
+                self._dead(out, r.topic, r.offset, f"could not join: {type(exc).__name__}: {exc}"[:500], value,
+                           r.timestamp)
         self._write(emitted, out)
 
     def advance(self, idle_topics: set[str], wall_ms: int, out: Outbox) -> None:

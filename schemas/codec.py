@@ -40,14 +40,30 @@ def schema_headers(cls: type[Event]) -> Headers:
 
 
 def check_header(cls: type[Event], headers: Headers | None) -> None:
-    """Raise :class:`InvalidEvent` when the ``schema`` header names another event or a newer version."""
+    """Raise :class:`InvalidEvent` when the ``schema`` header is missing its value, names another event or a
+    newer version, or is not ``<name>/v<digits>`` (any header bytes give a reason, never another exception).
+
+    >>> from schemas.events import Click
+    >>> for bad in ("click/v²".encode(), b"click/v" + b"9" * 5000, None, b"click/v-1"):
+    ...     try:
+    ...         check_header(Click, [("schema", bad)])
+    ...     except InvalidEvent as exc:
+    ...         print(str(exc).split(" (")[0][:40])
+    unsupported schema version: click/v²
+    unsupported schema version: click/v99999
+    schema header without a value
+    unsupported schema version: click/v-1
+    """
     for name, value in headers or ():
         if name == SCHEMA_HEADER:
-            found = value.decode(errors="replace")
+            if not isinstance(value, bytes | bytearray):
+                raise InvalidEvent("schema header without a value")
+            found = bytes(value[:200]).decode(errors="replace")
             name_, _, version = found.partition("/v")
             if name_ != cls.NAME:
                 raise InvalidEvent(f"wrong schema: expected {cls.NAME}, got {found}")
-            if not version.isdigit() or int(version) > cls.VERSION:
+            # ASCII digits only ("²".isdigit() is true, and int() of 5,000 digits raises ValueError).
+            if not (version.isascii() and version.isdigit() and len(version) <= 9) or int(version) > cls.VERSION:
                 raise InvalidEvent(f"unsupported schema version: {found} (reader knows {cls.schema_id()})")
 
 

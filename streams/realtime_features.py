@@ -28,6 +28,7 @@ import orjson
 from aiokafka.structs import ConsumerRecord
 
 from infra.settings import Settings
+from label_joiner.rules import Rules
 from schemas.codec import InvalidEvent, encode
 from schemas.events import Click, Impression
 from schemas.fast import FastDecoder
@@ -83,6 +84,7 @@ class FanOut:
         self.out_topic, self.dead_topic = t.realtime_entity_events, t.dead_letters
         self.out_partitions = settings.kafka.default_partitions
         self.retention_ms = int(settings.windows.done_retention_s * 1000)
+        self.rules = Rules.from_settings(settings.windows)
         self.counts: Counter[str] = Counter()
 
     def _first_time(self, key: str, arrival: int) -> bool:
@@ -96,38 +98,70 @@ class FanOut:
         raw = key.encode()
         out.add(self.out_topic, raw, orjson.dumps(event), partition=entity_partition(raw, self.out_partitions))
 
+    def _decode(self, r: ConsumerRecord) -> dict:
+        """The record's event, or :class:`InvalidEvent` with the reason (too large, invalid, implausible time)."""
+        if r.value is not None and len(r.value) > MAX_EVENT_BYTES:
+            raise InvalidEvent(f"event too large: {len(r.value):,} bytes")
+        e = self.decoders[r.topic].decode_dict(r.value, r.headers)
+        problem = self.rules.event_time_problem(e["event_time_ms"], r.timestamp)
+        if problem is not None:  # the joiner's rule: such a time would poison every entity's windows
+            raise InvalidEvent(f"{problem}: event time {e['event_time_ms']} vs record time {r.timestamp}")
+        return e
+
+    def _dead(self, out: Outbox, r: ConsumerRecord, reason: str) -> None:
+        self.counts[reason.split(":", 1)[0]] += 1
+        key, value, headers = encode(make_dead_letter(r.topic, self.partition, r.offset, FANOUT_STAGE, reason[:500],
+                                                      r.value, r.timestamp))
+        out.add(self.dead_topic, key, value, headers)
+
     def process(self, records: list[ConsumerRecord], out: Outbox) -> None:
-        if records:
-            advance_clock(self.store, max(r.timestamp for r in records))
+        newest = None
         for r in records:
-            cls = self.inputs[r.topic]
             try:
-                if r.value is not None and len(r.value) > MAX_EVENT_BYTES:
-                    raise InvalidEvent(f"event too large: {len(r.value):,} bytes")
-                e = self.decoders[r.topic].decode_dict(r.value, r.headers)
+                e = self._decode(r)
             except InvalidEvent as exc:
-                self.counts[str(exc).split(":", 1)[0]] += 1
-                key, value, headers = encode(make_dead_letter(r.topic, self.partition, r.offset, FANOUT_STAGE,
-                                                              str(exc), r.value, r.timestamp))
-                out.add(self.dead_topic, key, value, headers)
+                self._dead(out, r, str(exc))
                 continue
-            t = e["event_time_ms"]
-            if cls is Impression:
-                if not self._first_time(f"i:{e['impression_id']}", r.timestamp):
-                    continue
-                seen = {"k": "i", "t": t, "ad": e["ad_id"], "adv": e["advertiser_id"]}
-                self._send(out, f"user:{e['user_id']}", seen)
-                self._send(out, f"ad:{e['ad_id']}", {"k": "i", "t": t})
-                self._send(out, f"advertiser:{e['advertiser_id']}", {"k": "i", "t": t})
-            else:
-                if not self._first_time(f"c:{e['impression_id']}", r.timestamp):
-                    continue  # a second click on one impression counts once
-                self._send(out, f"user:{e['user_id']}", {"k": "c", "t": t})
-                self._send(out, f"ad:{e['ad_id']}", {"k": "c", "t": t})
-            self.counts[cls.NAME] += 1
+            except Exception as exc:  # one record's failure is its dead letter, never a crash loop
+                self._dead(out, r, f"undecodable: {type(exc).__name__}: {exc}")
+                continue
+            newest = r.timestamp if newest is None else max(newest, r.timestamp)  # valid records move the clock
+            self._fan_out(out, self.inputs[r.topic], e, r.timestamp)
+        if newest is not None:
+            advance_clock(self.store, newest)
+
+    def _fan_out(self, out: Outbox, cls: type, e: dict, arrival: int) -> None:
+        t = e["event_time_ms"]
+        if cls is Impression:
+            if not self._first_time(f"i:{e['impression_id']}", arrival):
+                return
+            seen = {"k": "i", "t": t, "ad": e["ad_id"], "adv": e["advertiser_id"]}
+            self._send(out, f"user:{e['user_id']}", seen)
+            self._send(out, f"ad:{e['ad_id']}", {"k": "i", "t": t})
+            self._send(out, f"advertiser:{e['advertiser_id']}", {"k": "i", "t": t})
+        else:
+            if not self._first_time(f"c:{e['impression_id']}", arrival):
+                return  # a second click on one impression counts once
+            self._send(out, f"user:{e['user_id']}", {"k": "c", "t": t})
+            self._send(out, f"ad:{e['ad_id']}", {"k": "c", "t": t})
+        self.counts[cls.NAME] += 1
 
     def advance(self, idle_topics: set[str], wall_ms: int, out: Outbox) -> None:
         forget_due(self.store)  # ids older than the retention
+
+
+MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time a datetime can hold
+
+
+def entity_event(kind: str, e: object) -> dict:
+    """``e`` if it is a well-formed entity event of ``kind`` (checked before any state changes), else ValueError."""
+    if not isinstance(e, dict) or e.get("k") not in ("i", "c"):
+        raise ValueError("not an entity event")
+    if not (type(e.get("t")) is int and 0 <= e["t"] <= MAX_TIME_MS):
+        raise ValueError(f"event time out of range: {str(e.get('t'))[:40]}")
+    if kind == "user" and e["k"] == "i" and not (type(e.get("ad")) is int and type(e.get("adv")) is int):
+        raise ValueError("a user's impression event without its ad and advertiser")
+    return e
 
 
 def feature_row(kind: str, entity_id: int, state: dict) -> dict:
@@ -159,7 +193,7 @@ class EntityFeatures:
 
         self.partition, self.store = partition, store
         self.writer = writer or OnlineWriter(settings)
-        self.log_topic = settings.topics.realtime_features
+        self.log_topic, self.dead_topic = settings.topics.realtime_features, settings.topics.dead_letters
         self.counts: Counter[str] = Counter()
 
     def _update(self, kind: str, state: dict | None, e: dict) -> dict:
@@ -185,11 +219,21 @@ class EntityFeatures:
     def process(self, records: list[ConsumerRecord], out: Outbox) -> None:
         touched: dict[str, dict] = {}
         for r in records:
-            key = r.key.decode()
-            kind = key.split(":", 1)[0]
-            state = touched.get(key) or self.store.get(key)
-            event = orjson.loads(r.value)
-            touched[key] = self._update(kind, state, event)
+            try:
+                key = r.key.decode()
+                kind, entity = key.split(":", 1)
+                if kind not in TABLE_OF_KIND or not entity.isdigit():
+                    raise ValueError(f"unknown entity key {key[:80]!r}")
+                event = entity_event(kind, orjson.loads(r.value))
+                state = self._update(kind, touched.get(key) or self.store.get(key), event)
+            except Exception as exc:  # one record's failure is its dead letter, never a crash loop
+                self.counts["undecodable entity event"] += 1
+                dead = make_dead_letter(r.topic, self.partition, r.offset, FEATURES_STAGE,
+                                        f"undecodable entity event: {type(exc).__name__}: {exc}"[:500], r.value,
+                                        r.timestamp)
+                out.add(self.dead_topic, *encode(dead))
+                continue
+            touched[key] = state
             advance_clock(self.store, event["t"])
         rows: dict[type[FeatureRow], list[dict]] = {}
         for key, state in touched.items():
