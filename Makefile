@@ -159,7 +159,7 @@ ab-report: up
 
 test: up
 	$(PY) -m ruff check .
-	$(PY) -m pytest tests --durations=15 --doctest-modules schemas streams/dead_letter.py streams/state.py infra/settings.py \
+	$(PY) -m pytest tests --durations=15 --doctest-modules schemas streams/dead_letter.py streams/state.py streams/event_clock.py infra/settings.py \
 	  label_joiner/join.py label_joiner/rules.py batch_jobs/days.py
 
 # kill -9 the label joiner at random moments, ROUNDS times, then check every label exact and no output twice.

@@ -123,6 +123,13 @@ class WindowSettings(BaseModel):
     max_event_age_s: float = 14 * 24 * 3600.0
     # Wall-clock seconds after which an input read to its end stops holding the partition's clock back.
     idle_timeout_s: float = 10.0
+    # The always-on processors' event-time clock (streams/event_clock.py): a record may arrive this far behind the
+    # newest record of its input and still count; further behind the clock, it is a dead letter with the reason.
+    max_out_of_orderness_s: float = 5.0
+    # When every input is idle: 0 holds the clock (Flink's default: labels never depend on pauses); r > 0 advances
+    # it from the last data by r x the processing time elapsed since (1 = real time) so the last windows close
+    # without new traffic. Never to the wall clock.
+    idle_advance_rate: float = Field(default=0.0, ge=0.0)
     # Arrival-time seconds a finished impression's ids are remembered, to drop events repeated by producers.
     done_retention_s: float = 24 * 3600.0
     # delay_curve scheme (ES-DFM style): the first example waits the first of these elapsed times after the

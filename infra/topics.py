@@ -51,10 +51,20 @@ def with_topic_prefix(settings: Settings, prefix: str, create: bool = True) -> S
     return copy
 
 
+REPARTITION_HELP = ("a stateful processor's keys would move to other partitions in the middle of its state; to "
+                    "repartition, see the README (Repartitioning): new topics with the new count, a replay into "
+                    "them, and new consumer groups")
+
+
+class PartitionMismatch(RuntimeError):
+    """Topics that must be co-partitioned are not (or differ from the settings): nothing is changed in place."""
+
+
 def ensure_topics(settings: Settings) -> list[str]:
-    """Create missing topics; return the names created."""
+    """Create missing topics; return the names created. An existing topic whose partition count differs from the
+    settings is an error (:class:`PartitionMismatch`), never grown in place."""
     from kafka import KafkaAdminClient
-    from kafka.admin import NewPartitions, NewTopic
+    from kafka.admin import NewTopic
 
     admin = KafkaAdminClient(**settings.kafka.client_config())
     try:
@@ -64,13 +74,13 @@ def ensure_topics(settings: Settings) -> list[str]:
                for s in specs if s.name not in existing]
         if new:
             admin.create_topics(new)
-        grow = {}
+        wrong = []
         for meta in admin.describe_topics([s.name for s in specs if s.name in existing]):
             want = next(s.partitions for s in specs if s.name == meta["name"])
-            if len(meta["partitions"]) < want:
-                grow[meta["name"]] = NewPartitions(total_count=want)
-        if grow:
-            admin.create_partitions(grow)
+            if len(meta["partitions"]) != want:
+                wrong.append(f"{meta['name']} has {len(meta['partitions'])} partitions, the settings say {want}")
+        if wrong:
+            raise PartitionMismatch(f"{'; '.join(wrong)}: not changed, since {REPARTITION_HELP}")
         return [n.name for n in new]
     finally:
         admin.close()
@@ -84,16 +94,26 @@ def ensure_changelog(settings: Settings, name: str, inputs: list[str]) -> None:
 
     admin = KafkaAdminClient(**settings.kafka.client_config())
     try:
-        if name in set(admin.list_topics()):
-            return
-        partitions = 0
+        counts: dict[str, int] = {}
         for _ in range(60):  # a topic created a moment ago may not have its partitions in the metadata yet
-            partitions = max(len(m["partitions"] or []) for m in admin.describe_topics(inputs))
-            if partitions > 0:
+            counts = {m["topic"] if "topic" in m else m["name"]: len(m["partitions"] or [])
+                      for m in admin.describe_topics(inputs)}
+            if all(counts.get(t, 0) > 0 for t in inputs):
                 break
             time.sleep(0.5)
-        if partitions == 0:
+        if not all(counts.get(t, 0) > 0 for t in inputs):
             raise RuntimeError(f"{name}: the inputs {inputs} have no partitions in the broker's metadata after 30 s")
+        if len(set(counts.values())) > 1:
+            raise PartitionMismatch(f"{name}: the inputs are not co-partitioned ({counts}): partition p of each "
+                                    f"input must hold the same keys; {REPARTITION_HELP}")
+        partitions = next(iter(counts.values()))
+        if name in set(admin.list_topics()):
+            (meta,) = admin.describe_topics([name])
+            if len(meta["partitions"] or []) != partitions:
+                raise PartitionMismatch(f"{name} has {len(meta['partitions'] or [])} partitions, its inputs "
+                                        f"{partitions}: the state of task p lives in changelog partition p; "
+                                        f"{REPARTITION_HELP}")
+            return
         try:
             admin.create_topics([NewTopic(name, partitions, settings.kafka.replication_factor,
                                           topic_configs={"cleanup.policy": "compact",

@@ -8,10 +8,12 @@ impression or click is joined when it arrives within the allowed lateness of its
 conversion within the conversion lateness of its conversion window's end; later ones are dead letters.
 
 State: one record per open impression in a :class:`streams.state.Store`, due (``"d"``) when its next
-window closes. Clock: per input, the newest arrival seen; the partition's clock is the slowest input's,
-except that an input the runtime reports idle (read to its end and quiet) does not hold it back, and
-when every input is idle the wall clock counts. A record is finished once the clock passes its due
-time, so a quiet input (conversions, typically) never stalls labelling.
+window closes. Clock: a :class:`streams.event_clock.EventClock` over the three inputs' arrival times (the
+slowest active input's newest arrival minus the out-of-orderness bound; an idle input drops out; when
+every input is idle the clock holds, or advances from the last data at ``idle_advance_rate``; never the
+wall clock). A record is finished once the clock passes its due time, so a quiet input (conversions,
+typically) never stalls labelling. An event whose arrival is behind the clock is beyond the bound: a dead
+letter with its reason (it could belong to an impression already finished).
 
 Output (``Emitted``): training examples (per the scheme, each with a deterministic id), matured labels
 (when the last window closes) and dead letters for events that cannot be joined, with their reason.
@@ -28,7 +30,7 @@ Nothing in an output depends on the wall clock or on batch boundaries: a replay 
 >>> j.on_event("click", {"click_id": "c", "impression_id": "i", "event_time_ms": 2000}, 2100, 0, out)
 >>> [(e["example_id"], e["clicked"]) for e in out.examples]
 [('i/click/c', True)]
->>> j.advance(idle=set(), wall_ms=0, out=out); j.finish_all(out)
+>>> j.advance(idle={"conversion"}, wall_ms=0, out=out); j.finish_all(out)
 >>> [(m["impression_id"], m["clicked"], m["converted"]) for m in out.matured]
 [('i', True, False)]
 """
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 
 from label_joiner.rules import Rules
 from label_joiner.schemes import LabelScheme
+from streams.event_clock import EventClock
 
 SOURCES = ("impression", "click", "conversion")
 IMPRESSION_FIELDS = ("user_id", "ad_id", "advertiser_id", "campaign_id", "placement", "position", "device",
@@ -74,16 +77,20 @@ class Emitted:
 class PartitionJoin:
     """Impression -> click -> conversion join of one partition, on a :class:`streams.state.Store`."""
 
-    def __init__(self, rules: Rules, scheme: LabelScheme, store, idle_timeout_ms: int = 10_000):
+    def __init__(self, rules: Rules, scheme: LabelScheme, store, out_of_orderness_ms: int = 0,
+                 idle_advance_rate: float = 0.0, clock_save_step_ms: int = 60_000):
         self.rules = rules
         self.scheme = scheme
         self.store = store
-        self.idle_timeout_ms = idle_timeout_ms
         self.counts: Counter[str] = Counter()
         saved = store.get(CLOCK_KEY) or {}
-        self.newest: dict[str, int] = {s: saved.get(s, 0) for s in SOURCES}
-        self.clock_ms: int = saved.get("clock", 0)
-        self._saved = saved
+        self.clock = EventClock.from_state(saved, SOURCES, out_of_orderness_ms, idle_advance_rate)
+        self.clock_save_step_ms = clock_save_step_ms
+        self._saved = self.clock.state()
+
+    @property
+    def clock_ms(self) -> int:
+        return self.clock.time_ms
 
     # -- events -------------------------------------------------------------------------------------------
     def on_event(self, source: str, event: dict, arrival: int, offset: int, out: Emitted) -> None:
@@ -94,8 +101,10 @@ class PartitionJoin:
             self._reject(out, source, event, arrival, offset,
                          f"{problem}: event time {t} vs record time {arrival} ({(t - arrival) / 1000:+.0f} s)")
             return
-        if arrival > self.newest[source]:
-            self.newest[source] = arrival
+        if self.clock.behind(arrival):  # beyond the out-of-orderness bound: its impression may be finished
+            self._reject(out, source, event, arrival, offset, self.clock.behind_reason(arrival))
+            return
+        self.clock.observe(source, arrival)
         key = event["impression_id"]
         entry = self.store.get(key)
         if source == "impression":
@@ -219,16 +228,22 @@ class PartitionJoin:
 
     # -- time passing -----------------------------------------------------------------------------------------
     def advance(self, idle: set[str], wall_ms: int, out: Emitted) -> None:
-        """Move the clock (``idle``: inputs read to their end and quiet) and finish what is due."""
-        active = [self.newest[s] for s in SOURCES if s not in idle]
-        clock = min(active) if active else max(wall_ms - self.idle_timeout_ms, *self.newest.values())
-        if clock > self.clock_ms:
-            self.clock_ms = clock
-        before = len(out)
+        """Move the clock (``idle``: inputs read to their end and quiet; ``wall_ms`` only paces the idle advance)
+        and finish what is due."""
+        self.clock.advance(idle, wall_ms)
+        self._after_clock(out)
+
+    def advance_to(self, clock_ms: int, out: Emitted) -> None:
+        """Move the clock to ``clock_ms`` (a replay of one merged stream in arrival order) and finish what is due."""
+        self.clock.advance_to(clock_ms)
+        self._after_clock(out)
+
+    def _after_clock(self, out: Emitted) -> None:
         self._finish_due(self.clock_ms, out)
-        saved = {**self.newest, "clock": self.clock_ms}
-        # Saved with the state when the inputs moved or windows closed (not for every tick of an idle clock).
-        if len(out) > before or any(saved[s] != self._saved.get(s) for s in SOURCES):
+        # Saved with the state when it moved by a step: a restore from an older clock only lets through records
+        # the bound would have refused, and writing it on every commit costs every restore (issue 18, item 10).
+        saved = self.clock.state()
+        if any(abs(v - self._saved.get(k, 0)) >= self.clock_save_step_ms for k, v in saved.items()):
             self.store.put(CLOCK_KEY, saved)
             self._saved = saved
 

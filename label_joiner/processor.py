@@ -5,6 +5,7 @@ One :class:`JoinProcessor` per task (input partition p of impressions, clicks an
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import orjson
@@ -31,8 +32,11 @@ class JoinProcessor:
     def __init__(self, settings: Settings, scheme: LabelScheme, partition: int, store: Store):
         t = settings.topics
         self.partition = partition
-        self.join = PartitionJoin(Rules.from_settings(settings.windows), scheme, store,
-                                  idle_timeout_ms=int(settings.windows.idle_timeout_s * 1000))
+        w = settings.windows
+        self.join = PartitionJoin(Rules.from_settings(w), scheme, store,
+                                  out_of_orderness_ms=int(w.max_out_of_orderness_s * 1000),
+                                  idle_advance_rate=w.idle_advance_rate)
+        self.max_future_skew_ms = int(w.max_future_skew_s * 1000)
         self.counts: Counter[str] = self.join.counts
         self.inputs = {t.impressions: Impression, t.clicks: Click, t.conversions: Conversion}
         self.decoders = {topic: FastDecoder(cls) for topic, cls in self.inputs.items()}
@@ -45,10 +49,17 @@ class JoinProcessor:
     def process(self, records: list[ConsumerRecord], out: Outbox) -> None:
         emitted = Emitted()
         on_event = self.join.on_event
+        # The wall clock is only an upper bound here (a producer whose clock runs fast would move every input's
+        # clock ahead); it never moves the event-time clock.
+        latest_plausible = int(time.time() * 1000) + self.max_future_skew_ms
         for r in records:
             value = r.value
             if value is not None and len(value) > MAX_EVENT_BYTES:
                 self._dead(out, r.topic, r.offset, f"event too large: {len(value):,} bytes", value, r.timestamp)
+                continue
+            if r.timestamp > latest_plausible:
+                self._dead(out, r.topic, r.offset, f"record time ahead of the wall clock: {r.timestamp} > "
+                           f"{latest_plausible} (the wall clock + {self.max_future_skew_ms} ms)", value, r.timestamp)
                 continue
             try:
                 event = self.decoders[r.topic].decode_dict(value, r.headers)

@@ -17,8 +17,6 @@ from streams.simulator.delivery import Schedule, iter_messages
 from streams.state import MemoryStore
 
 SOURCE = {Impression: "impression", Click: "click", Conversion: "conversion"}
-# One merged input in arrival order: nothing is waiting behind what was read, so the newest arrival is the clock.
-ALL_IDLE = set(SOURCE.values())
 
 
 @dataclass
@@ -51,7 +49,8 @@ def replay(join: PartitionJoin, schedule: Schedule, flush: bool = True, advance_
             continue
         join.on_event(SOURCE[cls], event.model_dump(), arrival=when, offset=n, out=out)
         if n % advance_every == 0:
-            join.advance(idle=ALL_IDLE, wall_ms=0, out=out)
+            # One merged input in arrival order: nothing waits behind what was read, so its arrival is the clock.
+            join.advance_to(when, out)
         store.commit()
     if flush:
         join.finish_all(out)

@@ -98,14 +98,28 @@ class DelayCurveScheme(LabelScheme):
         self.checkpoints_ms = sorted(int(e * 1000) for e in elapsed_windows_s)
 
     def pending_until(self, entry: dict, click: dict) -> int | None:
+        """The next decision time: the next checkpoint, or the record time of a known conversion (from then on,
+        everything that arrived before it has been read)."""
         sent = entry["sent"]
-        if "conv" in sent and sent.get("click") == click["id"]:
+        first_end = click["t"] + self.checkpoints_ms[0]
+        if sent.get("click") != click["id"]:
+            return first_end
+        if "conv" in sent:
             return None  # a positive was emitted: nothing more to say
-        k = sent.get("k", 0) if sent.get("click") == click["id"] else 0
-        return click["t"] + self.checkpoints_ms[k] if k < len(self.checkpoints_ms) else None
+        k = sent["k"]
+        due = click["t"] + self.checkpoints_ms[k] if k < len(self.checkpoints_ms) else None
+        if sent.get("ca") is not None:
+            positive = max(sent["ca"], first_end)
+            due = positive if due is None else min(due, positive)
+        return due
 
     def on_change(self, entry: dict, base: dict, click: dict | None, conv: dict | None, now_ms: int,
                   examples: list[dict]) -> None:
+        """Decided by record times, emitted once the clock has passed them: checkpoint ``k`` (the click's time
+        plus ``elapsed_windows_s[k]``) is a soft label unless the conversion's record time is at or before it;
+        the positive is emitted once the clock has passed the conversion's record time (and the first window).
+        So the examples do not depend on how far the clock moved at once, nor on the order records were read in
+        within the out-of-orderness bound."""
         if click is None:
             return
         sent = entry["sent"]
@@ -113,28 +127,35 @@ class DelayCurveScheme(LabelScheme):
             replaced = "click" in sent
             sent.clear()
             sent.update(click=click["id"], k=0, replaced=replaced)
+        if "conv" in sent:
+            return  # a positive was emitted already
+        sent["ca"] = None if conv is None else conv["a"]
         first_end = click["t"] + self.checkpoints_ms[0]
-        if now_ms < first_end or "conv" in sent:
-            return  # inside the first elapsed window, or a positive was emitted already
-        if conv is not None and sent["k"] == 0 and conv["t"] <= first_end:
-            sent.update(conv=conv["id"], k=1)
-            examples.append(example(base, self.name, f"elapsed0/{click['id']}", clicked=True, converted=True,
-                                    label_ctcvr=1.0, as_of_ms=first_end, is_correction=sent["replaced"]))
-            return
-        # Unconverted at the newest checkpoint passed (a conversion known now came after it).
-        k = sent["k"]
-        while k + 1 < len(self.checkpoints_ms) and now_ms >= click["t"] + self.checkpoints_ms[k + 1] and conv is None:
-            k += 1
-        if k < len(self.checkpoints_ms) and (sent["k"] == 0 or conv is None):
+        segment = base.get(self.curve.segment_field) if self.curve.segment_field else None
+        while True:
+            k = sent["k"]
+            checkpoint = click["t"] + self.checkpoints_ms[k] if k < len(self.checkpoints_ms) else None
+            if conv is not None and (checkpoint is None or conv["a"] <= checkpoint):
+                if now_ms > max(conv["a"], first_end):
+                    self._positive(base, sent, click, conv, first_end, examples)
+                return
+            if checkpoint is None or now_ms <= checkpoint:
+                return
             e_ms = self.checkpoints_ms[k]
-            segment = base.get(self.curve.segment_field) if self.curve.segment_field else None
             examples.append(example(base, self.name, f"elapsed{k}/{click['id']}", clicked=True, converted=False,
                                     label_ctcvr=self.curve.eventual_conversion(e_ms / 1000, segment=segment),
-                                    as_of_ms=click["t"] + e_ms, delay_cdf=self.curve.cdf(e_ms / 1000, segment),
-                                    is_correction=sent["k"] > 0 or sent["replaced"]))
+                                    as_of_ms=checkpoint, delay_cdf=self.curve.cdf(e_ms / 1000, segment),
+                                    is_correction=k > 0 or sent["replaced"]))
             sent["k"] = k + 1
-        if conv is not None:
-            sent["conv"] = conv["id"]
+
+    def _positive(self, base: dict, sent: dict, click: dict, conv: dict, first_end: int,
+                  examples: list[dict]) -> None:
+        sent["conv"] = conv["id"]
+        if sent["k"] == 0 and conv["t"] <= first_end:  # converted within the first window, known at its end
+            sent["k"] = 1
+            examples.append(example(base, self.name, f"elapsed0/{click['id']}", clicked=True, converted=True,
+                                    label_ctcvr=1.0, as_of_ms=first_end, is_correction=sent["replaced"]))
+        else:
             examples.append(example(base, self.name, f"conversion/{conv['id']}", clicked=True, converted=True,
                                     label_ctcvr=1.0, as_of_ms=max(conv["t"], first_end), is_correction=True))
 

@@ -69,6 +69,11 @@ def consume_all(settings: Settings, topic: str, expected: int, timeout_s: float 
     return records
 
 
+# A finished test run has no later traffic to move the joiner's clock past its last windows: once every input is
+# idle, the clock advances from the last data at this many event-time seconds per second (25 h in a second).
+CLOSE_WHEN_IDLE = 100_000.0
+
+
 def simulated_run(topics: Settings, var_dir, cfg, conversion_window_s: float = 3600.0):
     """Send a drained simulator run to ``topics`` with a short conversion window (every window closes
     within the run); return the settings a worker must use and the generated run."""
@@ -76,7 +81,8 @@ def simulated_run(topics: Settings, var_dir, cfg, conversion_window_s: float = 3
 
     settings = topics.model_copy(update={
         "var_dir": var_dir,
-        "windows": topics.windows.model_copy(update={"conversion_window_s": conversion_window_s}),
+        "windows": topics.windows.model_copy(update={"conversion_window_s": conversion_window_s,
+                                                     "idle_advance_rate": CLOSE_WHEN_IDLE}),
     })
     gen = generate(cfg, settings, drain=True)
     send(gen.schedule, settings, speed=0, start_ms=cfg.start_ms)

@@ -21,6 +21,7 @@ from schemas.events import Click, Conversion
 from streams.simulator.config import SimulatorConfig
 from streams.simulator.delivery import iter_messages
 from streams.simulator.run import generate, send_catalog
+from tests.conftest import CLOSE_WHEN_IDLE
 
 CFG = SimulatorConfig(hours=2, users=10_000, ads=2_000, impressions_per_hour=6_000, cvr=0.2, speed=0,
                       prediction_log=False, seed=23, late_share=0.03)
@@ -65,7 +66,8 @@ def send_in_arrival_order(settings, gen, extra) -> None:
 
 def test_batch_equals_stream(fresh_topics, tmp_path):
     settings = fresh_topics.model_copy(update={
-        "var_dir": tmp_path, "windows": fresh_topics.windows.model_copy(update={"conversion_window_s": 3600.0})})
+        "var_dir": tmp_path, "windows": fresh_topics.windows.model_copy(update={"conversion_window_s": 3600.0,
+                                                                                "idle_advance_rate": CLOSE_WHEN_IDLE})})
     gen = generate(CFG, settings, drain=True)
     send_catalog(gen.campaigns, settings)
     extra = repeats(gen.truth, settings)

@@ -76,7 +76,7 @@ def test_published_artifact_round_trips_and_drives_the_scheme(labels, tmp_path):
             "placement": "feed", "position": 0, "device": "mobile", "model_version": "m",
             "impression_time_ms": 0, "click_time_ms": 1000, "conversion_time_ms": None}
     entry, examples = {"sent": {}}, []
-    scheme.on_change(entry, base, {"id": "c", "t": 1000}, None, 1000 + 3_600_000, examples)
+    scheme.on_change(entry, base, {"id": "c", "t": 1000}, None, 1000 + 3_600_000 + 1, examples)  # the clock past it
     (ex,) = examples
     assert ex["delay_cdf"] == pytest.approx(loaded.cdf(3600, 2))
     assert ex["label_ctcvr"] == pytest.approx(loaded.eventual_conversion(3600, segment=2))

@@ -50,8 +50,12 @@ class Driver:
         self.offset += 1
         self.join.store.commit()
 
-    def advance(self, idle=frozenset(ALL), wall_ms: int = 0) -> None:
-        self.join.advance(set(idle), wall_ms, self.out)
+    def advance(self, idle=None, wall_ms: int = 0) -> None:
+        """With ``idle`` given, the runtime's step; without, one merged ordered input: its newest arrival."""
+        if idle is None:
+            self.join.advance_to(max(self.join.clock.newest.values()), self.out)
+        else:
+            self.join.advance(set(idle), wall_ms, self.out)
         self.join.store.commit()
 
     def finish(self) -> Emitted:
@@ -224,6 +228,9 @@ def test_delay_curve_scheme_waits_the_elapsed_window_then_corrects():
     assert second["example_id"] == "a/elapsed1/c-a" and second["is_correction"]
     assert second["label_ctcvr"] < got["a"]["label_ctcvr"]
     d.send("conversion", conv("a", T0 + 8_000_000))
+    assert d.out.examples[-1] is second  # decided once the clock has passed the conversion's record time
+    d.send("impression", imp("later3", T0 + 8_100_000))
+    d.advance()
     last = d.out.examples[-1]
     assert last["example_id"] == "a/conversion/v-a" and last["is_correction"] and last["label_ctcvr"] == 1.0
 
