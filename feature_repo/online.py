@@ -86,28 +86,45 @@ def timestamp_bytes(ts: datetime) -> bytes:
     return stamp.SerializeToString()
 
 
+# Writes a row only if it is not older than the row stored (Feast's own writer skips older timestamps too), so
+# a fenced zombie's last batch or a replay never overwrites a newer row. ``_tsms:<view>`` holds the row's time
+# in epoch ms next to Feast's protobuf ``_ts:<view>`` (Feast reads only the fields it knows).
+# KEYS[1]: entity key; ARGV[1]: the ms field, ARGV[2]: the row's ms, ARGV[3..]: field, value pairs.
+_WRITE_IF_NOT_OLDER = """
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+if stored and tonumber(stored) > tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], unpack(ARGV, 3))
+return 1
+"""
+
+
 class OnlineWriter:
-    """Writes feature rows into Redis in Feast's layout (one pipeline per call)."""
+    """Writes feature rows into Redis in Feast's layout (one pipeline per call), never over a newer row."""
 
     def __init__(self, settings: Settings):
-        import redis
-
-        r = settings.redis
-        self.client = redis.Redis(host=r.host, port=r.port, password=r.password)
+        self.client = settings.redis.client()
         self.project = settings.feast_project
         self._fields = {t.VIEW: [(n, field_key(t.VIEW, n)) for n in t.feature_names()] for t in BY_VIEW.values()}
+        self._script = self.client.register_script(_WRITE_IF_NOT_OLDER)
+        self.skipped_older = 0
 
     def write(self, table: type[FeatureRow], rows: Iterable[dict]) -> int:
-        """HSET each row's features and ``_ts:<view>`` on its entity key; return the rows written."""
+        """Set each row's features and ``_ts:<view>`` on its entity key unless the stored row is newer; return the
+        rows written (the others are counted in ``skipped_older``)."""
         fields, ts_field = self._fields[table.VIEW], f"_ts:{table.VIEW}".encode()
+        ms_field = f"_tsms:{table.VIEW}".encode()
         pipe, n = self.client.pipeline(transaction=False), 0
         for row in rows:
-            mapping = {key: to_value(row[name]).SerializeToString() for name, key in fields}
-            mapping[ts_field] = timestamp_bytes(row["event_timestamp"])
-            pipe.hset(entity_key({k: row[k] for k in table.ENTITIES}, self.project), mapping=mapping)
+            ts = row["event_timestamp"]
+            args = [ms_field, int(ts.timestamp() * 1000), ts_field, timestamp_bytes(ts)]
+            for name, key in fields:
+                args += [key, to_value(row[name]).SerializeToString()]
+            self._script(keys=[entity_key({k: row[k] for k in table.ENTITIES}, self.project)], args=args,
+                         client=pipe)
             n += 1
-        pipe.execute()
-        return n
+        written = sum(pipe.execute())
+        self.skipped_older += n - written
+        return written
 
 
 AD_VIEWS = ("ad_features", "ad_realtime")
@@ -195,10 +212,7 @@ def _stamps(client, project: str, keys: list[bytes], views: Sequence[str], chunk
 def _refresher(settings: Settings, conn) -> None:
     """The refresh process. Sent the known ad ids, it reads only the rows' timestamps, reloads the ads whose
     row (or whose advertiser's row) was written since it last looked, and answers with those rows only."""
-    import redis
-
-    r = settings.redis
-    client = redis.Redis(host=r.host, port=r.port, password=r.password)
+    client = settings.redis.client()
     project = settings.feast_project
     seen_ads: dict[int, tuple] = {}
     seen_advs: dict[int, tuple] = {}
@@ -265,11 +279,8 @@ class OnlineReader:
     request waits) and swapped in whole; an ad seen for the first time is read during its request."""
 
     def __init__(self, settings: Settings, refresh_s: float = 2.0):
-        import redis
-
-        r = settings.redis
         self.settings = settings
-        self.client = redis.Redis(host=r.host, port=r.port, password=r.password)
+        self.client = settings.redis.client()
         self.project, self.refresh_s = settings.feast_project, refresh_s
         self._user_fields = view_fields(USER_VIEWS)
         self._cross_fields = view_fields((CROSS_VIEW,))

@@ -100,6 +100,16 @@ class RedisSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 16379
     password: str | None = None
+    # A hung Redis must not stop a worker's heartbeats or a request for long: every call gives up after this.
+    socket_timeout_s: float = 5.0
+    socket_connect_timeout_s: float = 5.0
+
+    def client(self):
+        """A ``redis.Redis`` client with these settings (the one place clients are made)."""
+        import redis
+
+        return redis.Redis(host=self.host, port=self.port, password=self.password,
+                           socket_timeout=self.socket_timeout_s, socket_connect_timeout=self.socket_connect_timeout_s)
 
     @property
     def url(self) -> str:

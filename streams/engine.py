@@ -316,8 +316,7 @@ class Engine:
                                     transaction_timeout_ms=self.config.transaction_timeout_ms,
                                     request_timeout_ms=120_000)
         await producer.start()  # InitProducerId: a zombie with the same id is fenced, its open transaction aborted
-        store = RocksStore(self.config.state_dir / self.config.group_id / str(p))
-        await self._restore(p, store)
+        store = await self._restore(p, RocksStore(self.config.state_dir / self.config.group_id / str(p)))
         assert self.consumer is not None
         for topic in self.config.inputs:
             tp = TopicPartition(topic, p)
@@ -329,19 +328,30 @@ class Engine:
             self.consumer.seek(tp, committed)
         self.tasks[p] = Task(p, store, self.make_processor(p, store), producer)
 
-    async def _restore(self, p: int, store: Store) -> None:
+    async def _restore(self, p: int, store: RocksStore) -> RocksStore:
+        """Bring the task's local store up to the changelog's end; return the store to use. A local checkpoint
+        outside the changelog's offsets (a re-created, truncated or deleted-from topic) is not trusted: the local
+        state is wiped and the whole changelog restored, as Kafka Streams does."""
         tp = TopicPartition(self.config.changelog_topic, p)
         restorer = AIOKafkaConsumer(**self.settings.kafka.aiokafka_config(), group_id=None,
                                     enable_auto_commit=False, isolation_level="read_committed",
-                                    max_poll_records=50_000, fetch_max_bytes=32 * 1024 * 1024,
-                                    max_partition_fetch_bytes=16 * 1024 * 1024)
+                                    auto_offset_reset="earliest", max_poll_records=50_000,
+                                    fetch_max_bytes=32 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
         await restorer.start()
         try:
             restorer.assign([tp])
             end = (await restorer.end_offsets([tp]))[tp]
+            beginning = (await restorer.beginning_offsets([tp]))[tp]
             start = store.changelog_next
+            if start is not None and not beginning <= start <= end:
+                log.warning("%s: task %d's local state is at changelog offset %d, outside the changelog's %d..%d: "
+                            "wiping it and restoring the whole changelog", self.config.stage, p, start, beginning, end)
+                self.counts["local state wiped"] += 1
+                path = store.path
+                store.destroy()
+                store, start = RocksStore(path), None
             if start is None:  # no local state: the whole changelog (an explicit offset, see _open_task)
-                start = (await restorer.beginning_offsets([tp]))[tp]
+                start = beginning
             restorer.seek(tp, start)
             t0, n, last_log = time.monotonic(), 0, time.monotonic()
             while (position := await restorer.position(tp)) < end:
@@ -359,6 +369,7 @@ class Engine:
                      n, start, end, time.monotonic() - t0)
         finally:
             await restorer.stop()
+        return store
 
     async def _close_task(self, p: int) -> None:
         task = self.tasks.pop(p, None)

@@ -106,3 +106,29 @@ def test_bulk_loader_writes_what_feast_reads(redis_settings, tmp_path):
                                         entity_rows=[{key: r[key]} for r in rows]).to_dict()
         for name in table.feature_names():
             assert got[name] == [r[name] for r in rows], name
+
+
+def test_an_older_row_never_overwrites_a_newer_one(redis_settings, tmp_path):
+    """A fenced zombie's last batch, or a replay, writes rows older than the stored ones: they are skipped, and Feast
+    still reads the newer values; the same row again (an idempotent replay) or a newer one is written."""
+    from schemas.features import AdRealtime
+
+    settings = redis_settings.model_copy(update={"var_dir": tmp_path, "feast_project": f"t{uuid.uuid4().hex[:8]}"})
+    writer, rng = OnlineWriter(settings), random.Random(5)
+    t = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)  # inside the real-time view's TTL
+    newer = random_row(AdRealtime, {"ad_id": 7}, rng, t)
+    older = random_row(AdRealtime, {"ad_id": 7}, rng, t - timedelta(minutes=5))
+    assert writer.write(AdRealtime, [newer]) == 1
+    assert writer.write(AdRealtime, [older]) == 0 and writer.skipped_older == 1
+    assert writer.write(AdRealtime, [newer]) == 1  # the same time: written again, same values
+    store = feature_store(settings, "redis")
+    names = [f"{AdRealtime.VIEW}:{n}" for n in AdRealtime.feature_names()]
+
+    def read() -> dict:
+        return store.get_online_features(features=names, entity_rows=[{"ad_id": 7}]).to_dict()
+
+    got = read()
+    assert all(got[n][0] == newer[n] for n in AdRealtime.feature_names()), got
+    latest = random_row(AdRealtime, {"ad_id": 7}, rng, t + timedelta(minutes=1))
+    assert writer.write(AdRealtime, [latest]) == 1
+    assert all(read()[n][0] == latest[n] for n in AdRealtime.feature_names())

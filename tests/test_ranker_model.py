@@ -69,13 +69,14 @@ def dense(grad: torch.Tensor) -> torch.Tensor:
     return grad.to_dense() if grad.is_sparse else grad
 
 
-def train(model: torch.nn.Module, data: Batch, steps: int, lr: float = 1e-2, batch_size: int = 256) -> None:
+def train(model: torch.nn.Module, data: Batch, steps: int, lr: float = 1e-2, batch_size: int = 256,
+          seed: int = 0) -> None:
     model.fit_normalizer(data.dense)
     opts = optimizers(model, lr)
     model.train()
     step, epoch = 0, 0
     while step < steps:
-        for batch in minibatches(data, batch_size, seed=epoch):
+        for batch in minibatches(data, batch_size, seed=1000 * seed + epoch):
             loss, _ = multitask_loss(model(batch), batch)
             for opt in opts:
                 opt.zero_grad()
@@ -179,15 +180,18 @@ def test_esmm_learns_cvr_from_all_impressions():
     frame = make_frame(10000, seed=4, click_logit=np.full(10000, math.log(0.3 / 0.7)), n_ads=20)
     cvr = np.where(frame["ad_id"] % 2 == 0, 0.5, 0.1)
     frame["converted"] = frame["clicked"] & (rng.random(len(frame)) < cvr)
-    model = small_ranker()
-    train(model, encode(frame, SPEC), steps=600)
-    model.eval()
     test = make_frame(4000, seed=5, n_ads=20)
-    with torch.no_grad():
-        p_cvr = model(encode(test, SPEC), position=False).p_cvr.numpy()
     even = (test["ad_id"] % 2 == 0).to_numpy()
-    # Truth: 0.5 vs 0.1. A CVR tower that learned nothing through pCTCVR would give no gap at all.
-    assert p_cvr[even].mean() > p_cvr[~even].mean() + 0.15, (p_cvr[even].mean(), p_cvr[~even].mean())
+    gaps = []
+    for seed in range(3):  # one training run's gap moves with its seed (and a CPU's rounding): 0.158 ± 0.026
+        model = small_ranker(seed)
+        train(model, encode(frame, SPEC), steps=600, seed=seed)
+        model.eval()
+        with torch.no_grad():
+            p_cvr = model(encode(test, SPEC), position=False).p_cvr.numpy()
+        gaps.append(float(p_cvr[even].mean() - p_cvr[~even].mean()))
+    # Truth: 0.5 vs 0.1. A CVR tower that learned nothing through pCTCVR gives no gap at all (0.0000 ± 0.0001).
+    assert np.mean(gaps) > 0.10, gaps
 
 
 def tiny_batch(label_ctcvr: list[float], clicked: list[bool], weight: list[float], label_neg: list[float]) -> Batch:

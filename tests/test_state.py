@@ -1,4 +1,5 @@
-"""The RocksDB task store: commit, due index, reopen and restore from changelog records (no broker)."""
+"""The RocksDB task store: commit, due index, reopen and restore from changelog records (the last test: on the
+real broker, an invalid local checkpoint)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,48 @@ def test_restore_from_changelog_equals_the_original(tmp_path):
     assert restored.count() == 99 and restored.get("k7") is None and restored.get("k8") == {"d": 80, "i": 8}
     assert restored.due(55) == ["k0", "k1", "k2", "k3", "k4", "k5"]
     assert restored.changelog_next == 100
+
+
+def test_a_checkpoint_outside_the_changelog_is_wiped_and_restored(kafka_settings, tmp_path):
+    """Real broker: a local store whose saved changelog offset lies past the changelog's end (the topic was
+    re-created, or the store belongs to another topic's life) is not trusted: it is wiped and the whole changelog
+    restored, so a key deleted in the changelog does not come back from the stale local copy."""
+    import asyncio
+    import uuid
+
+    import orjson
+    from kafka import KafkaProducer
+
+    from infra.topics import ensure_changelog
+    from streams.engine import Engine, EngineConfig
+
+    group = f"g{uuid.uuid4().hex[:8]}"
+    config = EngineConfig(group_id=group, inputs=[kafka_settings.topics.impressions], dead_letter_topic="unused",
+                          stage="test", state_dir=tmp_path)
+    ensure_changelog(kafka_settings, config.changelog_topic, config.inputs)
+    producer = KafkaProducer(**kafka_settings.kafka.client_config(), acks="all")
+    for key, value in ((b"a", {"x": 1}), (b"b", {"x": 2}), (b"a", None)):
+        producer.send(config.changelog_topic, key=key, value=None if value is None else orjson.dumps(value),
+                      partition=0)
+    producer.flush()
+    producer.close()
+
+    stale = RocksStore(tmp_path / group / "0")
+    stale.put("a", {"x": 1})  # deleted since, in the changelog
+    stale.put("stale", {"x": 9})
+    stale.commit(changelog_next=10_000)  # past the changelog's end (3)
+    engine = Engine(kafka_settings, config, make_processor=None)
+    store = asyncio.run(engine._restore(0, stale))
+    try:
+        assert engine.counts["local state wiped"] == 1
+        assert store.get("stale") is None and store.get("a") is None and store.get("b") == {"x": 2}
+        assert store.changelog_next == 3
+    finally:
+        store.close()
+
+    # A valid checkpoint is trusted: only the tail after it is read.
+    store = RocksStore(tmp_path / group / "0")
+    engine = Engine(kafka_settings, config, make_processor=None)
+    store = asyncio.run(engine._restore(0, store))
+    assert engine.counts["local state wiped"] == 0 and store.get("b") == {"x": 2}
+    store.close()

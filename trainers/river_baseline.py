@@ -114,10 +114,17 @@ class LossDriftMonitor:
         self.n = 0
 
     def update(self, loss: float) -> bool:
-        """Add one loss; ``True`` when this update flags a drift (the index goes to ``drift_points``)."""
-        before = self.adwin.estimation
+        """Add one loss; ``True`` when this update flags a drift (the index goes to ``drift_points``).
+
+        The direction compares the two sub-windows ADWIN cut: the part it kept (recent) against the part it
+        dropped (older), not the estimate just before and after the update, which can move the other way."""
+        width, total = self.adwin.width, self.adwin.total
         self.adwin.update(loss)
-        flagged = self.adwin.drift_detected and (self.direction == "any" or self.adwin.estimation > before)
+        flagged = self.adwin.drift_detected
+        if flagged and self.direction == "up":
+            dropped = width + 1 - self.adwin.width
+            older = (total + loss - self.adwin.total) / dropped if dropped > 0 else self.adwin.estimation
+            flagged = self.adwin.estimation > older
         if flagged:
             self.drift_points.append(self.n)
         self.n += 1

@@ -147,15 +147,12 @@ class Scorer:
 
     def __init__(self, settings: Settings, registry: Registry | None = None, reader: OnlineReader | None = None,
                  logger=None, device: str = "cpu", threads: int | None = None) -> None:
-        import redis
-
         self.settings = settings
         self.registry = registry or Registry(settings.registry_dir)
         self.reader, self._own_reader = reader or OnlineReader(settings), reader is None
         self.logger, self._own_logger = logger, logger is None
         self.experiment = Experiment.from_settings(settings)
-        r = settings.redis
-        self.redis = redis.Redis(host=r.host, port=r.port, password=r.password)
+        self.redis = settings.redis.client()
         self.device = torch.device(device)
         self.threads = threads or max(1, min(4, (os.cpu_count() or 1) // 2))
         self._promoted: ScoringModel | None = None
