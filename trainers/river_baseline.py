@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import deque
 from collections.abc import Sequence
 
 import pandas as pd
@@ -110,21 +111,26 @@ class LossDriftMonitor:
             raise ValueError(f"direction must be 'up' or 'any', got {direction!r}")
         self.direction = direction
         self.adwin = drift.ADWIN(delta=delta, clock=clock, grace_period=grace_period)
+        self._recent: deque[float] = deque(maxlen=grace_period)
+        self._recent_sum = 0.0
         self.drift_points: list[int] = []
         self.n = 0
 
     def update(self, loss: float) -> bool:
         """Add one loss; ``True`` when this update flags a drift (the index goes to ``drift_points``).
 
-        The direction compares the two sub-windows ADWIN cut: the part it kept (recent) against the part it
-        dropped (older), not the estimate just before and after the update, which can move the other way."""
-        width, total = self.adwin.width, self.adwin.total
+        The direction compares the mean of the last ``grace_period`` losses with ADWIN's window just before the
+        cut. ADWIN cuts at bucket edges and may fire a few dozen losses into a change, keeping mostly older
+        losses: its estimate just before and after the cut, or its two sub-windows, can then point the wrong way
+        (and it may not fire again)."""
+        before = self.adwin.estimation
+        if len(self._recent) == self._recent.maxlen:
+            self._recent_sum -= self._recent[0]
+        self._recent.append(loss)
+        self._recent_sum += loss
         self.adwin.update(loss)
-        flagged = self.adwin.drift_detected
-        if flagged and self.direction == "up":
-            dropped = width + 1 - self.adwin.width
-            older = (total + loss - self.adwin.total) / dropped if dropped > 0 else self.adwin.estimation
-            flagged = self.adwin.estimation > older
+        flagged = self.adwin.drift_detected and (
+            self.direction == "any" or self._recent_sum / len(self._recent) > before)
         if flagged:
             self.drift_points.append(self.n)
         self.n += 1
