@@ -34,8 +34,8 @@ from label_joiner.worker import start_worker, stop_worker
 
 
 def wait_until_caught_up(settings, group: str, timeout_s: float = 300.0) -> None:
-    """Wait until the joiner has committed every input event (windows still open close later, in real time:
-    the last impressions' click windows end ten minutes after they happened)."""
+    """Wait until the joiner has committed every input event (windows still open close when later traffic moves
+    the joiner's event-time clock: with every input idle it holds, so the last day's last windows stay open)."""
     t = settings.topics
     outputs = [t.training_examples, t.matured_labels, t.dead_letters]
     deadline = time.monotonic() + timeout_s
