@@ -316,7 +316,7 @@ class Engine:
                                     transaction_timeout_ms=self.config.transaction_timeout_ms,
                                     request_timeout_ms=120_000)
         await producer.start()  # InitProducerId: a zombie with the same id is fenced, its open transaction aborted
-        store = await self._restore(p, RocksStore(self.config.state_dir / self.config.group_id / str(p)))
+        store = await self.restore_task(p, RocksStore(self.config.state_dir / self.config.group_id / str(p)))
         assert self.consumer is not None
         for topic in self.config.inputs:
             tp = TopicPartition(topic, p)
@@ -328,7 +328,7 @@ class Engine:
             self.consumer.seek(tp, committed)
         self.tasks[p] = Task(p, store, self.make_processor(p, store), producer)
 
-    async def _restore(self, p: int, store: RocksStore) -> RocksStore:
+    async def restore_task(self, p: int, store: RocksStore) -> RocksStore:
         """Bring the task's local store up to the changelog's end; return the store to use. A local checkpoint
         outside the changelog's offsets (a re-created, truncated or deleted-from topic) is not trusted: the local
         state is wiped and the whole changelog restored, as Kafka Streams does."""

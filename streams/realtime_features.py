@@ -68,6 +68,12 @@ FANOUT_STAGE, FEATURES_STAGE = "realtime_fanout", "realtime_features"
 MAX_EVENT_BYTES = 64 * 1024
 
 
+def dead_letter(out: Outbox, dead_topic: str, r: ConsumerRecord, partition: int, stage: str, reason: str) -> None:
+    """Write ``r`` to the dead-letter topic with its reason (cut to 500 characters)."""
+    out.add(dead_topic, *encode(make_dead_letter(r.topic, partition, r.offset, stage, reason[:500], r.value,
+                                                 r.timestamp)))
+
+
 def entity_partition(key: bytes, partitions: int) -> int:
     """The partition of an entity key in ``realtime_entity_events`` (stable across processes and versions)."""
     return zlib.crc32(key) % partitions
@@ -110,9 +116,7 @@ class FanOut:
 
     def _dead(self, out: Outbox, r: ConsumerRecord, reason: str) -> None:
         self.counts[reason.split(":", 1)[0]] += 1
-        key, value, headers = encode(make_dead_letter(r.topic, self.partition, r.offset, FANOUT_STAGE, reason[:500],
-                                                      r.value, r.timestamp))
-        out.add(self.dead_topic, key, value, headers)
+        dead_letter(out, self.dead_topic, r, self.partition, FANOUT_STAGE, reason)
 
     def process(self, records: list[ConsumerRecord], out: Outbox) -> None:
         newest = None
@@ -228,10 +232,8 @@ class EntityFeatures:
                 state = self._update(kind, touched.get(key) or self.store.get(key), event)
             except Exception as exc:  # one record's failure is its dead letter, never a crash loop
                 self.counts["undecodable entity event"] += 1
-                dead = make_dead_letter(r.topic, self.partition, r.offset, FEATURES_STAGE,
-                                        f"undecodable entity event: {type(exc).__name__}: {exc}"[:500], r.value,
-                                        r.timestamp)
-                out.add(self.dead_topic, *encode(dead))
+                dead_letter(out, self.dead_topic, r, self.partition, FEATURES_STAGE,
+                            f"undecodable entity event: {type(exc).__name__}: {exc}")
                 continue
             touched[key] = state
             advance_clock(self.store, event["t"])

@@ -132,3 +132,16 @@ def test_an_older_row_never_overwrites_a_newer_one(redis_settings, tmp_path):
     latest = random_row(AdRealtime, {"ad_id": 7}, rng, t + timedelta(minutes=1))
     assert writer.write(AdRealtime, [latest]) == 1
     assert all(read()[n][0] == latest[n] for n in AdRealtime.feature_names())
+
+
+def test_redis_clients_have_socket_timeouts(redis_settings):
+    """A hung Redis must not stop a worker's heartbeats: every client the project makes gives up after the settings'
+    timeouts (connection_kwargs is redis-py's public record of them)."""
+    client = redis_settings.redis.client()
+    try:
+        kwargs = client.connection_pool.connection_kwargs
+        assert kwargs["socket_timeout"] == redis_settings.redis.socket_timeout_s == 5.0
+        assert kwargs["socket_connect_timeout"] == redis_settings.redis.socket_connect_timeout_s
+        assert OnlineWriter(redis_settings).client.connection_pool.connection_kwargs["socket_timeout"] == 5.0
+    finally:
+        client.close()

@@ -71,7 +71,7 @@ def test_a_checkpoint_outside_the_changelog_is_wiped_and_restored(kafka_settings
     stale.put("stale", {"x": 9})
     stale.commit(changelog_next=10_000)  # past the changelog's end (3)
     engine = Engine(kafka_settings, config, make_processor=None)
-    store = asyncio.run(engine._restore(0, stale))
+    store = asyncio.run(engine.restore_task(0, stale))
     try:
         assert engine.counts["local state wiped"] == 1
         assert store.get("stale") is None and store.get("a") is None and store.get("b") == {"x": 2}
@@ -82,6 +82,6 @@ def test_a_checkpoint_outside_the_changelog_is_wiped_and_restored(kafka_settings
     # A valid checkpoint is trusted: only the tail after it is read.
     store = RocksStore(tmp_path / group / "0")
     engine = Engine(kafka_settings, config, make_processor=None)
-    store = asyncio.run(engine._restore(0, store))
+    store = asyncio.run(engine.restore_task(0, store))
     assert engine.counts["local state wiped"] == 0 and store.get("b") == {"x": 2}
     store.close()
