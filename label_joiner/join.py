@@ -8,7 +8,10 @@ impression or click is joined when it arrives within the allowed lateness of its
 conversion within the conversion lateness of its conversion window's end; later ones are dead letters.
 
 State: one record per open impression in a :class:`streams.state.Store`, due (``"d"``) when its next
-window closes. Clock: a :class:`streams.event_clock.EventClock` over the three inputs' arrival times (the
+window closes. It keeps only what the rule needs, at O(1) per event: the attributed click, its attributed
+conversion, events still waiting for their impression or click, and a bounded set of seen ids
+(:class:`StateBounds`); every other click or conversion is decided when it arrives (a repeat, or a dead
+letter with its reason). Clock: a :class:`streams.event_clock.EventClock` over the three inputs' arrival times (the
 slowest active input's newest arrival minus the out-of-orderness bound; an idle input drops out; when
 every input is idle the clock holds, or advances from the last data at ``idle_advance_rate``; never the
 wall clock). A record is finished once the clock passes its due time, so a quiet input (conversions,
@@ -37,8 +40,11 @@ Nothing in an output depends on the wall clock or on batch boundaries: a replay 
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
+
+import orjson
 
 from label_joiner.rules import Rules
 from label_joiner.schemes import LabelScheme
@@ -49,6 +55,18 @@ IMPRESSION_FIELDS = ("user_id", "ad_id", "advertiser_id", "campaign_id", "placem
                      "model_version")
 CLOCK_KEY = "\x00meta/clock"
 _END = 2**62
+
+
+@dataclass(frozen=True)
+class StateBounds:
+    """What one impression may keep (issue 18, item 5): events waiting for their impression or click, by count and
+    bytes (beyond them an event is a dead letter), and how many of its click and conversion ids are remembered to
+    drop repeated deliveries. With inputs capped at 64 KB (``processor.MAX_EVENT_BYTES``) a record stays well
+    under Kafka's default 1 MB message size, so the changelog never refuses it."""
+
+    held_events: int = 32
+    held_bytes: int = 256 * 1024
+    seen_ids: int = 64
 
 
 @dataclass
@@ -78,8 +96,10 @@ class PartitionJoin:
     """Impression -> click -> conversion join of one partition, on a :class:`streams.state.Store`."""
 
     def __init__(self, rules: Rules, scheme: LabelScheme, store, out_of_orderness_ms: int = 0,
-                 idle_advance_rate: float = 0.0, clock_save_step_ms: int = 60_000):
+                 idle_advance_rate: float = 0.0, clock_save_step_ms: int = 60_000,
+                 bounds: StateBounds = StateBounds()):
         self.rules = rules
+        self.bounds = bounds
         self.scheme = scheme
         self.store = store
         self.counts: Counter[str] = Counter()
@@ -109,10 +129,8 @@ class PartitionJoin:
         entry = self.store.get(key)
         if source == "impression":
             self._on_impression(key, entry, event, arrival, offset, out)
-        elif source == "click":
-            self._on_click(key, entry, event, arrival, offset, out)
         else:
-            self._on_conversion(key, entry, event, arrival, offset, out)
+            self._on_other(source, key, entry, event, arrival, offset, out)
 
     def _on_impression(self, key: str, entry: dict | None, ev: dict, arrival: int, offset: int,
                        out: Emitted) -> None:
@@ -127,80 +145,110 @@ class PartitionJoin:
         if entry is None:
             entry = _new_entry()
         entry["imp"] = {"t": t, **{f: ev[f] for f in IMPRESSION_FIELDS}}
-        held, entry["held"] = entry["held"], []
-        for h in sorted(held, key=lambda h: (h["t"], h["src"] == "conversion")):
-            if h["src"] == "click":
-                self._add_click(key, entry, h, out)
-            else:
-                entry["convs"].append(h)
+        held, entry["held"], entry["hb"] = entry["held"], [], 0
+        for h in sorted(held, key=lambda h: (h["src"] == "conversion", h["t"], h["id"])):  # clicks first
+            self._place(entry, h, out)
         self._update(key, entry, out)
 
-    def _on_click(self, key: str, entry: dict | None, ev: dict, arrival: int, offset: int, out: Emitted) -> None:
-        c = {"src": "click", "id": ev["click_id"], "t": ev["event_time_ms"], "a": arrival, "o": offset, "ev": ev}
+    def _on_other(self, source: str, key: str, entry: dict | None, ev: dict, arrival: int, offset: int,
+                  out: Emitted) -> None:
+        """A click or a conversion: dropped when its id was seen, held until its impression, else placed."""
+        if source == "click":
+            h = {"src": "click", "id": ev["click_id"], "t": ev["event_time_ms"], "a": arrival, "o": offset, "ev": ev}
+        else:
+            h = {"src": "conversion", "id": ev["conversion_id"], "t": ev["event_time_ms"], "a": arrival, "o": offset,
+                 "click": ev["click_id"], "value": ev["value"], "ev": ev}
+        seen_id = _seen_id(source, h["id"])
         if entry is None:
             entry = _new_entry()
-        if _has_id(entry, c["id"]):
-            self.counts["duplicate click"] += 1
+        elif seen_id in entry["seen"]:
+            self.counts[f"duplicate {source}"] += 1
             return
         if entry["imp"] is None:
-            entry["held"].append(c)
-            self.counts["held click"] += 1
-        elif not self._add_click(key, entry, c, out):
-            return
+            if not self._hold(entry, h, out):
+                return
+            self.counts[f"held {source}"] += 1
+        else:
+            self._place(entry, h, out)
+        _remember(entry["seen"], seen_id, self.bounds.seen_ids)
         self._update(key, entry, out)
 
-    def _add_click(self, key: str, entry: dict, c: dict, out: Emitted) -> bool:
+    def _hold(self, entry: dict, h: dict, out: Emitted) -> bool:
+        """Keep ``h`` until what it waits for (its impression, or a conversion's click) arrives, within the bounds;
+        beyond them it is a dead letter (the record must stay far below the changelog's message size)."""
+        size = len(orjson.dumps(h))
+        b = self.bounds
+        if len(entry["held"]) >= b.held_events or entry["hb"] + size > b.held_bytes:
+            self._reject_held(out, h, f"too many events held for one impression: {len(entry['held'])} events, "
+                                      f"{entry['hb'] + size:,} bytes (bounds {b.held_events}, {b.held_bytes:,})")
+            return False
+        entry["held"].append(h)
+        entry["hb"] += size
+        return True
+
+    def _place(self, entry: dict, h: dict, out: Emitted) -> None:
+        """Join a click or conversion with a known impression, keeping only what the rule needs: the attributed
+        click (the earliest valid one by time, then id), its earliest valid conversion, and conversions whose
+        click has not arrived yet. Every other event is decided now: counted as a repeat or a dead letter."""
+        if h["src"] == "click":
+            self._place_click(entry, h, out)
+            return
+        best = entry["click"]
+        if best is not None and h["click"] == best["id"]:
+            self._place_conversion(entry, h, out)
+        elif _seen_id("click", h["click"]) in entry["seen"]:  # its click came and is not (or no longer) attributed
+            self._reject_held(out, h, _unattributed(best))
+        else:
+            self._hold(entry, h, out)
+
+    def _place_click(self, entry: dict, c: dict, out: Emitted) -> None:
         imp_t = entry["imp"]["t"]
         if not self.rules.click_in_window(imp_t, c["t"]):
             self._reject_held(out, c, f"outside click window: {(c['t'] - imp_t) / 1000:.1f}s after the impression")
-            return False
+            return
         if not self.rules.click_arrived_in_time(imp_t, c["a"]):
             self._reject_held(out, c, "late event: click arrived after its click window closed")
-            return False
-        if entry["clicks"]:
-            self.counts["repeat click"] += 1
-        entry["clicks"].append({"id": c["id"], "t": c["t"], "a": c["a"]})
-        return True
-
-    def _on_conversion(self, key: str, entry: dict | None, ev: dict, arrival: int, offset: int,
-                       out: Emitted) -> None:
-        v = {"src": "conversion", "id": ev["conversion_id"], "t": ev["event_time_ms"], "a": arrival, "o": offset,
-             "click": ev["click_id"], "value": ev["value"], "ev": ev}
-        if entry is None:
-            entry = _new_entry()
-        if _has_id(entry, v["id"]):
-            self.counts["duplicate conversion"] += 1
             return
-        if entry["imp"] is None:
-            entry["held"].append(v)
-            self.counts["held conversion"] += 1
-        else:
-            entry["convs"].append(v)
-        self._update(key, entry, out)
+        best = entry["click"]
+        attributed = best is None or (c["t"], c["id"]) < (best["t"], best["id"])
+        if best is not None:
+            self.counts["repeat click"] += 1
+        if attributed:
+            entry["click"] = {"id": c["id"], "t": c["t"], "a": c["a"]}
+            if entry["conv"] is not None:  # the conversion of the click no longer attributed
+                self._reject_held(out, entry["conv"], _unattributed(entry["click"]))
+                entry["conv"] = None
+        waiting = [v for v in entry["held"] if v["click"] == c["id"]]
+        if waiting:
+            entry["held"] = [v for v in entry["held"] if v["click"] != c["id"]]
+            entry["hb"] = sum(len(orjson.dumps(v)) for v in entry["held"])
+            for v in sorted(waiting, key=lambda v: (v["t"], v["id"])):
+                if attributed:
+                    self._place_conversion(entry, v, out)
+                else:
+                    self._reject_held(out, v, _unattributed(entry["click"]))
+
+    def _place_conversion(self, entry: dict, v: dict, out: Emitted) -> None:
+        """A conversion naming the attributed click: the earliest valid one (time, then id) counts."""
+        click = entry["click"]
+        if not self.rules.conversion_in_window(click["t"], v["t"]):
+            self._reject_held(out, v, f"outside conversion window: {(v['t'] - click['t']) / 3_600_000:.1f}h after "
+                                      "the click")
+            return
+        if not self.rules.conversion_arrived_in_time(click["t"], v["a"]):
+            self._reject_held(out, v, "late event: conversion arrived after its conversion window closed")
+            return
+        best = entry["conv"]
+        if best is not None:
+            self.counts["repeat conversion"] += 1
+        if best is None or (v["t"], v["id"]) < (best["t"], best["id"]):
+            entry["conv"] = v
 
     # -- the entry's labels ----------------------------------------------------------------------------------
-    def _click_of(self, entry: dict) -> dict | None:
-        """The attributed click: the earliest valid one (time, then id)."""
-        clicks = entry["clicks"]
-        if not clicks:
-            return None
-        return min(clicks, key=lambda c: (c["t"], c["id"])) if len(clicks) > 1 else clicks[0]
-
-    def _conversion_of(self, entry: dict, click: dict | None) -> dict | None:
-        """The attributed conversion: the earliest that names the attributed click, happened in its window
-        and arrived before the window (plus the conversions' lateness) closed."""
-        if click is None:
-            return None
-        found = [v for v in entry["convs"] if v["click"] == click["id"]
-                 and self.rules.conversion_in_window(click["t"], v["t"])
-                 and self.rules.conversion_arrived_in_time(click["t"], v["a"])]
-        return min(found, key=lambda v: (v["t"], v["id"])) if found else None
-
     def _update(self, key: str, entry: dict, out: Emitted) -> None:
         """Emit what changed (per the scheme), set the next due time, store."""
-        if entry["imp"] is not None and entry["clicks"]:  # schemes emit nothing before a click
-            click = self._click_of(entry)
-            conv = self._conversion_of(entry, click)
+        click, conv = entry["click"], entry["conv"]
+        if entry["imp"] is not None and click is not None:  # schemes emit nothing before a click
             self.scheme.on_change(entry, self._base(key, entry, click, conv), click, conv, self.clock_ms,
                                   out.examples)
         entry["d"] = self._due(entry)
@@ -210,7 +258,7 @@ class PartitionJoin:
         r = self.rules
         if entry["imp"] is None:
             return r.orphan_deadline(min(h["t"] for h in entry["held"]))
-        click = self._click_of(entry)
+        click = entry["click"]
         if click is None:
             return r.click_deadline(entry["imp"]["t"])
         due = r.conversion_deadline(click["t"])
@@ -265,30 +313,17 @@ class PartitionJoin:
                                           "or its windows had closed)")
             self.store.delete(key)
             return
-        click = self._click_of(entry)
+        click = entry["click"]
         final = click is None or self.rules.conversion_deadline(click["t"]) < clock_ms
         if not final:  # a scheme's intermediate emission (e.g. the elapsed window) is due
             self._update(key, entry, out)
             return
-        conv = self._conversion_of(entry, click)
+        conv = entry["conv"]
         base = self._base(key, entry, click, conv)
         self.scheme.on_close(entry, base, click, conv, self.rules.click_deadline(base["impression_time_ms"]),
                              out.examples)
-        for v in entry["convs"]:
-            if v is conv:
-                continue
-            if click is None:
-                reason = "orphan conversion: its click never arrived (or was not joined)"
-            elif v["click"] != click["id"]:
-                reason = "conversion names another click than the attributed one"
-            elif not self.rules.conversion_in_window(click["t"], v["t"]):
-                reason = f"outside conversion window: {(v['t'] - click['t']) / 3_600_000:.1f}h after the click"
-            elif not self.rules.conversion_arrived_in_time(click["t"], v["a"]):
-                reason = "late event: conversion arrived after its conversion window closed"
-            else:
-                self.counts["repeat conversion"] += 1
-                continue
-            self._reject_held(out, v, reason)
+        for v in entry["held"]:  # conversions whose click never came
+            self._reject_held(out, v, _unattributed(click))
         out.matured.append({
             "impression_id": key, "user_id": base["user_id"], "ad_id": base["ad_id"],
             "advertiser_id": base["advertiser_id"], "campaign_id": base["campaign_id"],
@@ -308,8 +343,27 @@ class PartitionJoin:
 
 
 def _new_entry() -> dict:
-    return {"imp": None, "clicks": [], "convs": [], "held": [], "sent": {}}
+    """One impression's state: ``imp`` its fields, ``click`` the attributed click, ``conv`` its attributed conversion
+    (with the event, to dead-letter it if an earlier click comes), ``held`` events waiting for their impression or
+    click (``hb`` their bytes), ``seen`` the newest ids of its clicks and conversions, ``sent`` the scheme's
+    bookkeeping, ``d`` when it is next due."""
+    return {"imp": None, "click": None, "conv": None, "held": [], "hb": 0, "seen": [], "sent": {}}
 
 
-def _has_id(entry: dict, event_id: str) -> bool:
-    return any(x["id"] == event_id for part in ("clicks", "convs", "held") for x in entry[part])
+def _seen_id(source: str, event_id: str) -> str:
+    """A short, stable key for the seen-id set (an id may be kilobytes long)."""
+    if len(event_id) > 40:
+        event_id = hashlib.blake2b(event_id.encode(), digest_size=10).hexdigest()
+    return f"{source[:2]}:{event_id}"
+
+
+def _remember(seen: list[str], seen_id: str, bound: int) -> None:
+    seen.append(seen_id)
+    if len(seen) > bound:
+        del seen[0]
+
+
+def _unattributed(click: dict | None) -> str:
+    if click is None:
+        return "orphan conversion: its click never arrived (or was not joined)"
+    return "conversion names another click than the attributed one"
