@@ -39,6 +39,7 @@ from aiokafka.structs import ConsumerRecord
 from infra.settings import Settings
 from streams.dead_letter import make_dead_letter
 from streams.state import RocksStore, Store
+from streams.state_dir import StateDirectory, TaskLocked
 
 log = logging.getLogger(__name__)
 Headers = list[tuple[str, bytes]]
@@ -86,6 +87,10 @@ class EngineConfig:
     # A record over this many bytes is not written; a truncated dead letter says what it was.
     max_record_bytes: int = 1_000_000
     transaction_timeout_ms: int = 120_000
+    # Folders of tasks no process owns are deleted once untouched this long (Kafka Streams' state.cleanup.delay.ms).
+    state_cleanup_delay_s: float = 600.0
+    # How long to wait for another process on this machine (a fenced zombie closing) to release a task's lock.
+    task_lock_wait_s: float = 60.0
 
     @property
     def changelog_topic(self) -> str:
@@ -124,6 +129,7 @@ class Engine:
         self._partitioner = DefaultPartitioner()
         self._partitions: dict[str, list[int]] = {}
         self._last_commit = time.perf_counter()
+        self.state_directory = StateDirectory(config.state_dir / config.group_id)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -316,7 +322,7 @@ class Engine:
                                     transaction_timeout_ms=self.config.transaction_timeout_ms,
                                     request_timeout_ms=120_000)
         await producer.start()  # InitProducerId: a zombie with the same id is fenced, its open transaction aborted
-        store = await self.restore_task(p, RocksStore(self.config.state_dir / self.config.group_id / str(p)))
+        store = await self.restore_task(p, RocksStore(await self._lock_task(p)))
         assert self.consumer is not None
         for topic in self.config.inputs:
             tp = TopicPartition(topic, p)
@@ -371,6 +377,18 @@ class Engine:
             await restorer.stop()
         return store
 
+    async def _lock_task(self, p: int) -> Path:
+        """The task's state folder, once this process holds its lock (another process may still be closing it)."""
+        deadline = time.monotonic() + self.config.task_lock_wait_s
+        while True:
+            try:
+                return self.state_directory.lock(p)
+            except TaskLocked:
+                if time.monotonic() > deadline:
+                    raise
+                log.info("%s: task %d's state is locked by another process here; waiting", self.config.stage, p)
+                await asyncio.sleep(0.5)
+
     async def _close_task(self, p: int) -> None:
         task = self.tasks.pop(p, None)
         if task is None:
@@ -379,6 +397,15 @@ class Engine:
             await task.producer.stop()
         finally:
             task.store.close()
+            self.state_directory.unlock(p)
+
+    def clean_state_directory(self) -> list[int]:
+        """Delete the local state of tasks no process owns (untouched for ``state_cleanup_delay_s``)."""
+        cleaned = self.state_directory.clean_unowned(set(self.tasks), self.config.state_cleanup_delay_s)
+        if cleaned:
+            self.counts["task state cleaned"] += len(cleaned)
+            log.info("%s: deleted the local state of unowned tasks %s", self.config.stage, cleaned)
+        return cleaned
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._lock:  # the batch in hand is finished first
@@ -393,6 +420,7 @@ class Engine:
             for p in sorted({tp.partition for tp in assigned} - set(self.tasks)):
                 await self._open_task(p)
             log.info("%s: owns tasks %s", self.config.stage, sorted(self.tasks))
+            self.clean_state_directory()
 
     # -- reporting ------------------------------------------------------------------------------------------
     def report(self) -> str:

@@ -85,3 +85,40 @@ def test_a_checkpoint_outside_the_changelog_is_wiped_and_restored(kafka_settings
     store = asyncio.run(engine.restore_task(0, store))
     assert engine.counts["local state wiped"] == 0 and store.get("b") == {"x": 2}
     store.close()
+
+
+def test_task_locks_and_cleaning_of_unowned_task_folders(tmp_path):
+    """Issue 18, item 7: a task's folder is locked by its owner (another process, here a second StateDirectory with
+    its own lock file descriptors, cannot take it); folders of tasks no process owns are deleted once untouched for
+    the cleanup delay, locked and recent ones are kept."""
+    import os
+    import time
+
+    import pytest
+
+    from streams.engine import Engine, EngineConfig
+    from streams.state_dir import StateDirectory, TaskLocked
+
+    config = EngineConfig(group_id="g", inputs=["impressions"], dead_letter_topic="unused", stage="test",
+                          state_dir=tmp_path, state_cleanup_delay_s=60)
+    engine = Engine(None, config, make_processor=None)
+    other = StateDirectory(tmp_path / "g")  # another worker of the group on this machine
+    owned_elsewhere = other.lock(5)
+    with pytest.raises(TaskLocked):
+        engine.state_directory.lock(5)
+    for task in (3, 5, 7):
+        store = RocksStore(tmp_path / "g" / str(task))
+        store.put("k", {"v": task})
+        store.commit(changelog_next=1)
+        store.close()
+    old = time.time() - 3_600
+    for task in (3, 5):  # 3 and 5 untouched for an hour, 7 written just now
+        for path in (tmp_path / "g" / str(task)).rglob("*"):
+            os.utime(path, (old, old))
+        os.utime(tmp_path / "g" / str(task), (old, old))
+    assert engine.clean_state_directory() == [3]
+    assert not (tmp_path / "g" / "3").exists() and owned_elsewhere.exists() and (tmp_path / "g" / "7").exists()
+    assert engine.counts["task state cleaned"] == 1
+    other.unlock(5)
+    assert engine.state_directory.lock(5) == owned_elsewhere  # released: now this worker may own it
+    engine.state_directory.close()
