@@ -82,7 +82,7 @@ training-set: up
 quality: install
 	$(PY) -m batch_jobs.quality --table $(TABLE) --ds $(DS)
 
-# Feast: register the repo's definitions, then load the online store (Redis when up, else SQLite).
+# Feast: register the repo's definitions, then load the online store (Redis; a loud error when it is down).
 feast-apply: up
 	$(PY) -m feature_repo.cli apply
 materialize: up

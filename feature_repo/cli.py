@@ -1,7 +1,7 @@
 """``python -m feature_repo.cli <feast command ...>``: the ``feast`` CLI on this project's lake and stores.
 
-Writes ``<var>/feast/feature_store.yaml`` (``feature_repo.store.write_config``: Redis when it is up,
-SQLite otherwise) and runs ``feast -c feature_repo -f <that file> <command ...>`` with the settings in the
+Writes ``<var>/feast/feature_store.yaml`` (``feature_repo.store.write_config``: Redis, or a loud error
+when it is down) and runs ``feast -c feature_repo -f <that file> <command ...>`` with the settings in the
 environment, so ``feast apply`` and ``feast materialize-incremental`` work as they do for any Feast repo.
 """
 
@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from feature_repo.store import REPO, write_config
+from feature_repo.store import REPO, OnlineStoreDown, write_config
 from infra.settings import Settings, get_settings
 
 
@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args:
         print(__doc__)
         return 2
-    return feast(args, check=False).returncode
+    try:
+        return feast(args, check=False).returncode
+    except OnlineStoreDown as exc:
+        print(f"feature_repo.cli: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

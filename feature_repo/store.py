@@ -1,4 +1,5 @@
-"""Open the feature store the way the project runs it: Redis online when it is up, SQLite otherwise.
+"""Open the feature store the way the project runs it: Redis online (``settings.online_store``), never a silent
+fallback: with Redis down a materialization fails loudly instead of filling a store the scorer never reads.
 
 The configuration is the repository's own ``feature_store.yaml`` (or ``feature_store.redis.yaml``), read
 with Feast's loader, with the registry and the SQLite file moved under ``<var>/feast`` so each lake
@@ -29,10 +30,19 @@ def redis_up(settings: Settings) -> bool:
     return RedisServer(settings).ready()
 
 
+class OnlineStoreDown(RuntimeError):
+    """The configured online store does not answer."""
+
+
 def write_config(settings: Settings, online: str | None = None) -> Path:
     """``<var>/feast/feature_store.yaml``: the repo's file for ``online`` (``redis`` | ``sqlite``; default:
-    Redis when it answers), with the registry and SQLite paths moved under ``<var>/feast``."""
-    online = online or ("redis" if redis_up(settings) else "sqlite")
+    ``settings.online_store``), with the registry and SQLite paths moved under ``<var>/feast``. Raise
+    :class:`OnlineStoreDown` when it is Redis and Redis does not answer."""
+    online = online or settings.online_store
+    if online == "redis" and not redis_up(settings):
+        raise OnlineStoreDown(f"Redis is not reachable at {settings.redis.host}:{settings.redis.port}: the online "
+                              "store the scorer reads. Start it (`make up`); set ADS_ONLINE_STORE=sqlite only for a "
+                              "local store that nothing serves from.")
     source = REPO / ("feature_store.redis.yaml" if online == "redis" else "feature_store.yaml")
     env = {**os.environ, "ADS_FEAST_REDIS": redis_address(settings)}
     text = source.read_text()

@@ -15,6 +15,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -225,6 +226,9 @@ class Settings(BaseSettings):
     serving: ServingSettings = Field(default_factory=ServingSettings)
     # Feast project: the online store's keys end with it (tests use their own).
     feast_project: str = "adsstream"
+    # Feast's online store: "redis" (what the scorer and the real-time worker use; a job fails loudly when it is
+    # down) or "sqlite" (a local file nothing serves from: for offline experiments only, chosen explicitly).
+    online_store: Literal["redis", "sqlite"] = "redis"
     # Local state: broker logs, Redis data, Delta tables, simulator runs.
     var_dir: Path = ROOT / "var"
     kafka_jar_dir: Path = ROOT / "infra" / "kafka" / "lib"

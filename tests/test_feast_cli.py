@@ -43,3 +43,20 @@ def test_feast_cli_apply_and_materialize_incremental(redis_settings, tmp_path):
                                     entity_rows=[{"user_id": r["user_id"]} for r in rows]).to_dict()
     assert got["user_ctr_7d"] == [r["user_ctr_7d"] for r in rows]
     assert got["user_clicks_30d"] == [r["user_clicks_30d"] for r in rows]
+
+
+def test_materialize_with_redis_down_fails_loudly(redis_settings, tmp_path):
+    """Issue 19, item 10: no silent SQLite fallback; the CLI exits 1 and says why, before Feast runs."""
+    import os
+    import subprocess
+    import sys
+
+    settings = redis_settings.model_copy(update={
+        "var_dir": tmp_path, "redis": redis_settings.redis.model_copy(update={"port": 1})})  # nothing listens
+    env = {**os.environ, **settings.to_env()}
+    end = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    done = subprocess.run([sys.executable, "-m", "feature_repo.cli", "materialize-incremental", end], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Redis is not reachable at 127.0.0.1:1" in done.stderr
+    assert not (tmp_path / "feast" / "online_store.db").exists()
