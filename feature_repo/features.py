@@ -13,12 +13,13 @@ from feast.table_format import DeltaFormat
 from feast.types import Array, Float64, Int64
 from feast.value_type import ValueType
 
+from feature_repo.online import TTL_S
 from infra.settings import get_settings
 from schemas.features import ALL_TABLES, FeatureRow
 
 FEAST_TYPES = {int: Int64, float: Float64, list[int]: Array(Int64), list[float]: Array(Float64)}
 # How long a value stays valid when nothing newer came: gold is rebuilt daily, real-time rows on every event.
-TTL = {False: timedelta(days=2), True: timedelta(days=1)}
+TTL = {realtime: timedelta(seconds=s) for realtime, s in TTL_S.items()}  # the serving rule's numbers
 
 user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="a user")
 ad = Entity(name="ad", join_keys=["ad_id"], value_type=ValueType.INT64, description="an ad (creative)")

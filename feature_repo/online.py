@@ -12,7 +12,11 @@ read it back with ``get_online_features``), so real-time rows are visible to any
   writer's delay older than the store (``staleness_s``);
 - the user's rows (user views and user x category crosses) are read on every request: one pipeline.
 
-Its answer holds the same values ``get_online_features`` returns for the same keys (``to_feast_dict``).
+Its answer holds the same values ``get_online_features`` returns for the same keys (``to_feast_dict``). Given the
+request's time (``as_of_ms``), it applies the rule training applies (``batch_jobs.training_set``): a view's row older
+than the view's TTL (``feature_repo.features.TTL``) is absent. Every key written also expires (``KEY_TTL_S``, the
+longest TTL; Feast's ``key_ttl_seconds`` for what ``feast materialize`` writes), so Redis does not keep rows of
+entities that went quiet for ever.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from infra.settings import Settings
 from schemas.features import BY_VIEW, FeatureRow
+
+# A view's rows are served for this long after their timestamp (training joins with the same TTL); the views'
+# Feast definitions carry the same numbers (feature_repo/features.py imports them from here).
+TTL_S = {False: 2 * 86_400, True: 86_400}  # gold views, real-time views
+KEY_TTL_S = max(TTL_S.values())
 
 STRING, INT64 = 2, 4  # Feast ValueType numbers used in serialized entity keys
 UNKNOWN = -1  # entity id of an advertiser or category that a candidate without features cannot name
@@ -80,6 +89,18 @@ def from_value(raw: bytes | None) -> object:
     return getattr(v, kind)
 
 
+def view_ttl_ms(view: str) -> int:
+    return TTL_S[BY_VIEW[view].REALTIME] * 1000
+
+
+def stamp_ms(raw: bytes | None) -> int:
+    """Epoch ms of a stored ``_ts:<view>`` (Feast's protobuf Timestamp); -1 when the view has no row."""
+    if raw is None:
+        return -1
+    t = Timestamp.FromString(raw)
+    return t.seconds * 1000 + t.nanos // 1_000_000
+
+
 def timestamp_bytes(ts: datetime) -> bytes:
     stamp = Timestamp()
     stamp.FromDatetime(ts.astimezone(UTC).replace(tzinfo=None))
@@ -119,10 +140,11 @@ class OnlineWriter:
             args = [ms_field, int(ts.timestamp() * 1000), ts_field, timestamp_bytes(ts)]
             for name, key in fields:
                 args += [key, to_value(row[name]).SerializeToString()]
-            self._script(keys=[entity_key({k: row[k] for k in table.ENTITIES}, self.project)], args=args,
-                         client=pipe)
+            key = entity_key({k: row[k] for k in table.ENTITIES}, self.project)
+            self._script(keys=[key], args=args, client=pipe)
+            pipe.expire(key, KEY_TTL_S)
             n += 1
-        written = sum(pipe.execute())
+        written = sum(pipe.execute()[::2])
         self.skipped_older += n - written
         return written
 
@@ -141,16 +163,19 @@ def view_fields(views: Sequence[str]) -> list[tuple[str, bytes, type]]:
 
 class AdTable:
     """Ad-side features of known ads as columns: ``values[name]`` (int64 or float64) and ``present[name]``
-    (False where the store had no value), rows sorted by ``ad_ids``. Immutable: a refresh builds a new one."""
+    (False where the store had no value), and each view's row time ``stamps[view]`` (epoch ms, -1: no row), rows
+    sorted by ``ad_ids``. Immutable: a refresh builds a new one."""
 
-    def __init__(self, ad_ids, values: dict[str, np.ndarray], present: dict[str, np.ndarray]):
+    def __init__(self, ad_ids, values: dict[str, np.ndarray], present: dict[str, np.ndarray],
+                 stamps: dict[str, np.ndarray]):
         ids = np.asarray(ad_ids, dtype=np.int64)
         order = np.argsort(ids, kind="stable")
         if not np.array_equal(order, np.arange(len(ids))):
             ids = ids[order]
             values = {n: v[order] for n, v in values.items()}
             present = {n: p[order] for n, p in present.items()}
-        self.ad_ids, self.values, self.present = ids, values, present
+            stamps = {n: p[order] for n, p in stamps.items()}
+        self.ad_ids, self.values, self.present, self.stamps = ids, values, present, stamps
 
     def rows(self, ad_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(row of each ad, whether the table has it)."""
@@ -163,30 +188,36 @@ class AdTable:
     def load(cls, client, project: str, ad_ids: list[int], chunk: int = 2048) -> AdTable:
         """Read ``ad_ids``' ad and advertiser hashes (pipelines of ``chunk`` keys) and decode them."""
         ad_fields, adv_fields = view_fields(AD_VIEWS), view_fields(ADVERTISER_VIEWS)
+        ad_keys = [k for _, k, _ in ad_fields] + [f"_ts:{v}".encode() for v in AD_VIEWS]
+        adv_keys = [k for _, k, _ in adv_fields] + [f"_ts:{v}".encode() for v in ADVERTISER_VIEWS]
         rows: list[list] = []
         for i in range(0, len(ad_ids), chunk):
             pipe = client.pipeline(transaction=False)
             for ad in ad_ids[i:i + chunk]:
-                pipe.hmget(entity_key({"ad_id": ad}, project), [k for _, k, _ in ad_fields])
-            rows += [[from_value(x) for x in reply] for reply in pipe.execute()]
+                pipe.hmget(entity_key({"ad_id": ad}, project), ad_keys)
+            rows += [_decoded(reply, len(ad_fields)) for reply in pipe.execute()]
         adv_pos = [n for n, _, _ in ad_fields].index("ad_features__ad_advertiser_id")
         advertisers = sorted({r[adv_pos] for r in rows} - {None})
         by_adv: dict[int, list] = {}
         for i in range(0, len(advertisers), chunk):
             pipe = client.pipeline(transaction=False)
             for adv in advertisers[i:i + chunk]:
-                pipe.hmget(entity_key({"advertiser_id": adv}, project), [k for _, k, _ in adv_fields])
+                pipe.hmget(entity_key({"advertiser_id": adv}, project), adv_keys)
             for adv, reply in zip(advertisers[i:i + chunk], pipe.execute(), strict=True):
-                by_adv[adv] = [from_value(x) for x in reply]
-        none = [None] * len(adv_fields)
+                by_adv[adv] = _decoded(reply, len(adv_fields))
+        n_ad = len(ad_fields) + len(AD_VIEWS)
+        none = [None] * len(adv_fields) + [-1] * len(ADVERTISER_VIEWS)
         full = [r + by_adv.get(r[adv_pos], none) for r in rows]
-        values, present = {}, {}
-        for j, (name, _, kind) in enumerate(ad_fields + adv_fields):
-            column = [r[j] for r in full]
-            present[name] = np.array([v is not None for v in column], dtype=bool)
-            dtype = np.int64 if kind is int else np.float64
-            values[name] = np.array([0 if v is None else v for v in column], dtype=dtype)
-        return cls(list(ad_ids), values, present)
+        values, present, stamps = {}, {}, {}
+        for j, (name, _, kind) in enumerate(ad_fields):
+            values[name], present[name] = _column([r[j] for r in full], kind)
+        for j, (name, _, kind) in enumerate(adv_fields):
+            values[name], present[name] = _column([r[n_ad + j] for r in full], kind)
+        for j, view in enumerate(AD_VIEWS):
+            stamps[view] = np.array([r[len(ad_fields) + j] for r in full], dtype=np.int64)
+        for j, view in enumerate(ADVERTISER_VIEWS):
+            stamps[view] = np.array([r[n_ad + len(adv_fields) + j] for r in full], dtype=np.int64)
+        return cls(list(ad_ids), values, present, stamps)
 
     def merged(self, other: AdTable) -> AdTable:
         """This table with ``other``'s ads added (or replaced)."""
@@ -194,7 +225,19 @@ class AdTable:
         ids = np.concatenate([self.ad_ids[keep], other.ad_ids])
         values = {n: np.concatenate([v[keep], other.values[n]]) for n, v in self.values.items()}
         present = {n: np.concatenate([v[keep], other.present[n]]) for n, v in self.present.items()}
-        return AdTable(ids, values, present)
+        stamps = {n: np.concatenate([v[keep], other.stamps[n]]) for n, v in self.stamps.items()}
+        return AdTable(ids, values, present, stamps)
+
+
+def _decoded(reply: list, n_values: int) -> list:
+    """An HMGET reply of ``n_values`` feature fields then ``_ts`` fields: values decoded, stamps in ms."""
+    return [from_value(x) for x in reply[:n_values]] + [stamp_ms(x) for x in reply[n_values:]]
+
+
+def _column(column: list, kind: type) -> tuple[np.ndarray, np.ndarray]:
+    present = np.array([v is not None for v in column], dtype=bool)
+    dtype = np.int64 if kind is int else np.float64
+    return np.array([0 if v is None else v for v in column], dtype=dtype), present
 
 
 def _stamps(client, project: str, keys: list[bytes], views: Sequence[str], chunk: int = 4096) -> list[tuple]:
@@ -236,7 +279,7 @@ def _refresher(settings: Settings, conn) -> None:
                             strict=True):
             if ok:
                 advertiser_of[a] = v
-        conn.send((table.ad_ids, table.values, table.present))  # numpy arrays: cheap to receive
+        conn.send((table.ad_ids, table.values, table.present, table.stamps))  # numpy arrays: cheap to receive
 
 
 class RequestFeatures:
@@ -284,6 +327,7 @@ class OnlineReader:
         self.project, self.refresh_s = settings.feast_project, refresh_s
         self._user_fields = view_fields(USER_VIEWS)
         self._cross_fields = view_fields((CROSS_VIEW,))
+        self._names_of = {v: [n for n, _, _ in view_fields((v,))] for v in AD_VIEWS + ADVERTISER_VIEWS}
         self.table = AdTable.load(self.client, self.project, [])
         self._lock = threading.Lock()  # serializes swaps (a request reads ``self.table`` once)
         self._stop = threading.Event()
@@ -320,9 +364,9 @@ class OnlineReader:
         def loop() -> None:
             while not self._stop.wait(self.refresh_s):
                 here.send(self.table.ad_ids.tolist())
-                ids, values, present = here.recv()  # waits without the GIL while the child works
+                ids, values, present, stamps = here.recv()  # waits without the GIL while the child works
                 if len(ids):
-                    self._add(AdTable(ids, values, present))  # only the ads whose rows were written
+                    self._add(AdTable(ids, values, present, stamps))  # only the ads whose rows were written
                 self.refreshed_at = time.monotonic()
                 self.refreshes += 1
             here.send(None)
@@ -338,8 +382,9 @@ class OnlineReader:
         if self._process is not None:
             self._process.join(timeout=10)
 
-    def features(self, user_id: int, ad_ids: Sequence[int]) -> RequestFeatures:
-        """Every feature of the ranker's service for ``user_id`` and each candidate in ``ad_ids``."""
+    def features(self, user_id: int, ad_ids: Sequence[int], as_of_ms: int | None = None) -> RequestFeatures:
+        """Every feature of the ranker's service for ``user_id`` and each candidate in ``ad_ids``; with the request's
+        time ``as_of_ms``, a view's row older than its TTL is absent (training's rule)."""
         table = self.table
         rows, found = table.rows(ad_ids)
         if not found.all():  # a new candidate: read it now, then keep it fresh with the others
@@ -349,21 +394,38 @@ class OnlineReader:
             rows, _ = table.rows(ad_ids)
         values = {n: v[rows] for n, v in table.values.items()}
         present = {n: p[rows] for n, p in table.present.items()}
+        if as_of_ms is not None:
+            for view in AD_VIEWS + ADVERTISER_VIEWS:
+                fresh = table.stamps[view][rows] >= as_of_ms - view_ttl_ms(view)
+                for name in self._names_of[view]:
+                    present[name] = present[name] & fresh
         cats = values["ad_features__ad_category_id"]
         has_cat = present["ad_features__ad_category_id"]
         categories = sorted(set(cats[has_cat].tolist()))
         pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(entity_key({"user_id": user_id}, self.project), [k for _, k, _ in self._user_fields])
+        pipe.hmget(entity_key({"user_id": user_id}, self.project),
+                   [k for _, k, _ in self._user_fields] + [f"_ts:{v}".encode() for v in USER_VIEWS])
         for c in categories:
             pipe.hmget(entity_key({"user_id": user_id, "category_id": c}, self.project),
-                       [k for _, k, _ in self._cross_fields])
+                       [k for _, k, _ in self._cross_fields] + [f"_ts:{CROSS_VIEW}".encode()])
         replies = pipe.execute()
-        user = {n: from_value(x) for (n, _, _), x in zip(self._user_fields, replies[0], strict=True)}
+        n_user = len(self._user_fields)
+        user_row = _decoded(replies[0], n_user)
+        user_fresh = {v: as_of_ms is None or user_row[n_user + j] >= as_of_ms - view_ttl_ms(v)
+                      for j, v in enumerate(USER_VIEWS)}
+        user = {n: (value if user_fresh[n.split("__", 1)[0]] else None)
+                for (n, _, _), value in zip(self._user_fields, user_row, strict=False)}
+        n_cross = len(self._cross_fields)
+        cross_rows = []
+        for reply in replies[1:]:
+            row = _decoded(reply, n_cross)
+            fresh = as_of_ms is None or row[n_cross] >= as_of_ms - view_ttl_ms(CROSS_VIEW)
+            cross_rows.append(row[:n_cross] if fresh else [None] * n_cross)
         slot = {c: i for i, c in enumerate(categories)}
         pos = np.array([slot[c] if ok else len(categories) for c, ok in zip(cats.tolist(), has_cat.tolist(),
                                                                             strict=True)], dtype=np.int64)
         cross = {}
         for j, (name, _, _) in enumerate(self._cross_fields):
-            by_slot = np.array([from_value(r[j]) for r in replies[1:]] + [None], dtype=object)
+            by_slot = np.array([r[j] for r in cross_rows] + [None], dtype=object)
             cross[name] = by_slot[pos].tolist()
         return RequestFeatures(user_id, ad_ids, values, present, user, cross)

@@ -53,6 +53,10 @@ def write_config(settings: Settings, online: str | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     raw["project"] = settings.feast_project
     raw["registry"] = str(out_dir / Path(raw["registry"]).name)
+    if raw["online_store"]["type"] == "redis":
+        from feature_repo.online import KEY_TTL_S
+
+        raw["online_store"]["key_ttl_seconds"] = KEY_TTL_S  # as OnlineWriter's keys: quiet entities expire
     if raw["online_store"]["type"] == "sqlite":
         raw["online_store"]["path"] = str(out_dir / Path(raw["online_store"]["path"]).name)
     conf = raw["offline_store"]["spark_conf"]

@@ -145,3 +145,59 @@ def test_redis_clients_have_socket_timeouts(redis_settings):
         assert OnlineWriter(redis_settings).client.connection_pool.connection_kwargs["socket_timeout"] == 5.0
     finally:
         client.close()
+
+
+def test_serving_and_training_agree_on_a_stale_row(redis_settings, tmp_path):
+    """Issue 19, item 8: the same TTL rule on both sides. A gold row (TTL 2 days) and a real-time row (1 day) stamped
+    at T, read at T + 1 h, T + 30 h and T + 3 days: the read path serves a view's value exactly when training's
+    as-of join (Spark) joins it. Every key written expires."""
+    from pyspark.sql import functions as F
+
+    from batch_jobs.training_set import EVENT_TIME, as_of_join, feature_columns, view_ttl
+    from feature_repo.online import KEY_TTL_S
+    from infra.spark_session import spark_session
+    from schemas.features import UserFeatures, UserRealtime
+
+    settings = redis_settings.model_copy(update={"var_dir": tmp_path, "feast_project": f"t{uuid.uuid4().hex[:8]}"})
+    writer, rng = OnlineWriter(settings), random.Random(5)
+    t0 = datetime(2026, 11, 20, 12, tzinfo=UTC)
+    rows = {table: random_row(table, {"user_id": 7}, rng, t0) for table in (UserFeatures, UserRealtime)}
+    for table, row in rows.items():
+        assert writer.write(table, [row]) == 1
+    assert 0 < writer.client.ttl(entity_key({"user_id": 7}, settings.feast_project)) <= KEY_TTL_S
+
+    reader = OnlineReader(settings)
+    spark = spark_session("ttl-test", settings)
+    reads = {"1h": timedelta(hours=1), "30h": timedelta(hours=30), "3d": timedelta(days=3)}
+    served, joined = {}, {}
+    for label, after in reads.items():
+        as_of = t0 + after
+        got = reader.features(7, [1], as_of_ms=int(as_of.timestamp() * 1000))
+        frame = spark.createDataFrame([("i", 7, as_of.replace(tzinfo=None))], ["impression_id", "user_id", EVENT_TIME])
+        for table, row in rows.items():
+            name = table.feature_names()[0]
+            served[(label, table.VIEW)] = got.user[f"{table.VIEW}__{name}"] is not None
+            gold = spark.createDataFrame([(7, t0.replace(tzinfo=None), "2026-11-20", row[name])],
+                                         ["user_id", "event_timestamp", "ds", name])
+            gold = gold.select("user_id", "event_timestamp", "ds", F.col(name))
+            out = as_of_join(frame.select("impression_id", "user_id", EVENT_TIME), gold, _only(table, name),
+                             view_ttl(table)).collect()[0]
+            joined[(label, table.VIEW)] = out[feature_columns(_only(table, name))[0]] is not None
+    assert served == joined, (served, joined)
+    assert served == {("1h", "user_features"): True, ("1h", "user_realtime"): True,
+                      ("30h", "user_features"): True, ("30h", "user_realtime"): False,
+                      ("3d", "user_features"): False, ("3d", "user_realtime"): False}
+    # Without a request time the read path answers as before (what the store holds).
+    assert reader.features(7, [1]).user["user_realtime__" + UserRealtime.feature_names()[0]] is not None
+
+
+def _only(table: type[FeatureRow], name: str) -> type[FeatureRow]:
+    """``table`` seen through one feature (the as-of join selects every feature of the view it is given)."""
+
+    class One(table):
+        @classmethod
+        def feature_names(cls) -> list[str]:
+            return [name]
+
+    One.VIEW, One.ENTITIES, One.REALTIME = table.VIEW, table.ENTITIES, table.REALTIME
+    return One
