@@ -51,7 +51,7 @@ def catalog(ad: int) -> tuple[int, int, int]:
 def fill_store(settings: Settings, seed: int = 0) -> None:
     """Feature rows of every user, every ad below NO_ROW and their advertisers; half the user x category crosses."""
     writer, rng = OnlineWriter(settings), random.Random(seed)
-    ts = datetime(2026, 11, 17, tzinfo=UTC)
+    ts = datetime.fromtimestamp((T0 - 3_600_000) / 1000, UTC)  # an hour before the requests: within every TTL
     for table in ALL_TABLES:
         if table.ENTITIES == ("user_id",):
             keys = [{"user_id": u} for u in range(N_USERS)]
@@ -130,8 +130,10 @@ def test_logged_features_equal_served_features(fresh_topics, tmp_path):
         feast = store.features(s.request.user_id, [s.request.ad_ids[row]]).to_feast_dict()
         want = {c: float(feast[c][0]) for c in s.encoded.columns if feast.get(c, [None])[0] is not None}
         assert log.features == want
-        assert log.feature_lists == {c: [float(x) for x in feast[c][0]] for c in (HISTORY_COLUMN, PROFILE_COLUMN)
-                                     if feast[c][0] is not None}
+        assert log.feature_lists == {c: [float(x) for x in v[0]] for c, v in feast.items() if isinstance(v[0], list)}
+        assert {HISTORY_COLUMN, PROFILE_COLUMN} <= set(log.feature_lists) or s.request.user_id >= NO_ROW
+        # Every scalar column of the training set is logged, ids included (the replay set had no campaign).
+        assert log.ad_id >= NO_ROW or "ad_features__ad_campaign_id" in log.features
         assert (log.model_version, log.pctr, log.arm) == (version, s.shown[log.position].pctr, "all")
         assert log.ad_id >= NO_ROW or "ad_features__ad_ctr_7d" in log.features
     new_ad_logs = [x for x in logged.values() if x.ad_id >= NO_ROW]

@@ -42,9 +42,12 @@ class EncodedRequest:
     """The batch the model scores, and the raw values behind it (``raw[:, j]`` is ``columns[j]``, NaN missing)."""
 
     batch: Batch
-    columns: tuple[str, ...]  # scalar model inputs, as logged (the spec's dense columns but the derived one)
-    raw: np.ndarray  # float64 [n, len(columns)]
-    lists: dict[str, list]  # the user's list inputs that the store had (one value for every candidate)
+    # Every scalar feature of the service served for the candidates, as logged: the spec's dense columns (but the
+    # derived one), then the store's features the model reads as ids (the ad's campaign, advertiser, category),
+    # so the replay set has every column of the training set.
+    columns: tuple[str, ...]
+    raw: np.ndarray  # float64 [n, len(columns)], NaN where the store had no value
+    lists: dict[str, list]  # the user's list features that the store had (one value for every candidate)
 
     def logged(self, row: int) -> tuple[dict[str, float], dict[str, list[float]]]:
         """(``features``, ``feature_lists``) of candidate ``row`` as a ``PredictionLog`` holds them."""
@@ -84,8 +87,9 @@ def encode_request(spec: InputSpec, features: RequestFeatures, *, placement: str
            "device": _hashed(spec, "device", device, n)}
     sparse = np.stack([ids[f] for f in spec.sparse_fields], axis=1) if n else np.zeros((0, len(spec.sparse_fields)),
                                                                                        np.int64)
-    lists = {c: features.user[c] for c in LIST_COLUMNS if features.user.get(c) is not None}
-    columns = tuple(c for c in spec.dense_columns if c != AFFINITY)
+    lists = {c: v for c, v in features.user.items() if isinstance(v, list)}
+    inputs = tuple(c for c in spec.dense_columns if c != AFFINITY)
+    columns = inputs + tuple(c for c in features.ad_values if c not in inputs)
     raw = np.empty((n, len(columns)), dtype=np.float64)
     dense = np.empty((n, len(spec.dense_columns)), dtype=np.float32)
     j_raw = 0
@@ -97,6 +101,8 @@ def encode_request(spec: InputSpec, features: RequestFeatures, *, placement: str
             raw[:, j_raw] = col
             j_raw += 1
         dense[:, j] = np.log1p(np.clip(col, 0, None)) if log_scaled else col
+    for j in range(len(inputs), len(columns)):
+        raw[:, j] = _scalar_column(columns[j], features, n)
     history = np.zeros((n, spec.history_len), dtype=np.int64)
     recent = lists.get(HISTORY_COLUMN)
     if recent is not None and len(recent):
