@@ -7,8 +7,9 @@
 - neg: BCE of ``neg_logit`` on rows that have a negative-feedback label (``label_neg`` not NaN).
 
 Weights are used as they come, negative ones included: a row of weight -1 cancels an earlier example that
-a correction superseded. Each term is divided by the sum of ``|weight|`` of its rows, so the batch size
-does not change the step size.
+a correction superseded. Each term is divided by the sum of the *positive* weights of its rows (the examples
+that stand), so the batch size does not change the step size and a superseded +/- pair does not dilute the
+batch it is taken back in (a batch of cancellations alone is divided by the sum of ``|weight|``).
 
 Schemes (the joiner's delay correction, ``label_joiner/schemes.py``):
 
@@ -46,8 +47,18 @@ EPS = 1e-12
 
 
 def weighted_mean(values: Tensor, weight: Tensor) -> Tensor:
-    """``sum(weight * values) / sum(|weight|)`` (0 when every weight is 0)."""
-    return (weight * values).sum() / weight.abs().sum().clamp_min(EPS)
+    """``sum(weight * values) / sum(positive weights)``; over ``sum(|weight|)`` when no weight is positive (0 when
+    every weight is 0).
+
+    >>> w = torch.tensor([1.0, -1.0, 1.0])  # an example taken back (-1) and its correction (+1), and another
+    >>> float(weighted_mean(torch.tensor([2.0, 2.0, 4.0]), w))  # (2 - 2 + 4) / 2: the pair is not counted twice
+    2.0
+    >>> float(weighted_mean(torch.tensor([2.0]), torch.tensor([-1.0])))
+    -2.0
+    """
+    positive = weight.clamp_min(0.0).sum()
+    norm = torch.where(positive > 0, positive, weight.abs().sum())
+    return (weight * values).sum() / norm.clamp_min(EPS)
 
 
 def fnw_weights(p_cvr: Tensor, clicked: Tensor) -> tuple[Tensor, Tensor]:
