@@ -205,3 +205,22 @@ def test_too_few_impressions_then_nothing_to_roll_back_to(fresh_topics, tmp_path
     assert verdict.decision == "rollback" and verdict.served == 800 and verdict.rolled_back_to is None
     assert "nothing to roll back to" in verdict.action
     assert registry.promoted() == v1
+
+
+def test_repeated_log_records_count_once():
+    """Issue 19, item 7: a prediction-log record delivered three times (a producer's retry, a replayed spool) is one
+    served impression: the count under min_breaker_impressions and the calibration see it once."""
+    from infra.settings import ServingSettings
+    from trainers.circuit_breaker import judge
+
+    cfg = ServingSettings(min_breaker_impressions=300)
+    rng = np.random.default_rng(3)
+    n = 200
+    served = pd.DataFrame({"impression_id": [f"i{k}" for k in range(n)], "pctr": rng.uniform(0.01, 0.2, n),
+                           "pcvr": rng.uniform(0.01, 0.2, n), "explored": False})
+    labels = pd.DataFrame({"impression_id": served["impression_id"], "clicked": (rng.random(n) < 0.1).astype(float),
+                           "converted": np.nan})
+    once = judge("v000001-full", None, served, labels, cfg)
+    thrice = judge("v000001-full", None, pd.concat([served, served, served], ignore_index=True), labels, cfg)
+    assert once.decision == thrice.decision == "no decision"  # 200 distinct impressions < 300, not 600
+    assert thrice.served == 200

@@ -207,7 +207,9 @@ class Verdict:
 def judge(version: str, reference: dict | None, served: pd.DataFrame, labels: pd.DataFrame,
           cfg: ServingSettings) -> Verdict:
     """The verdict on ``version`` from its served records (``impression_id, pctr, pcvr, explored``) and the
-    labels known (``impression_id, clicked, converted``; NaN where not known yet). Pure: nothing is rolled back."""
+    labels known (``impression_id, clicked, converted``; NaN where not known yet). Pure: nothing is rolled back.
+    A record logged more than once (a producer's retry, a replayed spool) counts once: the first one."""
+    served = served.drop_duplicates("impression_id", keep="first")
     shown = served[~served["explored"].astype(bool)] if "explored" in served else served
     n = len(shown)
     if n < cfg.min_breaker_impressions:
