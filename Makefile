@@ -9,7 +9,7 @@ HOURS  ?= 3
 
 .PHONY: install system-deps jars up down status topics demo simulate joiner realtime bronze silver batch-labels gold \
 	realtime-log training-set quality feast-apply materialize serve replay-set skew-report monitor breaker breaker-watch \
-	ab-report bench-scoring full-retrain warm-start online registry promote rollback evaluate evaluate-spread delay-curve delay-report test kill-loop lint flink bench-produce \
+	ab-report bench-scoring full-retrain warm-start online registry registry-gc promote rollback evaluate evaluate-spread delay-curve delay-report test kill-loop lint flink bench-produce \
 	bench-joiner bench-restart bench-decode bench-train bench-online-freshness bench-online bench-materialize bench-freshness clean
 
 install: system-deps $(VENV)/.installed jars
@@ -101,6 +101,9 @@ online: up
 	$(PY) -m trainers.online --scheme $(SCHEME)
 registry: install
 	$(PY) -m trainers.registry list
+# Retention (crontab: hourly): every version but the newest KEEP and the promotion history is removed.
+registry-gc: install
+	$(PY) -m trainers.registry gc --keep $(or $(KEEP),20)
 # Promote a version, or roll back to the previously promoted one: make promote VERSION=v000003-warm
 promote: install
 	$(PY) -m trainers.registry promote $(VERSION) --reason "$(or $(REASON),by hand)"

@@ -280,6 +280,12 @@ def test_cli_list_promote_rollback(tmp_path):
     assert reg.promoted() == v1 and reg.events()[-1]["reason"] == "ctr dropped"
     bad = _cli(tmp_path, "promote", "v000099-full")
     assert bad.returncode == 1 and "v000099-full" in bad.stderr and not bad.stdout
+    v3 = reg.register(_state(3), {"parent": v2}, "online")
+    v4 = reg.register(_state(4), {"parent": v3}, "online")
+    gc = _cli(tmp_path, "gc", "--keep", "1")  # what `make registry-gc` runs from the crontab
+    assert gc.returncode == 0 and v3 in gc.stdout and v2 in gc.stdout, gc.stderr
+    # The promoted v1 stays, and the newest; v2 left the history when it was rolled back from.
+    assert [m["version"] for m in reg.list()] == [v1, v4]
 
 
 def test_cli_show_and_verify(tmp_path, capsys):

@@ -495,6 +495,13 @@ def _cmd_promote(reg: Registry, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gc(reg: Registry, args: argparse.Namespace) -> int:
+    removed = reg.gc(keep=args.keep)
+    print(f"gc: removed {len(removed)} version(s) or abandoned folder(s)" + (f": {', '.join(removed)}" if removed
+                                                                          else ""))
+    return 0
+
+
 def _cmd_rollback(reg: Registry, args: argparse.Namespace) -> int:
     before = reg.promoted()
     print(f"rolled back from {before} to {reg.rollback(args.reason)}")
@@ -519,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     rollback = sub.add_parser("rollback", help="serve the previous promoted version again")
     rollback.add_argument("--reason", required=True)
     rollback.set_defaults(run=_cmd_rollback)
+    gc = sub.add_parser("gc", help="remove all but the newest KEEP versions and the promotion history")
+    gc.add_argument("--keep", type=int, default=20)
+    gc.set_defaults(run=_cmd_gc)
     args = parser.parse_args(argv)
     if args.root is None:
         from infra.settings import get_settings
