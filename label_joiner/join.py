@@ -126,7 +126,7 @@ class PartitionJoin:
             return
         self.clock.observe(source, arrival)
         key = event["impression_id"]
-        entry = self.store.get(key)
+        entry = self._get(key, out)
         if source == "impression":
             self._on_impression(key, entry, event, arrival, offset, out)
         else:
@@ -145,7 +145,7 @@ class PartitionJoin:
         if entry is None:
             entry = _new_entry()
         entry["imp"] = {"t": t, **{f: ev[f] for f in IMPRESSION_FIELDS}}
-        held, entry["held"], entry["hb"] = entry["held"], [], 0
+        held, entry["held"] = entry["held"], []
         for h in sorted(held, key=lambda h: (h["src"] == "conversion", h["t"], h["id"])):  # clicks first
             self._place(entry, h, out)
         self._update(key, entry, out)
@@ -177,13 +177,14 @@ class PartitionJoin:
         """Keep ``h`` until what it waits for (its impression, or a conversion's click) arrives, within the bounds;
         beyond them it is a dead letter (the record must stay far below the changelog's message size)."""
         size = len(orjson.dumps(h))
+        held_bytes = sum(x.get("n", 0) for x in entry["held"]) + size
         b = self.bounds
-        if len(entry["held"]) >= b.held_events or entry["hb"] + size > b.held_bytes:
+        if len(entry["held"]) >= b.held_events or held_bytes > b.held_bytes:
             self._reject_held(out, h, f"too many events held for one impression: {len(entry['held'])} events, "
-                                      f"{entry['hb'] + size:,} bytes (bounds {b.held_events}, {b.held_bytes:,})")
+                                      f"{held_bytes:,} bytes (bounds {b.held_events}, {b.held_bytes:,})")
             return False
+        h["n"] = size
         entry["held"].append(h)
-        entry["hb"] += size
         return True
 
     def _place(self, entry: dict, h: dict, out: Emitted) -> None:
@@ -221,7 +222,6 @@ class PartitionJoin:
         waiting = [v for v in entry["held"] if v["click"] == c["id"]]
         if waiting:
             entry["held"] = [v for v in entry["held"] if v["click"] != c["id"]]
-            entry["hb"] = sum(len(orjson.dumps(v)) for v in entry["held"])
             for v in sorted(waiting, key=lambda v: (v["t"], v["id"])):
                 if attributed:
                     self._place_conversion(entry, v, out)
@@ -243,6 +243,23 @@ class PartitionJoin:
             self.counts["repeat conversion"] += 1
         if best is None or (v["t"], v["id"]) < (best["t"], best["id"]):
             entry["conv"] = v
+
+    def _get(self, key: str, out: Emitted) -> dict | None:
+        """The impression's record; one written before the bounded state (every click and conversion in
+        ``clicks``/``convs``) is rewritten to today's form, its extra conversions decided as if they came now."""
+        entry = self.store.get(key)
+        if entry is None or "clicks" not in entry:
+            return entry
+        clicks, convs = entry.pop("clicks"), entry.pop("convs")
+        seen = [_seen_id(h["src"], h["id"]) for h in [*entry["held"], *convs]] + \
+            [_seen_id("click", c["id"]) for c in clicks]  # clicks last: kept first by the bound
+        entry.update(click=min(clicks, key=lambda c: (c["t"], c["id"])) if clicks else None, conv=None,
+                     seen=seen[-self.bounds.seen_ids:])
+        for v in sorted(convs, key=lambda v: (v["t"], v["id"])):
+            self._place(entry, v, out)
+        self.store.put(key, entry)  # once: its dead letters are not emitted again
+        self.counts["state record upgraded"] += 1
+        return entry
 
     # -- the entry's labels ----------------------------------------------------------------------------------
     def _update(self, key: str, entry: dict, out: Emitted) -> None:
@@ -301,7 +318,7 @@ class PartitionJoin:
 
     def _finish_due(self, clock_ms: int, out: Emitted) -> None:
         for key in self.store.due(clock_ms):
-            entry = self.store.get(key)
+            entry = self._get(key, out)
             if entry is None or entry.get("d", _END) >= clock_ms:
                 continue
             self._on_due(key, entry, clock_ms, out)
@@ -345,9 +362,9 @@ class PartitionJoin:
 def _new_entry() -> dict:
     """One impression's state: ``imp`` its fields, ``click`` the attributed click, ``conv`` its attributed conversion
     (with the event, to dead-letter it if an earlier click comes), ``held`` events waiting for their impression or
-    click (``hb`` their bytes), ``seen`` the newest ids of its clicks and conversions, ``sent`` the scheme's
+    click (each with its size ``n``), ``seen`` the newest ids of its clicks and conversions, ``sent`` the scheme's
     bookkeeping, ``d`` when it is next due."""
-    return {"imp": None, "click": None, "conv": None, "held": [], "hb": 0, "seen": [], "sent": {}}
+    return {"imp": None, "click": None, "conv": None, "held": [], "seen": [], "sent": {}}
 
 
 def _seen_id(source: str, event_id: str) -> str:

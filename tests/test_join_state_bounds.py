@@ -104,3 +104,25 @@ def test_labels_do_not_depend_on_the_order_of_one_impressions_events():
         accounted = len(d.out.rejected) + d.join.counts["repeat click"] + d.join.counts["repeat conversion"]
         assert accounted == 4, (order, d.reasons(), d.join.counts)  # 7 events, 3 of them joined
     assert seen == {(T0 + 2_000, T0 + 70_000)}
+
+
+def test_a_record_written_before_the_bounded_state_is_upgraded():
+    """A worker upgraded over an existing changelog: an open impression stored in the old form (every click and
+    conversion kept) gets the label the old code would have given, and its extra conversions are decided once."""
+    d = Driver()
+    old = {"imp": {"t": T0, **{f: imp("a", T0)[f] for f in ("user_id", "ad_id", "advertiser_id", "campaign_id",
+                                                             "placement", "position", "device", "model_version")}},
+           "clicks": [{"id": "c2", "t": T0 + 5_000, "a": T0 + 6_000}, {"id": "c1", "t": T0 + 2_000, "a": T0 + 9_000}],
+           "convs": [{"src": "conversion", "id": f"v{k}", "t": T0 + 60_000 + k, "a": T0 + 70_000, "o": k,
+                      "click": cid, "value": 1.0, "ev": conv("a", T0 + 60_000 + k, cid=cid, vid=f"v{k}")}
+                     for k, cid in ((0, "c2"), (1, "c1"), (2, "c1"))],
+           "held": [], "sent": {"click": "c1"}, "d": T0 + 40_000}
+    d.join.store.put("a", old)
+    d.join.store.commit()
+    d.send("click", click("a", T0 + 2_000, cid="c1"), arrival=T0 + 10_000)  # a repeated delivery: still dropped
+    assert d.join.counts["duplicate click"] == 1 and d.join.counts["state record upgraded"] == 1
+    assert d.reasons() == ["conversion names another click than the attributed one"]  # v0, of c2
+    d.finish()
+    m = d.matured()["a"]
+    assert m["click_time_ms"] == T0 + 2_000 and m["conversion_time_ms"] == T0 + 60_001
+    assert d.join.counts["state record upgraded"] == 1 and len(d.out.rejected) == 1
