@@ -108,13 +108,15 @@ def timestamp_bytes(ts: datetime) -> bytes:
 
 
 # Writes a row only if it is not older than the row stored (Feast's own writer skips older timestamps too), so
-# a fenced zombie's last batch or a replay never overwrites a newer row. ``_tsms:<view>`` holds the row's time
-# in epoch ms next to Feast's protobuf ``_ts:<view>`` (Feast reads only the fields it knows).
-# KEYS[1]: entity key; ARGV[1]: the ms field, ARGV[2]: the row's ms, ARGV[3..]: field, value pairs.
+# a fenced zombie's last batch or a replay never overwrites a newer row, and sets the key's expiry with the write.
+# ``_tsms:<view>`` holds the row's time in epoch ms next to Feast's protobuf ``_ts:<view>`` (Feast reads only the
+# fields it knows). KEYS[1]: entity key; ARGV[1]: the key's TTL in s, ARGV[2]: the ms field, ARGV[3]: the row's
+# ms, ARGV[4..]: field, value pairs.
 _WRITE_IF_NOT_OLDER = """
-local stored = redis.call('HGET', KEYS[1], ARGV[1])
-if stored and tonumber(stored) > tonumber(ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], unpack(ARGV, 3))
+local stored = redis.call('HGET', KEYS[1], ARGV[2])
+if stored and tonumber(stored) > tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 
@@ -137,14 +139,13 @@ class OnlineWriter:
         pipe, n = self.client.pipeline(transaction=False), 0
         for row in rows:
             ts = row["event_timestamp"]
-            args = [ms_field, int(ts.timestamp() * 1000), ts_field, timestamp_bytes(ts)]
+            args = [KEY_TTL_S, ms_field, int(ts.timestamp() * 1000), ts_field, timestamp_bytes(ts)]
             for name, key in fields:
                 args += [key, to_value(row[name]).SerializeToString()]
-            key = entity_key({k: row[k] for k in table.ENTITIES}, self.project)
-            self._script(keys=[key], args=args, client=pipe)
-            pipe.expire(key, KEY_TTL_S)
+            self._script(keys=[entity_key({k: row[k] for k in table.ENTITIES}, self.project)], args=args,
+                         client=pipe)
             n += 1
-        written = sum(pipe.execute()[::2])
+        written = sum(pipe.execute())
         self.skipped_older += n - written
         return written
 
@@ -328,6 +329,10 @@ class OnlineReader:
         self._user_fields = view_fields(USER_VIEWS)
         self._cross_fields = view_fields((CROSS_VIEW,))
         self._names_of = {v: [n for n, _, _ in view_fields((v,))] for v in AD_VIEWS + ADVERTISER_VIEWS}
+        # What one request reads (computed once): the features, then each view's _ts field.
+        self._user_keys = [k for _, k, _ in self._user_fields] + [f"_ts:{v}".encode() for v in USER_VIEWS]
+        self._cross_keys = [k for _, k, _ in self._cross_fields] + [f"_ts:{CROSS_VIEW}".encode()]
+        self._user_view = [USER_VIEWS.index(n.split("__", 1)[0]) for n, _, _ in self._user_fields]
         self.table = AdTable.load(self.client, self.project, [])
         self._lock = threading.Lock()  # serializes swaps (a request reads ``self.table`` once)
         self._stop = threading.Event()
@@ -403,18 +408,16 @@ class OnlineReader:
         has_cat = present["ad_features__ad_category_id"]
         categories = sorted(set(cats[has_cat].tolist()))
         pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(entity_key({"user_id": user_id}, self.project),
-                   [k for _, k, _ in self._user_fields] + [f"_ts:{v}".encode() for v in USER_VIEWS])
+        pipe.hmget(entity_key({"user_id": user_id}, self.project), self._user_keys)
         for c in categories:
-            pipe.hmget(entity_key({"user_id": user_id, "category_id": c}, self.project),
-                       [k for _, k, _ in self._cross_fields] + [f"_ts:{CROSS_VIEW}".encode()])
+            pipe.hmget(entity_key({"user_id": user_id, "category_id": c}, self.project), self._cross_keys)
         replies = pipe.execute()
         n_user = len(self._user_fields)
         user_row = _decoded(replies[0], n_user)
-        user_fresh = {v: as_of_ms is None or user_row[n_user + j] >= as_of_ms - view_ttl_ms(v)
-                      for j, v in enumerate(USER_VIEWS)}
-        user = {n: (value if user_fresh[n.split("__", 1)[0]] else None)
-                for (n, _, _), value in zip(self._user_fields, user_row, strict=False)}
+        user_fresh = [as_of_ms is None or user_row[n_user + j] >= as_of_ms - view_ttl_ms(v)
+                      for j, v in enumerate(USER_VIEWS)]
+        user = {n: (value if user_fresh[j] else None)
+                for (n, _, _), value, j in zip(self._user_fields, user_row, self._user_view, strict=False)}
         n_cross = len(self._cross_fields)
         cross_rows = []
         for reply in replies[1:]:
