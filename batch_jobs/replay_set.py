@@ -47,11 +47,11 @@ from batch_jobs.training_set import (
 )
 from infra.settings import Settings, get_settings
 from infra.spark_session import spark_session
-from schemas.events import PredictionLog
+from schemas.events import BASELINE_MODEL_VERSION, PredictionLog
 from schemas.features import GOLD_TABLES, REALTIME_TABLES, TrainingRow
 
 TABLE = "training/replay_set"
-BASELINE_VERSION = "sim-serving-v1"  # the simulator's own serving stand-in: v1 records, toy features
+BASELINE_VERSION = BASELINE_MODEL_VERSION  # the simulator's own serving stand-in: v1 records, toy features
 # The context the model saw: taken from the log, not from silver.
 SERVED_CONTEXT = ("user_id", "ad_id", "advertiser_id", "campaign_id", "category_id", "placement", "position",
                   "device", "bid")

@@ -170,6 +170,21 @@ class TrainerSettings(BaseModel):
     online_batch_size: int = 256
     online_learning_rate: float = 3e-3  # lower than the batch rate: the stream never ends
     publish_every_s: float = 10.0
+    # Online promotion gate: a version is promoted when its progressive CTR log loss over the newest
+    # ``online_gate_window`` examples is at most the promoted version's on the same examples x (1 + margin),
+    # with at least ``online_gate_min_examples`` of them.
+    online_gate_margin: float = 0.01
+    online_gate_min_examples: int = 500
+    online_gate_window: int = 5_000
+    # Online optimisation: dense gradients clipped to this L2 norm; the learning rate warms up linearly over
+    # ``online_warmup_steps`` from the line's start, then decays as 1/sqrt(1 + step / online_decay_steps),
+    # never below ``online_min_lr_factor`` x the base rate.
+    online_clip_norm: float = 10.0
+    online_warmup_steps: int = 50
+    online_decay_steps: int = 2_000
+    online_min_lr_factor: float = 0.1
+    # Served features kept by impression (from the prediction log) for this many days of event time.
+    online_log_retention_days: int = 10
     # Delay correction the online trainer applies to what the joiner emits: naive, fnw or delay_curve.
     label_scheme: str = "fnw"
     device: str = "auto"  # auto (CUDA when present), cpu or cuda

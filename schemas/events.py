@@ -89,6 +89,10 @@ class Conversion(Event):
     value: float = Field(ge=0.0)
 
 
+# The simulator's own serving stand-in (uniform serving, no ranker): its impressions have no replayable log.
+BASELINE_MODEL_VERSION = "sim-serving-v1"
+
+
 class PredictionLog(Event):
     """One candidate serving showed, as it scored it: the exact model inputs, the model version, the scores
     and the auction's outcome. Training replays these (log-and-replay) instead of recomputing features.

@@ -2,42 +2,62 @@
 
     python -m trainers.online [--scheme fnw] [--publish-every 10] [--max-seconds N]
 
-Input: ``training_examples`` (every partition, ``read_committed``), read in fetched batches. Per batch:
+**One model line.** Batch versions (the weekly full retrain, the daily warm starts) form the spine of the
+registry; the online trainer runs a *line* off the newest promoted batch version that was never rolled back
+(``Registry.batch_head``), the line's *root*:
+
+- a new line loads the root (its CTR logit moved to the undownsampled scale: the stream keeps every negative)
+  and starts reading at the offsets where the root's data ended: per partition, the first offset of an example
+  whose impression falls after the root's ``data_range`` (the trainer keeps that index of the topic, by UTC
+  day; the joiner's outputs carry its wall clock as Kafka timestamp, so ``offsets_for_times`` cannot find it).
+  Examples of impressions inside the root's data range are skipped, never learned twice (``in_batch_data``);
+- a restart resumes the line's newest version at its stored offsets, with its Adam state;
+- at every publication the trainer re-reads the registry: when a newer batch version was promoted, or the line
+  was rolled back (a rolled-back version taints its whole line: ``Registry.tainted``), the line ends and a new
+  one starts from the batch head.
+
+Every version records ``line``, ``line_root``, ``skip_until_ms`` and ``learned_range`` (the impression-time span
+the line learned), so ``warm_start`` can refuse a day an ancestor saw.
+
+**Per input batch** (``training_examples``, every partition, ``read_committed``):
 
 1. **drop repeats** by ``example_id``: the first position (partition, offset) of each id is kept on disk; an id
-   met again at another position is a repeat (a replay of the joiner), the same position is a re-read after a
-   restart and is learned again, because the model it was learned into was never published;
-2. **delay correction** as configured: FNW weights (``trainers/loss.py``; FNW's duplicated conversion rows do not
-   count their click twice), delay-curve soft labels, and corrections that *supersede*: the earlier example of
-   the impression is learned once more with the negated weight (its gradient is taken back) and the new one
-   learned;
-3. features from the online store (the serving read path) for the examples' user and ad;
-4. mini-batch updates (Adam), with progressive validation: each batch is scored before it is learned, and the
-   CTR log loss feeds ADWIN drift detection (``trainers/river_baseline.LossDriftMonitor``).
+   met again at another position is a repeat (a replay of the joiner), the same position is a re-read (after a
+   restart, or by a new line) and is learned again;
+2. **served features**: each example is joined by impression id to the features serving logged
+   (``trainers.served_features``): the model learns what it was scored with, read before the event it learns.
+   An impression with no log record is not learned online (``unlogged``): the simulator's uniform bootstrap
+   traffic (no model served it) is left to the batch line, which joins point-in-time features from the lake; a
+   *served* impression without a record is also a dead letter (``no prediction log record``);
+3. **delay correction** as configured: FNW weights (``trainers/loss.py``), delay-curve soft labels, and
+   corrections that *supersede* (the earlier example is learned once more with the negated weight);
+4. mini-batch updates: Adam with a warm-up then 1/sqrt decay, dense gradients clipped, and progressive
+   validation: each batch is scored before it is learned, by the line and by the promoted version.
 
-Every ``publish_every_s`` a new version is registered (``cadence=online``) with the **input offsets it has
-learned up to** in its metadata, and promoted. A restart loads the newest online version (or, the first time,
-the promoted batch model) and seeks to its offsets: nothing is skipped and nothing is learned twice into one
-model. The per-impression state (first positions, last labels) is kept by position, so a re-read after a
-restart sees the state as it was at that position.
+**Gated promotion.** Every ``publish_every_s`` a version is registered (``cadence=online``) with the input
+offsets it learned up to; it is promoted only when its progressive CTR log loss on the newest examples is no
+worse than the promoted version's on the same examples by ``online_gate_margin``
+(``meta["gate"]`` has the numbers). The circuit breaker judges a line as a whole.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from infra.settings import Settings, get_settings
-from schemas.events import TrainingExample
+from infra.settings import Settings, TrainerSettings, get_settings
+from schemas.events import BASELINE_MODEL_VERSION, TrainingExample
 from trainers.data import Batch, InputSpec, encode
 from trainers.model import Ranker, pick_device
 from trainers.registry import Registry
@@ -46,12 +66,16 @@ from trainers.scoring import ScoringModel, load, save
 from trainers.train import optimizers, step
 
 Position = tuple[int, int]  # (partition, offset)
+DAY_MS = 86_400_000
+INDEX_DAYS = 60  # days of the topic's offset index kept per partition
 
 
 class ExampleState:
-    """Per example id its first position, and per impression the labels learned so far, by position.
+    """Per example id its first position, per impression the labels learned so far (by position), and per
+    partition the first offset of each UTC impression day (where a line off a batch model starts).
 
-    Backed by a dict (tests) or a RocksDB folder (the worker), keys ``e:<example_id>`` and ``i:<impression>``."""
+    Backed by a dict (tests) or a RocksDB folder (the worker), keys ``e:<example_id>``, ``i:<impression>``,
+    ``o:<partition>`` (day -> first offset) and ``n:<partition>`` (the next offset not yet indexed)."""
 
     def __init__(self, path: Path | None = None):
         if path is None:
@@ -84,6 +108,35 @@ class ExampleState:
         history.append({"pos": list(pos), **labels})
         self.db[key] = json.dumps(history[-4:])
 
+    def index(self, seen: list[tuple[int, int, int]]) -> None:
+        """Note ``(partition, offset, impression_time_ms)`` of examples read: the first offset of each day."""
+        by_partition: dict[int, list[tuple[int, int]]] = {}
+        for partition, offset, t in seen:
+            by_partition.setdefault(partition, []).append((offset, t))
+        for partition, rows in by_partition.items():
+            days = {int(k): v for k, v in json.loads(self.db.get(f"o:{partition}") or "{}").items()}
+            for offset, t in rows:
+                day = t // DAY_MS
+                days[day] = min(days.get(day, offset), offset)
+            newest = max(days)
+            days = {d: o for d, o in days.items() if d > newest - INDEX_DAYS}
+            self.db[f"o:{partition}"] = json.dumps(days)
+            nxt = int(self.db.get(f"n:{partition}") or 0)
+            self.db[f"n:{partition}"] = str(max(nxt, max(o for o, _ in rows) + 1))
+
+    def start_offsets(self, partitions: list[int], from_ms: int) -> dict[int, int]:
+        """Per partition, where examples of impressions at or after ``from_ms`` (a UTC midnight) begin: the first
+        offset of such a day, else the next offset not yet read; partitions never read are left out (the
+        beginning)."""
+        out = {}
+        for partition in partitions:
+            raw = self.db.get(f"o:{partition}")
+            if raw is None:
+                continue
+            later = [o for d, o in json.loads(raw).items() if int(d) * DAY_MS >= from_ms]
+            out[partition] = min(later) if later else int(self.db.get(f"n:{partition}") or 0)
+        return out
+
     def close(self) -> None:
         if not isinstance(self.db, dict):
             self.db.close()
@@ -102,8 +155,10 @@ class Rows:
     counts: Counter = field(default_factory=Counter)
 
 
-def to_rows(examples: list[tuple[Position, TrainingExample]], state: ExampleState, scheme: str) -> Rows:
-    """Apply repeat dropping and the delay-correction scheme to examples in arrival order."""
+def to_rows(examples: list[tuple[Position, TrainingExample]], state: ExampleState, scheme: str,
+            served: dict[str, dict] | None = None) -> Rows:
+    """Apply repeat dropping and the delay-correction scheme to examples in arrival order; with ``served``
+    (impression id -> the logged model inputs), each row carries them."""
     out = Rows()
     for pos, ex in examples:
         if not state.first_seen(ex.example_id, pos):
@@ -113,6 +168,8 @@ def to_rows(examples: list[tuple[Position, TrainingExample]], state: ExampleStat
                 "advertiser_id": ex.advertiser_id, "campaign_id": ex.campaign_id, "placement": ex.placement,
                 "device": ex.device, "position": ex.position, "impression_time_ms": ex.impression_time_ms,
                 "as_of_ms": ex.as_of_ms}
+        if served is not None:
+            base.update(served[ex.impression_id])
         labels = _labels(ex)
         previous = state.previous(ex.impression_id, pos)
         if scheme == "fnw" and ex.converted and previous is not None and previous["clicked"]:
@@ -126,108 +183,234 @@ def to_rows(examples: list[tuple[Position, TrainingExample]], state: ExampleStat
     return out
 
 
-def with_features(rows: list[dict], reader) -> pd.DataFrame:
-    """The rows with the online store's features for their user and ad (``<view>__<feature>`` columns)."""
-    frame = pd.DataFrame(rows)
-    if reader is None or frame.empty:
-        return frame
-    feats = []
-    for user_id, group in frame.groupby("user_id", sort=False):
-        got = pd.DataFrame(reader.features(int(user_id), group["ad_id"].tolist()).to_feast_dict())
-        got.index = group.index
-        feats.append(got.drop(columns=["user_id", "ad_id", "advertiser_id"]))
-    return frame.join(pd.concat(feats))
+def learning_rate(cfg: TrainerSettings, steps: int) -> float:
+    """The online rate after ``steps`` updates of a line: linear warm-up, then 1/sqrt decay with a floor.
+
+    >>> from infra.settings import TrainerSettings
+    >>> cfg = TrainerSettings(online_learning_rate=1.0, online_warmup_steps=10, online_decay_steps=100)
+    >>> [round(learning_rate(cfg, s), 3) for s in (0, 9, 10, 300, 10**9)]
+    [0.1, 1.0, 1.0, 0.506, 0.1]
+    """
+    warm = min(1.0, (steps + 1) / max(cfg.online_warmup_steps, 1))
+    decay = 1.0 / math.sqrt(1.0 + max(steps - cfg.online_warmup_steps, 0) / cfg.online_decay_steps)
+    return cfg.online_learning_rate * warm * max(decay, cfg.online_min_lr_factor)
+
+
+def _logloss(model: Ranker, batch: Batch, keep: np.ndarray, device: torch.device) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        p = model(batch, position=False).p_ctr.float().cpu().numpy()
+    y = batch.label_ctr.numpy()[keep]
+    p = np.clip(p[keep], 1e-7, 1 - 1e-7)
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
 
 
 class OnlineLearner:
-    """The model, its optimizers and progressive metrics: ``learn(batch)`` scores then learns."""
+    """The model, its optimizers and progressive metrics: ``learn(batch)`` scores (by the line and by the
+    promoted *incumbent*) then learns; :meth:`gate` compares the two over the newest examples."""
 
-    def __init__(self, model: Ranker, lr: float, device: torch.device, scheme: str):
-        self.model, self.device, self.scheme = model.to(device), device, scheme
-        self.opts = optimizers(model, lr)
+    def __init__(self, model: Ranker, cfg: TrainerSettings, device: torch.device, scheme: str, steps: int = 0):
+        self.model, self.cfg, self.device, self.scheme = model.to(device), cfg, device, scheme
+        self.opts = optimizers(model, cfg.online_learning_rate)
         self.drift = LossDriftMonitor()
         self.losses: list[float] = []
         self.examples = 0
+        self.steps = steps
+        self.incumbent: Ranker | None = None
+        self.incumbent_version: str | None = None
+        self.window: deque[tuple[int, float, float]] = deque()  # per batch: rows, line loss sum, incumbent's
+
+    def set_incumbent(self, model: Ranker | None, version: str | None) -> None:
+        """Compare against ``model`` from now on (the window restarts: both must score the same examples)."""
+        self.incumbent = model.to(self.device) if model is not None else None
+        self.incumbent_version = version
+        self.window.clear()
 
     def learn(self, batch: Batch) -> float:
         """Progressive validation (CTR log loss of rows with a positive weight, before learning), then a step."""
-        self.model.eval()
-        with torch.no_grad():
-            p = self.model(batch.to(self.device), position=False).p_ctr.float().cpu().numpy()
         keep = (batch.weight.numpy() > 0) & (batch.ctr_weight.numpy() > 0 if batch.ctr_weight is not None else True)
-        y = batch.label_ctr.numpy()[keep]
-        p = np.clip(p[keep], 1e-7, 1 - 1e-7)
-        losses = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+        on_device = batch.to(self.device)
+        losses = _logloss(self.model, on_device, keep, self.device)
+        if self.incumbent is not None and len(losses):
+            theirs = _logloss(self.incumbent, on_device, keep, self.device)
+            self.window.append((len(losses), float(losses.sum()), float(theirs.sum())))
+            while sum(n for n, _, _ in self.window) - self.window[0][0] >= self.cfg.online_gate_window:
+                self.window.popleft()
         for value in losses:
             self.drift.update(float(value))
-        step(self.model, self.opts, batch, self.scheme, self.device)
+        lr = learning_rate(self.cfg, self.steps)
+        for opt in self.opts:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        step(self.model, self.opts, batch, self.scheme, self.device, clip_norm=self.cfg.online_clip_norm)
+        self.steps += 1
         self.examples += len(batch)
         mean = float(losses.mean()) if len(losses) else math.nan
         self.losses.append(mean)
         return mean
 
+    def gate(self) -> dict:
+        """Whether the line beats the incumbent on the newest examples (both scored before the line learned)."""
+        n = sum(w[0] for w in self.window)
+        out = {"against": self.incumbent_version, "examples": n, "margin": self.cfg.online_gate_margin,
+               "min_examples": self.cfg.online_gate_min_examples}
+        if self.incumbent is None:
+            return {**out, "passed": True, "why": "nothing promoted to compare against"}
+        if n < self.cfg.online_gate_min_examples:
+            return {**out, "passed": False, "why": "not enough examples since the promoted version changed"}
+        line = sum(w[1] for w in self.window) / n
+        theirs = sum(w[2] for w in self.window) / n
+        passed = line <= theirs * (1 + self.cfg.online_gate_margin)
+        return {**out, "line_logloss": line, "incumbent_logloss": theirs, "passed": passed,
+                "why": f"progressive log loss {line:.5f} {'<=' if passed else '>'} {theirs:.5f} x (1 + "
+                       f"{self.cfg.online_gate_margin:g})"}
 
-def start_model(registry: Registry, spec: InputSpec, settings: Settings) -> tuple[Ranker, dict[int, int], str | None]:
-    """The newest online version and its offsets; else the promoted model with its CTR logit moved to the
-    undownsampled scale (the stream keeps every negative); else a fresh model."""
-    online = registry.latest("online")
-    if online is not None:
-        scoring = load(registry, online)
-        offsets = {int(p): o for p, o in scoring.meta.get("kafka_offsets", {}).items()}
-        print(f"online: resuming {online} at offsets {offsets}", flush=True)
-        return scoring.model, offsets, online
-    if registry.promoted() is not None:
-        scoring = load(registry)
-        if scoring.negative_rate < 1.0:
-            scoring.model.shift_ctr_logit(math.log(scoring.negative_rate))
-        print(f"online: starting from the promoted {scoring.version} at the beginning of the topic", flush=True)
-        return scoring.model, {}, scoring.version
-    print("online: no model in the registry: starting from a fresh ranker", flush=True)
-    return Ranker.from_settings(spec, settings.trainer), {}, None
+    def optimizer_state(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.opts], "steps": self.steps}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        for opt, s in zip(self.opts, state["optimizers"], strict=True):
+            opt.load_state_dict(s)
+        self.steps = int(state["steps"])
+
+
+def day_end_ms(days: list[str]) -> int:
+    """The UTC midnight after the newest of ``days`` (``YYYY-MM-DD``); 0 when there are none.
+
+    >>> day_end_ms(["2026-11-01", "2026-11-02"]) == int(datetime(2026, 11, 3, tzinfo=UTC).timestamp() * 1000)
+    True
+    """
+    if not days:
+        return 0
+    newest = max(date.fromisoformat(d) for d in days)
+    return int(datetime(newest.year, newest.month, newest.day, tzinfo=UTC).timestamp() * 1000) + DAY_MS
+
+
+def stream_scale(scoring: ScoringModel) -> Ranker:
+    """The model with its CTR logit on the stream's (undownsampled) scale."""
+    if scoring.negative_rate < 1.0:
+        scoring.model.shift_ctr_logit(math.log(scoring.negative_rate))
+    return scoring.model
+
+
+@dataclass
+class Line:
+    """Where the online trainer stands: its model, the batch root, the line's newest version and its input."""
+
+    model: Ranker
+    root: str | None
+    parent: str | None
+    line: str | None
+    offsets: dict[int, int]  # partitions left out start at the beginning
+    skip_until_ms: int  # impressions before this are the root's data
+    learned_range: list[int] | None  # [first, last] impression time learned by the line
+    data_range: list[str] = field(default_factory=list)  # the root's batch days (the line's model saw them)
+    resumed: str | None = None  # the online version resumed (its Adam state is loaded when kept)
+
+
+def start_line(registry: Registry, spec: InputSpec, settings: Settings, state: ExampleState,
+               partitions: list[int]) -> Line:
+    """Resume the newest online version when it belongs to a live line off the batch head; else start a new line
+    off the batch head (a fresh ranker when there is none)."""
+    head = registry.batch_head()
+    newest = registry.latest("online")
+    if newest is not None:
+        meta = registry.meta(newest)
+        if meta.get("line") and meta.get("line_root") == head and not registry.tainted(newest):
+            offsets = {int(p): o for p, o in meta.get("kafka_offsets", {}).items()}
+            print(f"online: resuming {newest} (line {meta['line']}) at offsets {offsets}", flush=True)
+            return Line(load(registry, newest).model, head, newest, meta["line"], offsets,
+                        int(meta.get("skip_until_ms", 0)), meta.get("learned_range"), meta.get("data_range", []),
+                        resumed=newest)
+    if head is None:
+        print("online: no promoted batch model: a new line from a fresh ranker", flush=True)
+        model, days = Ranker.from_settings(spec, settings.trainer), []
+    else:
+        scoring = load(registry, head)
+        model, days = stream_scale(scoring), scoring.meta.get("data_range", [])
+    skip_until = day_end_ms(days)
+    offsets = state.start_offsets(partitions, skip_until)
+    line = registry.new_line(head, {"offsets": {str(p): o for p, o in offsets.items()}, "skip_until_ms": skip_until})
+    print(f"online: new line {line} off {head}: impressions from {skip_until} ms, offsets {offsets or 'beginning'}",
+          flush=True)
+    return Line(model, head, head, line, offsets, skip_until, None, days)
+
+
+def incumbent_of(registry: Registry) -> tuple[Ranker | None, str | None]:
+    """The promoted version on the stream's scale, what a new online version must not be worse than."""
+    version = registry.promoted()
+    if version is None:
+        return None, None
+    return stream_scale(load(registry, version)), version
 
 
 def run(settings: Settings, scheme: str | None = None, publish_every_s: float | None = None,
         max_seconds: float | None = None, features: bool = True, idle_exit_s: float | None = None) -> list[str]:
-    """Learn until stopped (or ``max_seconds``, or ``idle_exit_s`` without input); returns the versions published."""
+    """Learn until stopped (or ``max_seconds``, or ``idle_exit_s`` without input); returns the versions published.
+    ``features=False`` learns from ids and context only (no prediction log: tests, a cold start)."""
     from kafka import KafkaConsumer, TopicPartition
 
-    from feature_repo.online import OnlineReader
-    from streams.dead_letter import DeadLetterSink
+    from streams.dead_letter import DeadLetterSink, make_dead_letter
+    from trainers.served_features import ServedFeatures
 
     cfg = settings.trainer
     scheme = scheme or cfg.label_scheme
     publish_every_s = publish_every_s or cfg.publish_every_s
     registry = Registry(settings.registry_dir)
     spec = InputSpec.from_schemas(cfg.id_buckets, cfg.small_buckets)
-    model, offsets, parent = start_model(registry, spec, settings)
-    # The circuit breaker's yardstick travels down the lineage: every online version keeps its batch ancestor's.
-    reference = registry.load(parent)[1].get("reference") if parent else None
-    learner = OnlineLearner(model, cfg.online_learning_rate, pick_device(cfg.device), scheme)
-    state = ExampleState(settings.var_dir / "trainers" / "online-state")
-    reader = OnlineReader(settings).start() if features else None
+    device = pick_device(cfg.device)
+    state_dir = settings.var_dir / "trainers"
+    state = ExampleState(state_dir / "online-state")
+    optim_dir = state_dir / "online-optimizer"
+    optim_dir.mkdir(parents=True, exist_ok=True)
     dead = DeadLetterSink(settings, stage="online_trainer")
+    served = ServedFeatures(settings, state_dir / "served-features", dead=dead) if features else None
     topic = settings.topics.training_examples
     consumer = KafkaConsumer(**settings.kafka.client_config(), group_id=None, enable_auto_commit=False,
                              isolation_level="read_committed", max_poll_records=cfg.online_batch_size * 8)
     parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
     consumer.assign(parts)
-    for tp in parts:
-        if tp.partition in offsets:
-            consumer.seek(tp, offsets[tp.partition])
-        else:
-            consumer.seek_to_beginning(tp)
-    position = {tp.partition: consumer.position(tp) for tp in parts}
     published: list[str] = []
+    began = time.monotonic()
+
+    def begin() -> tuple[Line, OnlineLearner, dict | None]:
+        line = start_line(registry, spec, settings, state, [tp.partition for tp in parts])
+        learner = OnlineLearner(line.model, cfg, device, scheme)
+        kept = optim_dir / f"{line.resumed}.pt" if line.resumed else None
+        if kept is not None and kept.exists():
+            learner.load_optimizer_state(torch.load(kept, map_location=device, weights_only=True))
+            print(f"online: Adam state of {line.resumed} loaded (step {learner.steps})", flush=True)
+        learner.set_incumbent(*incumbent_of(registry))
+        for tp in parts:
+            if tp.partition in line.offsets:
+                consumer.seek(tp, line.offsets[tp.partition])
+            else:
+                consumer.seek_to_beginning(tp)
+        reference = registry.meta(line.root).get("reference") if line.root else None
+        return line, learner, reference
+
+    line, learner, reference = begin()
+    position = {tp.partition: consumer.position(tp) for tp in parts}
     counts: Counter = Counter()
     arrivals: list[int] = []  # Kafka timestamps of the examples learned since the last publication
-    began = last_publish = last_input = time.monotonic()
+    last_publish = last_input = time.monotonic()
 
-    def publish() -> None:
-        nonlocal parent, last_publish
+    def publish() -> bool:
+        """Register (and, past the gate, promote) a version; False when the line must end."""
+        nonlocal last_publish
+        culprit = registry.tainted(line.parent) if line.parent else None
+        if culprit:  # the breaker condemned the line: what it learned since is learned again by the next one
+            print(f"online: line {line.line} ends unpublished: {culprit} was rolled back", flush=True)
+            arrivals.clear()
+            return False
         now_ms = int(time.time() * 1000)
         lag = np.array([now_ms - a for a in arrivals]) / 1000.0 if arrivals else np.zeros(0)
-        meta = {"cadence": "online", "parent": parent, "kafka_offsets": {str(p): o for p, o in position.items()},
-                "scheme": scheme, "examples": learner.examples, "counts": dict(counts),
+        gate = learner.gate()
+        meta = {"cadence": "online", "parent": line.parent, "line": line.line, "line_root": line.root,
+                "skip_until_ms": line.skip_until_ms, "learned_range": line.learned_range,
+                "data_range": line.data_range,
+                "kafka_offsets": {str(p): o for p, o in position.items()}, "scheme": scheme,
+                "examples": learner.examples, "steps": learner.steps, "counts": dict(counts), "gate": gate,
                 "progressive_ctr_logloss": float(np.nanmean(learner.losses[-50:])) if learner.losses else None,
                 "drift_points": list(learner.drift.drift_points),
                 "freshness_s": {"p50": float(np.percentile(lag, 50)), "p99": float(np.percentile(lag, 99)),
@@ -235,41 +418,89 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
                 "feature_service": {"name": "ranker", "spec": learner.model.spec.fingerprint()},
                 "created_ms": now_ms}
         if reference is not None:
-            meta["reference"] = reference
+            meta["reference"] = reference  # the batch root's; the breaker judges the line by what it served
         version = save(registry, ScoringModel(learner.model.cpu()), "online", meta)
         learner.model.to(learner.device)
-        registry.promote(version, reason=f"online update after {learner.examples:,} examples")
+        torch.save(learner.optimizer_state(), optim_dir / f"{version}.pt")
+        for old in sorted(optim_dir.glob("*.pt"))[:-2]:
+            old.unlink(missing_ok=True)
+        line.parent = version
         published.append(version)
-        parent = version
         arrivals.clear()
         last_publish = time.monotonic()
-        print(f"online: published {version}: {dict(counts)}, freshness {meta['freshness_s']}", flush=True)
+        head = registry.batch_head()
+        promoted = gate["passed"] and head == line.root
+        if promoted:
+            registry.promote(version, reason=f"online update after {learner.examples:,} examples: {gate.get('why')}")
+        print(f"online: published {version} ({'promoted' if promoted else 'not promoted'}: {gate.get('why')}); "
+              f"{dict(counts)}, freshness {meta['freshness_s']}", flush=True)
+        if head != line.root:
+            print(f"online: line {line.line} ends: a newer batch model {head} was promoted", flush=True)
+            return False
+        if promoted:
+            learner.set_incumbent(copy.deepcopy(learner.model), version)
+        elif registry.promoted() != learner.incumbent_version:
+            learner.set_incumbent(*incumbent_of(registry))
+        return True
 
     try:
         while max_seconds is None or time.monotonic() - began < max_seconds:
             polled = consumer.poll(timeout_ms=500)
             batch: list[tuple[Position, TrainingExample]] = []
+            raw: dict[Position, object] = {}
             stamps: list[int] = []
+            seen: list[tuple[int, int, int]] = []
             for tp, records in sorted(polled.items(), key=lambda kv: kv[0].partition):
                 for record in records:
                     ex = dead.decode(TrainingExample, record)
+                    position[tp.partition] = record.offset + 1
                     if ex is None:
                         counts["dead_letters"] += 1
-                    else:
-                        batch.append(((record.partition, record.offset), ex))
-                        stamps.append(record.timestamp)
-                    position[tp.partition] = record.offset + 1
+                        continue
+                    seen.append((record.partition, record.offset, ex.impression_time_ms))
+                    if ex.impression_time_ms < line.skip_until_ms:
+                        counts["in_batch_data"] += 1  # the line's root learned this impression
+                        continue
+                    batch.append(((record.partition, record.offset), ex))
+                    raw[(record.partition, record.offset)] = record
+                    stamps.append(record.timestamp)
+            if seen:
+                state.index(seen)
+            if batch and served is not None:
+                served.catch_up()
+                logged = {}
+                kept = []
+                for pos, ex in batch:
+                    row = served.get(ex.impression_id)
+                    if row is None:
+                        counts["unlogged"] += 1
+                        if ex.model_version != BASELINE_MODEL_VERSION:
+                            r = raw[pos]
+                            dead.send(make_dead_letter(r.topic, r.partition, r.offset, "online_trainer",
+                                                       f"no prediction log record: impression {ex.impression_id} "
+                                                       f"served by {ex.model_version}", r.value, r.timestamp))
+                        continue
+                    logged[ex.impression_id] = row
+                    kept.append((pos, ex))
+                batch = kept
             if batch:
                 last_input = time.monotonic()
-                rows = to_rows(batch, state, scheme)
+                rows = to_rows(batch, state, scheme, logged if served is not None else None)
                 counts.update(rows.counts)
-                frame = with_features(rows.rows, reader)
+                frame = pd.DataFrame(rows.rows)
+                if len(frame):
+                    times = frame["impression_time_ms"]
+                    lo, hi = int(times.min()), int(times.max())
+                    line.learned_range = [min(lo, line.learned_range[0]), max(hi, line.learned_range[1])] \
+                        if line.learned_range else [lo, hi]
                 for start in range(0, len(frame), cfg.online_batch_size):
-                    learner.learn(encode(frame.iloc[start:start + cfg.online_batch_size], spec))
+                    learner.learn(encode(frame.iloc[start:start + cfg.online_batch_size], learner.model.spec))
                 arrivals.extend(stamps)
                 last_input = time.monotonic()  # idle means waiting for input, not learning it
-            if time.monotonic() - last_publish >= publish_every_s and arrivals:
-                publish()
+            if time.monotonic() - last_publish >= publish_every_s and arrivals and not publish():
+                line, learner, reference = begin()
+                position = {tp.partition: consumer.position(tp) for tp in parts}
+                counts = Counter()
             if idle_exit_s is not None and time.monotonic() - last_input > idle_exit_s:
                 break
         if arrivals:
@@ -278,8 +509,8 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
         consumer.close()
         dead.flush()
         state.close()
-        if reader is not None:
-            reader.close()
+        if served is not None:
+            served.close()
     return published
 
 

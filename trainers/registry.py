@@ -7,6 +7,8 @@ Layout under the root (default ``settings.registry_dir``)::
     versions/<version>/extra/<name>        optional extra files (calibrators, Kafka offsets, ...)
     PROMOTED                               {"version", "previous": [oldest .. most recent], "reason", "at_ms"}
     events.jsonl                           append-only log of register / promote / rollback, with reasons
+    lineage.jsonl                          the events lineage questions need, kept small: every promotion of
+                                           a batch version and every rollback (online promotions are not in it)
 
 Version ids are ``v<seq>-<cadence>`` (``v000001-full``, ``v000002-warm``, ``v000003-online``): one global
 sequence across cadences, so ids sort in registration order. A version is written into a ``.tmp-<uuid>``
@@ -20,6 +22,14 @@ are expected to give (not enforced): ``data_range`` (the event-time span trained
 evaluation), ``feature_service`` (the Feast service the model reads), ``parent`` (the version it was
 warm-started from), ``model_config`` (what it takes to rebuild the module) and ``kafka_offsets`` (where the
 online trainer stopped reading).
+
+**Lineage.** Batch versions (``BATCH_CADENCES``: the full retrain and the daily warm start) form the spine:
+each warm start's parent is the newest promoted batch version (:meth:`Registry.batch_head`). An online *line*
+branches off one batch version (its ``line_root``); its versions carry ``line`` (``<root>~<k>``, named by
+:meth:`Registry.new_line`) and their ``parent`` is the line's previous version. A version that was rolled
+back, and everything descending from it, is *tainted* (:meth:`Registry.tainted`; a rolled-back online version
+taints its whole line): :meth:`Registry.promote` refuses it and a rollback never lands on it. Lookups read
+folder names (the cadence is in the id) and ``lineage.jsonl``, never every version's meta.
 
 Command line: ``python -m trainers.registry [--root DIR] list | show V | verify [V] | promote V [--reason R]
 | rollback --reason R``.
@@ -57,7 +67,9 @@ PROMOTED_FILE = "PROMOTED"
 EVENTS_FILE = "events.jsonl"
 TMP_PREFIX = ".tmp-"
 DELETE_PREFIX = ".del-"
+LINEAGE_FILE = "lineage.jsonl"
 VERSION_RE = re.compile(r"^v(\d{6,})-([A-Za-z0-9_]+)$")
+BATCH_CADENCES = ("full", "warm")
 CADENCE_RE = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -108,6 +120,11 @@ def _write_synced(path: Path, data: bytes) -> None:
 def _seq(name: str) -> int | None:
     match = VERSION_RE.match(name)
     return int(match.group(1)) if match else None
+
+
+def _cadence(name: str) -> str | None:
+    m = VERSION_RE.match(name)
+    return m.group(2) if m else None
 
 
 def _check_extra_name(name: str) -> None:
@@ -204,16 +221,22 @@ class Registry:
         return max((s for s in seqs if s is not None), default=0)
 
     def promote(self, version: str, reason: str = "") -> None:
-        """Make ``version`` the one served; refuses one that does not verify. Re-promoting is a no-op."""
+        """Make ``version`` the one served; refuses one that does not verify, and one that was rolled back or
+        descends from a version that was. Re-promoting is a no-op."""
         self.verify(version)
         with self._locked():
+            culprit = self.tainted(version)
+            if culprit:
+                raise RegistryError(f"{version} is not promotable: {culprit} was rolled back")
             state = self._read_promoted()
             if state and state["version"] == version:
                 return
             previous = [*state["previous"], state["version"]] if state else []
             self._write_promoted(version, previous, reason)
-            self._append_event({"event": "promote", "version": version, "from": state and state["version"],
-                                "reason": reason})
+            event = {"event": "promote", "version": version, "from": state and state["version"], "reason": reason}
+            self._append_event(event)
+            if _cadence(version) in BATCH_CADENCES:
+                self._append_lineage(event)
         log.info("promoted %s (%s)", version, reason)
 
     def rollback(self, reason: str) -> str:
@@ -224,9 +247,10 @@ class Registry:
             if not state:
                 raise RegistryError("nothing is promoted: nothing to roll back")
             previous = list(state["previous"])
+            rolled = {*self.rolled_back(), state["version"]}
             while previous:
                 candidate = previous.pop()
-                if candidate == state["version"]:
+                if candidate == state["version"] or self.tainted(candidate, rolled):
                     continue
                 try:
                     self.verify(candidate)
@@ -234,8 +258,9 @@ class Registry:
                     log.warning("rollback skips %s: %s", candidate, err)
                     continue
                 self._write_promoted(candidate, previous, reason)
-                self._append_event({"event": "rollback", "version": candidate, "from": state["version"],
-                                    "reason": reason})
+                event = {"event": "rollback", "version": candidate, "from": state["version"], "reason": reason}
+                self._append_event(event)
+                self._append_lineage(event)
                 log.warning("rolled back from %s to %s (%s)", state["version"], candidate, reason)
                 return candidate
         raise RegistryError(f"no previously promoted version verifies: cannot roll back from {state['version']}")
@@ -327,10 +352,89 @@ class Registry:
         return out
 
     def latest(self, cadence: str | None = None) -> str | None:
-        """The newest version (of ``cadence`` if given) whose meta.json is readable, or None."""
-        for meta in reversed(self.list()):
-            if "corrupt" not in meta and (cadence is None or meta.get("cadence") == cadence):
-                return meta["version"]
+        """The newest version (of ``cadence`` if given) whose meta.json is readable, or None. Reads folder names
+        and then only the metas it needs."""
+        for name in reversed(self.names(cadence)):
+            try:
+                self._read_meta(name)
+            except RegistryError:
+                continue
+            return name
+        return None
+
+    def names(self, cadence: str | None = None) -> list[str]:
+        """Version ids (of ``cadence`` if given), oldest first, from folder names alone."""
+        if not self.versions_dir.exists():
+            return []
+        names = [p.name for p in self.versions_dir.iterdir() if _seq(p.name) is not None]
+        return sorted((n for n in names if cadence is None or _cadence(n) == cadence), key=_seq)
+
+    def meta(self, version: str) -> dict:
+        """A version's meta.json (not the model file's checksum: see :meth:`verify`)."""
+        return self._read_meta(version)
+
+    # -- lineage ------------------------------------------------------------------------------------------
+
+    def lineage_events(self) -> list[dict]:
+        """Promotions of batch versions and every rollback, oldest first."""
+        path = self.root / LINEAGE_FILE
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def rolled_back(self) -> set[str]:
+        """Every version a rollback moved away from."""
+        return {e["from"] for e in self.lineage_events() if e["event"] == "rollback" and e.get("from")}
+
+    def tainted(self, version: str, rolled: set[str] | None = None) -> str | None:
+        """The rolled-back version that ``version`` is or descends from, or None. Walks the batch spine by
+        ``parent``; an online line counts as one step (the circuit breaker judges a line as a whole, so a rollback
+        of any of its versions taints all of them): the cost is the spine's length and the number of rollbacks,
+        not the number of versions."""
+        rolled = self.rolled_back() if rolled is None else rolled
+        if not rolled:
+            return None
+        lines = {}
+        for r in rolled:
+            try:
+                lines[r] = self._read_meta(r).get("line")
+            except RegistryError:
+                continue
+        seen, current = set(), version
+        while current and current not in seen:
+            if current in rolled:
+                return current
+            seen.add(current)
+            try:
+                meta = self._read_meta(current)
+            except UnknownVersion:
+                return None  # removed by gc: the lineage ends here
+            if meta.get("line"):
+                for r, line in lines.items():
+                    if line == meta["line"]:
+                        return r
+                current = meta.get("line_root")
+            else:
+                current = meta.get("parent")
+        return None
+
+    def new_line(self, root: str | None, start: dict) -> str:
+        """Name a new online line branching off ``root`` (``<root>~<k>``, k counting that root's lines) and record
+        where it starts (``start``: the input offsets, the event time it skips to) in lineage.jsonl."""
+        with self._locked():
+            k = 1 + sum(1 for e in self.lineage_events() if e["event"] == "line" and e.get("root") == root)
+            line = f"{root or 'fresh'}~{k}"
+            self._append_lineage({"event": "line", "line": line, "root": root, **start})
+        return line
+
+    def batch_head(self) -> str | None:
+        """The newest batch version (``BATCH_CADENCES``) that was promoted and is not tainted: the model the
+        online line and the next warm start continue from."""
+        rolled = self.rolled_back()
+        promoted = [e["version"] for e in self.lineage_events() if e["event"] == "promote"]
+        for version in sorted(set(promoted), key=_seq, reverse=True):
+            if (self.versions_dir / version).is_dir() and not self.tainted(version, rolled):
+                return version
         return None
 
     def promoted(self) -> str | None:
@@ -409,6 +513,13 @@ class Registry:
         _write_synced(tmp, json.dumps(state, indent=2).encode())
         os.replace(tmp, self.root / PROMOTED_FILE)
         _fsync_dir(self.root)
+
+    def _append_lineage(self, event: dict) -> None:
+        """Append one line to lineage.jsonl (called under the lock)."""
+        with open(self.root / LINEAGE_FILE, "a") as f:
+            f.write(json.dumps({"at_ms": _now_ms(), **event}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def _append_event(self, event: dict) -> None:
         """Append one line to events.jsonl (called under the lock)."""

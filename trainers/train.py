@@ -57,8 +57,9 @@ class Progress:
 
 
 def step(model: torch.nn.Module, opts: list[torch.optim.Optimizer], batch: Batch, scheme: str,
-         device: torch.device) -> dict[str, float]:
-    """One update on one mini-batch."""
+         device: torch.device, clip_norm: float | None = None) -> dict[str, float]:
+    """One update on one mini-batch; with ``clip_norm``, the dense parameters' gradients (the first optimizer's:
+    sparse embedding rows are scaled per row by SparseAdam already) are clipped to that L2 norm first."""
     model.train()
     batch = batch.to(device)
     for opt in opts:
@@ -67,6 +68,9 @@ def step(model: torch.nn.Module, opts: list[torch.optim.Optimizer], batch: Batch
         out = model(batch)
     loss, metrics = multitask_loss(out, batch, scheme)
     loss.backward()
+    if clip_norm is not None:
+        dense = [p for group in opts[0].param_groups for p in group["params"] if p.grad is not None]
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(dense, clip_norm))
     for opt in opts:
         opt.step()
     return metrics

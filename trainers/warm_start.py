@@ -2,15 +2,18 @@
 
     python -m trainers.warm_start [--ds YYYY-MM-DD] [--epochs 1] [--no-promote]
 
-Loads the promoted model from the registry (weights, normalizer and config; never unpickled), trains it on
-one day (default: the newest partition) at a lower learning rate, re-calibrates on that day's held-out rows,
-registers the result with the promoted version as its parent and promotes it. Refuses a day the parent has
-already seen (its ``data_range``), so a repeated run does not train twice on the same rows.
+Loads the batch head from the registry (the newest promoted full retrain or warm start that was never rolled
+back: ``Registry.batch_head``; an online version is a branch off it, never the next day's parent), trains it
+on one day (default: the newest partition) at a lower learning rate, re-calibrates on that day's held-out rows,
+registers the result with the batch head as its parent and promotes it. Refuses a day the parent has already
+seen (:func:`seen_days`: its ``data_range``, and the days of its ``learned_range`` when it learned online), so a
+repeated run does not train twice on the same rows.
 """
 
 from __future__ import annotations
 
 import argparse
+from datetime import UTC, datetime
 
 from infra.settings import Settings, get_settings
 from infra.spark_session import spark_session
@@ -19,26 +22,49 @@ from trainers.datasets import SOURCES, available_days, encode_split, read_days
 from trainers.full_retrain import negative_rate_of
 from trainers.model import pick_device
 from trainers.registry import Registry
-from trainers.scoring import load
+from trainers.scoring import ScoringModel, load
 
 WARM_LR_FACTOR = 0.3
+DAY_MS = 86_400_000
+
+
+def seen_days(meta: dict) -> list[str]:
+    """The days a version was trained on: its batch ``data_range`` plus the UTC days its online line learned.
+
+    >>> seen_days({"data_range": ["2026-11-01"], "learned_range": [1793577600000, 1793707200000]})
+    ['2026-11-01', '2026-11-02', '2026-11-03']
+    """
+    days = set(meta.get("data_range") or [])
+    learned = meta.get("learned_range")
+    if learned:
+        for day in range(learned[0] // DAY_MS, learned[1] // DAY_MS + 1):
+            days.add(datetime.fromtimestamp(day * 86_400, UTC).date().isoformat())
+    return sorted(days)
+
+
+def parent_of_warm_start(registry: Registry, version: str | None = None) -> ScoringModel:
+    """``version``, or the batch head (what the daily warm start continues from)."""
+    version = version or registry.batch_head()
+    if version is None:
+        raise SystemExit("warm_start: no promoted batch model (full retrain or warm start) to continue from")
+    return load(registry, version)
 
 
 def run(settings: Settings, ds: str | None = None, epochs: int = 1, promote: bool = True,
-        force: bool = False, source: str = "training") -> str:
+        force: bool = False, source: str = "training", parent_version: str | None = None) -> str:
     """Train the promoted model on one day of ``source`` (``training``: the point-in-time training set;
     ``replay``: the prediction log joined to matured labels, features exactly as served)."""
     cfg = settings.trainer
     registry = Registry(settings.registry_dir)
-    parent = load(registry)
+    parent = parent_of_warm_start(registry, parent_version)
     spark = spark_session("warm_start", settings)
     have = available_days(spark, settings, source)
     day = ds or (have[-1] if have else None)
     if day not in have:
         raise SystemExit(f"warm_start: no {source} partition {day}")
     seen = parent.meta.get("data_range", [])
-    if day in seen and not force:
-        raise SystemExit(f"warm_start: the promoted model {parent.version} was already trained on {day} "
+    if day in seen_days(parent.meta) and not force:
+        raise SystemExit(f"warm_start: the parent {parent.version} was already trained on {day} "
                          f"(pass --force to train on it again)")
     print(f"warm_start: from {parent.version} over {day} ({source})", flush=True)
     frame = read_days(spark, settings, [day], source)
@@ -63,10 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--no-promote", action="store_true")
     p.add_argument("--force", action="store_true", help="train on a day the parent has already seen")
+    p.add_argument("--parent", help="the version to continue from (default: the batch head)")
     p.add_argument("--source", choices=SOURCES, default="training",
                    help="training: point-in-time training set; replay: the prediction log joined to labels")
     args = p.parse_args(argv)
-    run(get_settings(), args.ds, args.epochs, promote=not args.no_promote, force=args.force, source=args.source)
+    run(get_settings(), args.ds, args.epochs, promote=not args.no_promote, force=args.force, source=args.source,
+        parent_version=args.parent)
     return 0
 
 
