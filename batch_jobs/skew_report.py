@@ -205,7 +205,15 @@ def compare(spark, settings: Settings, start: date, end: date, negative_rate: fl
             "relative_tolerance": REL_TOL, "replay_rows": replay_n, "recomputed_rows": pit_n,
             "rows_compared": compared, "log_coverage": None if pit_n == 0 else compared / pit_n,
             "top_differing": top, "top_differing_batch": batch, "top_differing_realtime": realtime,
-            "by_view": by_view, "features": stats, "examples": shown}
+            "by_view": by_view, "features": stats, "examples": shown,
+            "batch_min_equal_share": min_equal_share([s for s in stats if not s["realtime"]]),
+            "realtime_min_equal_share": min_equal_share([s for s in stats if s["realtime"]])}
+
+
+def min_equal_share(stats: list[dict]) -> float | None:
+    """The smallest share of rows equal over the columns (batch views and context, or real-time views)."""
+    shares = [s["equal_share"] for s in stats if s["equal_share"] is not None]
+    return min(shares) if shares else None
 
 
 def _fmt(value, pct: bool = False) -> str:

@@ -83,8 +83,15 @@ def day_batch(settings, ds, *, training_set: bool, replay: bool) -> None:
 
         print(f"demo: replay set {replay_set.run(ds, ds, settings)}", flush=True)
         skew = skew_report.run(ds, ds, settings)
-        print(f"demo: skew report {ds}: most differing batch features {skew['top_differing_batch'][:3]}, real-time "
-              f"{skew['top_differing_realtime'][:3]} (report in {settings.var_dir}/skew)", flush=True)
+        print(f"demo: skew report {ds}: {skew['rows_compared']:,} impressions; batch features and context equal in at "
+              f"least {_pct(skew['batch_min_equal_share'])} of rows (goal 99.9 %), real-time features in at least "
+              f"{_pct(skew['realtime_min_equal_share'])}; most differing batch features "
+              f"{skew['top_differing_batch'][:3]}, real-time {skew['top_differing_realtime'][:3]} (report in "
+              f"{settings.var_dir}/skew)", flush=True)
+
+
+def _pct(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.2f} %"
 
 
 def demo_settings(run_id: str, days: int):
@@ -160,10 +167,13 @@ def main(argv: list[str] | None = None) -> int:
             logger.flush(60)
             settle(settings, joiner_group, realtime_group)
             day_batch(settings, ds, training_set=True, replay=True)
-            version = warm_start.run(settings, ds=ds.isoformat(), source="replay")
-            print(f"demo: warm start {version} on the replayed {ds}, promoted", flush=True)
+            # The online line off the batch head learns the day as it would have live (from the served features
+            # in the prediction log); then the daily warm start extends the batch spine with the replayed day,
+            # and the next day's line branches off it.
             online.run(settings, publish_every_s=5.0, idle_exit_s=10.0)
             print(f"demo: online updates; promoted {registry.promoted()}", flush=True)
+            version = warm_start.run(settings, ds=ds.isoformat(), source="replay")
+            print(f"demo: warm start {version} on the replayed {ds}, promoted", flush=True)
     finally:
         if metrics is not None:
             metrics.stop()  # writes the scorer's final metrics
@@ -191,8 +201,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{int(np.sum(served['explored']))}", flush=True)
     where = reports(settings, truth_path)
     print("\nModel registry:")
+    rolled = registry.rolled_back()
     for meta in registry.list():
-        print(f"  {meta['version']:<16} parent {str(meta.get('parent')):<16} data {meta.get('data_range', '-')}")
+        line = f" line {meta['line']}" if meta.get("line") else ""
+        flag = " ROLLED BACK" if meta["version"] in rolled else ""
+        print(f"  {meta['version']:<16} parent {str(meta.get('parent')):<16} data {meta.get('data_range', '-')}"
+              f"{line}{flag}")
+    print(f"  batch head {registry.batch_head()}; promoted {registry.promoted()}")
     for event in registry.events()[-8:]:
         print(f"  event {event}")
     print("\nWhere the outputs are:")

@@ -228,3 +228,33 @@ def test_repeated_log_records_count_once():
     thrice = judge("v000001-full", None, pd.concat([served, served, served], ignore_index=True), labels, cfg)
     assert once.decision == thrice.decision == "no decision"  # 200 distinct impressions < 300, not 600
     assert thrice.served == 200
+
+
+def test_an_online_line_is_judged_as_a_whole(fresh_topics, tmp_path, good_model):
+    """Issue 19, item 4: each online version serves for seconds, too few impressions to judge alone; the breaker
+    judges the promoted version with every version of its line, rolls the line back to its batch root, and the
+    line is never promoted again."""
+    from trainers.registry import RegistryError
+
+    settings = small_settings(fresh_topics, tmp_path, min_impressions=500)
+    registry = Registry(settings.registry_dir)
+    reference = reference_for(good_model)
+    root = register(registry, good_model, reference)
+    line = registry.new_line(root, {"offsets": {}, "skip_until_ms": 0})
+    broken = broken_copy(good_model)
+    versions, parent = [], root
+    for k in range(3):  # three online versions of one line, 200 served impressions each
+        version = save(registry, broken, "online", {"reference": reference, "line": line, "line_root": root,
+                                                     "parent": parent})
+        registry.promote(version, reason="test: online")
+        serve(settings, version, broken, good_model, 200, seed=20 + k)
+        versions.append(version)
+        parent = version
+
+    verdict = check(settings, registry)
+    assert verdict.decision == "rollback" and verdict.served == 600, verdict
+    assert f"line {line}: 3 versions" in verdict.reason
+    assert verdict.rolled_back_to == root and registry.promoted() == root  # past the line's earlier versions
+    for version in versions:
+        with pytest.raises(RegistryError, match="rolled back"):
+            registry.promote(version)

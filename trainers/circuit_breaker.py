@@ -6,6 +6,9 @@ Two signals, measured on the promoted version's own prediction-log records (chos
 never by time: records carry the simulated world's event times, which may lie in the past), explored records
 left out (their logged pCTR is a Thompson sample, not the model's):
 
+An online version is judged with every version of its line (``meta["line"]``) that served: a version lives for
+seconds, and the line is what takes the risk.
+
 * **prediction shift**: the population stability index of served pCTR against the version's *reference*,
   the distribution of its calibrated pCTR on the held-out rows it was calibrated on (``meta["reference"]``,
   written by :func:`trainers.scoring.save`; online versions inherit their parent's);
@@ -441,6 +444,19 @@ def act(settings: Settings, registry: Registry, verdict: Verdict, promotion: dic
     return verdict
 
 
+def line_members(registry: Registry, log: ServedLog, line: str) -> list[str]:
+    """The versions of an online line that served records (a line is judged as a whole: each version serves
+    for seconds, too few impressions to judge alone)."""
+    out = []
+    for version in log.served:
+        try:
+            if registry.meta(version).get("line") == line:
+                out.append(version)
+        except RegistryError:
+            continue
+    return sorted(out, key=version_seq)
+
+
 def check(settings: Settings, registry: Registry | None = None, since_ms: int | None = None, *,
           dry_run: bool = False, log: ServedLog | None = None) -> Verdict:
     """Judge the promoted version on what it served and, when a threshold is crossed, roll it back (unless
@@ -450,19 +466,23 @@ def check(settings: Settings, registry: Registry | None = None, since_ms: int | 
     if promotion is None:
         return Verdict("no decision", None, "nothing is promoted")
     version = promotion["version"]
+    try:
+        meta = registry.meta(version)
+    except RegistryError as err:
+        return Verdict("no decision", version, f"cannot read the promoted version: {err}")
+    line = meta.get("line")
     own = log is None
     log = log or ServedLog(settings, since_ms)
     try:
-        log.update(oldest=version)
-        served, labels = log.frame(version), log.label_frame()
+        log.update(oldest=(meta.get("line_root") if line else version))
+        members = line_members(registry, log, line) if line else [version]
+        served, labels = pd.concat([log.frame(v) for v in members], ignore_index=True), log.label_frame()
     finally:
         if own:
             log.close()
-    try:
-        reference = registry.load(version)[1].get("reference")
-    except RegistryError as err:
-        return Verdict("no decision", version, f"cannot read the promoted version: {err}")
-    verdict = judge(version, reference, served, labels, settings.serving)
+    verdict = judge(version, meta.get("reference"), served, labels, settings.serving)
+    if line:
+        verdict.reason += f" (judged with its line {line}: {len(members)} versions served)"
     if verdict.decision != "rollback":
         return verdict
     if restored_by_rollback(registry, version):
