@@ -87,9 +87,16 @@ def test_fnw_conversion_rows_do_not_count_their_click_twice_and_corrections_supe
                                       as_of_ms=b["click_time_ms"]))
     conv = TrainingExample(**example(b, "naive", "conversion/v0", clicked=True, converted=True, label_ctcvr=1.0,
                                      as_of_ms=b["conversion_time_ms"], is_correction=True))
-    rows = to_rows([((0, 0), click), ((0, 1), conv)], state, "naive").rows
-    # naive: the conversion supersedes the click's negative: it is taken back (weight -1), then the positive.
-    assert [(r["label_ctcvr"], r["weight"]) for r in rows] == [(0.0, 1.0), (0.0, -1.0), (1.0, 1.0)]
+    first = to_rows([((0, 0), click)], state, "naive").rows
+    rows = to_rows([((0, 1), conv)], state, "naive").rows
+    # naive: the conversion supersedes the click's negative learned earlier: it is taken back (weight -1), then
+    # the positive is learned.
+    assert [(r["label_ctcvr"], r["weight"]) for r in first + rows] == [(0.0, 1.0), (0.0, -1.0), (1.0, 1.0)]
+    # Both in one input batch: the superseded row is dropped before learning (the pair never reaches the loss
+    # or its normaliser), only the positive is learned.
+    both = to_rows([((0, 0), click), ((0, 1), conv)], ExampleState(), "naive")
+    assert [(r["label_ctcvr"], r["weight"]) for r in both.rows] == [(1.0, 1.0)]
+    assert both.counts["superseded"] == both.counts["cancelled"] == 1
 
     state = ExampleState()
     fnw_conv = conv.model_copy(update={"scheme": "fnw", "is_correction": False})

@@ -158,8 +158,11 @@ class Rows:
 def to_rows(examples: list[tuple[Position, TrainingExample]], state: ExampleState, scheme: str,
             served: dict[str, dict] | None = None) -> Rows:
     """Apply repeat dropping and the delay-correction scheme to examples in arrival order; with ``served``
-    (impression id -> the logged model inputs), each row carries them."""
+    (impression id -> the logged model inputs), each row carries them. A correction of an example in the same
+    call cancels it (neither is learned, so the pair never counts in the loss normaliser); of one learned
+    earlier, it is learned again with the negated weight (its gradient taken back) before the new one."""
     out = Rows()
+    pending: dict[str, int] = {}  # impression -> index of its row in this call
     for pos, ex in examples:
         if not state.first_seen(ex.example_id, pos):
             out.counts["repeats"] += 1
@@ -175,11 +178,18 @@ def to_rows(examples: list[tuple[Position, TrainingExample]], state: ExampleStat
         if scheme == "fnw" and ex.converted and previous is not None and previous["clicked"]:
             labels["ctr_weight"] = 0.0  # FNW's extra positive: its click was learned with the fake negative
         elif ex.is_correction and previous is not None:
-            out.rows.append({**base, **previous, "weight": -previous["weight"], "ctr_weight": previous["ctr_weight"]})
             out.counts["superseded"] += 1
+            if ex.impression_id in pending:  # not learned yet: drop it rather than learn it and take it back
+                out.rows[pending.pop(ex.impression_id)] = None
+                out.counts["cancelled"] += 1
+            else:
+                out.rows.append({**base, **previous, "weight": -previous["weight"],
+                                 "ctr_weight": previous["ctr_weight"]})
         state.record(ex.impression_id, pos, labels)
+        pending[ex.impression_id] = len(out.rows)
         out.rows.append({**base, **labels})
         out.counts["learned"] += 1
+    out.rows = [row for row in out.rows if row is not None]
     return out
 
 
