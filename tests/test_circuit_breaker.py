@@ -69,7 +69,8 @@ def good_model(tmp_path_factory):
 
 
 def register(registry: Registry, scoring: ScoringModel, reference: dict, promote: bool = True) -> str:
-    version = save(registry, scoring, "full", {"reference": reference})
+    """A batch version whose parent is the promoted one (the breaker compares it with what its parent served)."""
+    version = save(registry, scoring, "full", {"reference": reference, "parent": registry.promoted()})
     if promote:
         registry.promote(version, reason="test")
     return version
@@ -169,7 +170,8 @@ def test_broken_model_is_rolled_back_once(fresh_topics, tmp_path, good_model):
     event = registry.events()[-1]
     assert event["event"] == "rollback" and event["from"] == v2 and event["version"] == v1
     assert "PSI of served pCTR" in event["reason"] and "CTR calibration" in event["reason"]
-    assert f"{verdict.psi['ctr']:.3f} > 0.25" in event["reason"], event["reason"]
+    assert f"PSI of served pCTR {verdict.psi['ctr']:.3f}" in event["reason"], event["reason"]
+    assert "> 0.25 (1,000 impressions vs 300 the parent served)" in event["reason"], event["reason"]
 
     # v1 was restored by the rollback: judged, never rolled back (too few of its records anyway).
     again = check(settings, registry)
@@ -182,7 +184,8 @@ def test_healthy_promotion_stays(fresh_topics, tmp_path, good_model):
     settings = small_settings(fresh_topics, tmp_path)
     registry = Registry(settings.registry_dir)
     reference = reference_for(good_model)
-    register(registry, good_model, reference)
+    v1 = register(registry, good_model, reference)
+    serve(settings, v1, good_model, good_model, 600, seed=15)
     v2 = register(registry, ScoringModel(copy.deepcopy(good_model.model)), reference)
     serve(settings, v2, good_model, good_model, 1000, seed=12, labels="examples")
     verdict = check(settings, registry)
@@ -258,3 +261,48 @@ def test_an_online_line_is_judged_as_a_whole(fresh_topics, tmp_path, good_model)
     for version in versions:
         with pytest.raises(RegistryError, match="rolled back"):
             registry.promote(version)
+
+
+def test_twenty_seeds_no_healthy_rollback_and_the_broken_model_within_500():
+    """Issue 19, item 7, with the breaker's pure decision at the demo's scale (min_breaker_impressions 300): over
+    20 seeds, a healthy child of a healthy parent (each served through a top-k auction, so both carry the same
+    selection) is never rolled back, while a model with its CTR logit shifted by +2 is rolled back by the time it
+    served 500 impressions. A held-out training sample as the reference (the old rule) flags the healthy child."""
+    from infra.settings import ServingSettings
+    from trainers.circuit_breaker import judge, reference_distribution, served_reference
+
+    cfg = ServingSettings(min_breaker_impressions=300)
+
+    def served(rng, n: int, shift: float = 0.0, noise: float = 0.3) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """n auctions of 50 candidates: the one with the highest predicted CTR is shown, clicked at its true CTR."""
+        true_logit = rng.normal(-3.5, 0.8, (n, 50))
+        predicted = true_logit + rng.normal(0, noise, (n, 50)) + shift
+        best = predicted.argmax(axis=1)
+        rows = np.arange(n)
+        p_true = 1 / (1 + np.exp(-true_logit[rows, best]))
+        p_served = 1 / (1 + np.exp(-predicted[rows, best]))
+        ids = [f"i{rng.integers(1 << 62)}" for _ in range(n)]
+        log = pd.DataFrame({"impression_id": ids, "pctr": p_served, "pcvr": np.full(n, 0.1), "explored": False})
+        labels = pd.DataFrame({"impression_id": ids, "clicked": (rng.random(n) < p_true).astype(float),
+                               "converted": np.nan})
+        return log, labels
+
+    healthy_rollbacks, broken_missed, held_out_rollbacks = [], [], 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        parent_log, parent_labels = served(rng, 600)
+        reference = served_reference(parent_log, parent_labels)
+        child_log, child_labels = served(rng, 500)
+        verdict = judge("child", reference, child_log, child_labels, cfg)
+        if verdict.decision == "rollback":
+            healthy_rollbacks.append((seed, verdict.reason))
+        broken_log, broken_labels = served(rng, 500, shift=2.0)
+        if judge("broken", reference, broken_log, broken_labels, cfg).decision != "rollback":
+            broken_missed.append(seed)
+        # The old yardstick: the model's scores on uniformly drawn held-out candidates (no auction selection).
+        held = 1 / (1 + np.exp(-(rng.normal(-3.5, 0.8, 2000) + rng.normal(0, 0.3, 2000))))
+        old = reference_distribution({"ctr": held, "cvr": np.full(2000, 0.1)}, np.zeros(2000), np.zeros(2000))
+        held_out_rollbacks += judge("child", old, child_log, child_labels, cfg).decision == "rollback"
+    assert healthy_rollbacks == [], healthy_rollbacks
+    assert broken_missed == [], broken_missed
+    assert held_out_rollbacks >= 15, held_out_rollbacks  # why the reference had to change

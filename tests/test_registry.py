@@ -307,3 +307,27 @@ def test_cli_show_and_verify(tmp_path, capsys):
     assert main([*root, "show", "nope"]) == 1
     assert main([*root, "list"]) == 0
     assert "CORRUPT" not in capsys.readouterr().out  # list reads meta only; verify reads the weights
+
+
+def test_a_delta_stores_the_changed_rows_and_loads_whole(tmp_path):
+    """Issue 19, item 6: an online version is stored as the rows it changed over its batch root plus the small
+    tensors; loading rebuilds it exactly, and gc keeps the base while a delta needs it."""
+    reg = Registry(tmp_path)
+    table = torch.randn(20_000, 16)
+    base = reg.register({"emb.weight": table, "dense.weight": torch.randn(8, 8)}, {}, "full")
+    changed = table.clone()
+    changed[[3, 777, 19_999]] += 1.0
+    state = {"emb.weight": changed, "dense.weight": torch.randn(8, 8)}
+    delta = reg.register(state, {}, "online", base=base)
+
+    meta = reg.verify(delta)
+    assert meta["delta_of"] == base and meta["size"] < reg.meta(base)["size"] / 100, (meta["size"],)
+    loaded, _ = Registry(tmp_path).load(delta)
+    assert torch.equal(loaded["emb.weight"], changed) and torch.equal(loaded["dense.weight"], state["dense.weight"])
+    with pytest.raises(RegistryError, match="itself a delta"):
+        reg.register(state, {}, "online", base=delta)
+
+    for _ in range(3):
+        reg.register({"x": torch.zeros(1)}, {}, "full")
+    reg.gc(keep=4)  # the base is older than the newest four, but the delta (kept) needs it
+    assert base in reg.names() and torch.equal(reg.load(delta)[0]["emb.weight"], changed)

@@ -4,14 +4,15 @@
 
 Two signals, measured on the promoted version's own prediction-log records (chosen by their ``model_version``,
 never by time: records carry the simulated world's event times, which may lie in the past), explored records
-left out (their logged pCTR is a Thompson sample, not the model's):
+left out (their logged pCTR is a Thompson sample, not the model's). An online version is judged with every
+version of its line (``meta["line"]``) that served: a version lives for seconds, and the line takes the risk.
 
-An online version is judged with every version of its line (``meta["line"]``) that served: a version lives for
-seconds, and the line is what takes the risk.
-
-* **prediction shift**: the population stability index of served pCTR against the version's *reference*,
-  the distribution of its calibrated pCTR on the held-out rows it was calibrated on (``meta["reference"]``,
-  written by :func:`trainers.scoring.save`; online versions inherit their parent's);
+* **prediction shift**: the population stability index of served pCTR against what the version's *parent*
+  served (an online line's: its batch root's records), less the PSI two samples of one distribution show by
+  chance (:func:`psi_noise`). What a model serves is selected by the auction, so a held-out training sample
+  is no yardstick for it; the parent's served records went through the same selection. Not compared when the
+  parent served fewer than ``MIN_REFERENCE_ROWS`` records, or when one side serves calibrated scores and the
+  other raw ones (an online line serves its raw, stream-scale scores; its batch root a calibrated one);
 * **calibration** per task, ``log(mean predicted / observed rate)``: CTR over impressions whose click label is
   known (a matured label, or any training example: the joiner emits one when the click window closes), CVR over
   clicked impressions whose label matured (a conversion window still open would bias it).
@@ -156,9 +157,12 @@ class Calibration:
 
 def calibration_drift(task: str, predicted: np.ndarray, labels: np.ndarray, *, min_n: int, threshold: float,
                       what: str = "labeled impressions", z_min: float = Z_MIN,
-                      min_positives: float = MIN_EXPECTED_POSITIVES) -> Calibration:
+                      min_positives: float = MIN_EXPECTED_POSITIVES, baseline: float | None = None) -> Calibration:
     """``log(mean predicted / observed rate)`` (each count +0.5, so a zero rate stays finite) and the z-score of
     the observed positives against the predicted ones; drift when ``|log ratio| > threshold`` and ``|z| >= z_min``.
+    With ``baseline`` (the parent's log ratio on what it served: the auction's winner's curse makes every model
+    over-predict its winners a little), predictions are first scaled by ``exp(-baseline)``: drift is measured
+    against the parent's calibration, not against perfection.
 
     >>> rng = np.random.default_rng(0); p = np.full(5000, 0.05); y = rng.random(5000) < 0.05
     >>> calibration_drift("ctr", p, y, min_n=1000, threshold=0.4).status
@@ -169,6 +173,9 @@ def calibration_drift(task: str, predicted: np.ndarray, labels: np.ndarray, *, m
     'not enough data'
     """
     p = np.asarray(predicted, dtype=np.float64)
+    if baseline is not None:
+        p = np.clip(p * math.exp(-baseline), 0.0, 1.0)
+        what = f"{what}, against the parent's {baseline:+.3f}"
     y = np.asarray(labels, dtype=np.float64)
     n, expected, observed = len(p), float(p.sum()), float(y.sum())
     if n < min_n:
@@ -207,11 +214,44 @@ class Verdict:
         return f"{head}: {self.reason}" + (f"\n  action: {self.action}" if self.action != "none" else "")
 
 
+def psi_noise(bins: int, n: int, m: int) -> float:
+    """The PSI two samples of one distribution show by chance (its expectation, ``(bins - 1) (1/n + 1/m)``): the
+    breaker subtracts it, so a small sample cannot cross the threshold on noise alone.
+
+    >>> round(psi_noise(10, 500, 500), 4)
+    0.036
+    """
+    return (bins - 1) * (1.0 / max(n, 1) + 1.0 / max(m, 1))
+
+
+def served_reference(served: pd.DataFrame, labels: pd.DataFrame | None = None,
+                     min_n: int = 200) -> dict:
+    """What a version served (explored records left out, repeats once): quantile bins of ``pctr`` and ``pcvr``,
+    and per task its calibration ``baseline`` (log mean predicted / observed) where ``min_n`` labels are known."""
+    served = served.drop_duplicates("impression_id", keep="first")
+    shown = served[~served["explored"].astype(bool)] if "explored" in served else served
+    zeros = np.zeros(len(shown))
+    out = reference_distribution({"ctr": shown["pctr"].to_numpy(), "cvr": shown["pcvr"].to_numpy()}, zeros, zeros)
+    out["baseline"] = {"ctr": None, "cvr": None}
+    if labels is not None:
+        joined = shown[["impression_id", "pctr", "pcvr"]].merge(labels, on="impression_id", how="inner")
+        rows = {"ctr": joined[joined["clicked"].notna()],
+                "cvr": joined[(joined["clicked"] == 1) & joined["converted"].notna()]}
+        for task, column, label in (("ctr", "pctr", "clicked"), ("cvr", "pcvr", "converted")):
+            r = rows[task]
+            need = min_n if task == "ctr" else max(1, min_n // CVR_CLICK_SHARE)
+            if len(r) >= need and max(r[column].sum(), r[label].sum()) >= MIN_EXPECTED_POSITIVES:
+                out["baseline"][task] = math.log((r[column].sum() + 0.5) / (r[label].sum() + 0.5))
+    return out
+
+
 def judge(version: str, reference: dict | None, served: pd.DataFrame, labels: pd.DataFrame,
-          cfg: ServingSettings) -> Verdict:
+          cfg: ServingSettings, no_reference: str = "PSI: no served reference") -> Verdict:
     """The verdict on ``version`` from its served records (``impression_id, pctr, pcvr, explored``) and the
-    labels known (``impression_id, clicked, converted``; NaN where not known yet). Pure: nothing is rolled back.
-    A record logged more than once (a producer's retry, a replayed spool) counts once: the first one."""
+    labels known (``impression_id, clicked, converted``; NaN where not known yet). ``reference`` is what its
+    parent served (:func:`served_reference`), None when there is nothing comparable (``no_reference`` says why).
+    Pure: nothing is rolled back. A record logged more than once (a producer's retry, a replayed spool) counts
+    once: the first one."""
     served = served.drop_duplicates("impression_id", keep="first")
     shown = served[~served["explored"].astype(bool)] if "explored" in served else served
     n = len(shown)
@@ -223,21 +263,27 @@ def judge(version: str, reference: dict | None, served: pd.DataFrame, labels: pd
     if reference and "bins" in reference:
         for task, column in (("ctr", "pctr"), ("cvr", "pcvr")):
             psis[task] = psi(reference["bins"][task], shown[column].to_numpy())
-        text = (f"PSI of served pCTR {psis['ctr']:.3f} {'>' if psis['ctr'] > cfg.psi_threshold else '<='} "
-                f"{cfg.psi_threshold:g} ({n:,} impressions vs the training reference of "
-                f"{reference.get('rows', 0):,} rows)")
-        (crossed if psis["ctr"] > cfg.psi_threshold else notes).append(text)
+        m = reference.get("rows", 0)
+        noise = psi_noise(len(reference["bins"]["ctr"]["shares"]), n, m)
+        excess = psis["ctr"] - noise
+        text = (f"PSI of served pCTR {psis['ctr']:.3f} less its sampling noise {noise:.3f} = {excess:.3f} "
+                f"{'>' if excess > cfg.psi_threshold else '<='} {cfg.psi_threshold:g} ({n:,} impressions vs "
+                f"{m:,} the parent served)")
+        (crossed if excess > cfg.psi_threshold else notes).append(text)
     else:
-        notes.append("PSI: no reference distribution in the version's metadata")
+        notes.append(no_reference)
     joined = shown[["impression_id", "pctr", "pcvr"]].merge(labels, on="impression_id", how="inner")
     ctr_rows = joined[joined["clicked"].notna()]
     cvr_rows = joined[(joined["clicked"] == 1) & joined["converted"].notna()]
+    baseline = (reference or {}).get("baseline") or {}
     cal = {
         "ctr": calibration_drift("ctr", ctr_rows["pctr"].to_numpy(), ctr_rows["clicked"].to_numpy(),
-                                 min_n=cfg.min_breaker_impressions, threshold=cfg.calibration_threshold),
+                                 min_n=cfg.min_breaker_impressions, threshold=cfg.calibration_threshold,
+                                 baseline=baseline.get("ctr")),
         "cvr": calibration_drift("cvr", cvr_rows["pcvr"].to_numpy(), cvr_rows["converted"].to_numpy(),
                                  min_n=max(1, cfg.min_breaker_impressions // CVR_CLICK_SHARE),
-                                 threshold=cfg.calibration_threshold, what="matured clicks"),
+                                 threshold=cfg.calibration_threshold, what="matured clicks",
+                                 baseline=baseline.get("cvr")),
     }
     for c in cal.values():
         (crossed if c.status == "drift" else notes).append(c.describe(cfg.calibration_threshold))
@@ -444,6 +490,33 @@ def act(settings: Settings, registry: Registry, verdict: Verdict, promotion: dic
     return verdict
 
 
+MIN_REFERENCE_ROWS = 200  # fewer records served by the parent: no PSI (calibration still decides)
+
+
+def calibrated(meta: dict) -> bool:
+    """Whether a version serves calibrated scores (it carries calibrators)."""
+    return bool(meta.get("calibrators"))
+
+
+def parent_reference(registry: Registry, log: ServedLog, meta: dict, parent: str | None) -> tuple[dict | None, str]:
+    """What the parent served, as PSI bins, when comparable: the parent served enough records (through the same
+    auction, so both sides carry the same selection), and both serve calibrated scores or both raw ones."""
+    if parent is None:
+        return None, "PSI: not compared: no parent version"
+    try:
+        parent_meta = registry.meta(parent)
+    except RegistryError as err:
+        return None, f"PSI: not compared: cannot read the parent {parent}: {err}"
+    if calibrated(parent_meta) != calibrated(meta):
+        kinds = {True: "calibrated", False: "uncalibrated"}
+        return None, (f"PSI: not compared: {meta['version']} serves {kinds[calibrated(meta)]} scores, its parent "
+                      f"{parent} {kinds[calibrated(parent_meta)]} ones")
+    frame = log.frame(parent)
+    if len(frame) < MIN_REFERENCE_ROWS:
+        return None, f"PSI: not compared: the parent {parent} served {len(frame):,} records < {MIN_REFERENCE_ROWS}"
+    return served_reference(frame, log.label_frame(), MIN_REFERENCE_ROWS), ""
+
+
 def line_members(registry: Registry, log: ServedLog, line: str) -> list[str]:
     """The versions of an online line that served records (a line is judged as a whole: each version serves
     for seconds, too few impressions to judge alone)."""
@@ -471,16 +544,18 @@ def check(settings: Settings, registry: Registry | None = None, since_ms: int | 
     except RegistryError as err:
         return Verdict("no decision", version, f"cannot read the promoted version: {err}")
     line = meta.get("line")
+    parent = meta.get("line_root") if line else meta.get("parent")
     own = log is None
     log = log or ServedLog(settings, since_ms)
     try:
-        log.update(oldest=(meta.get("line_root") if line else version))
+        log.update(oldest=parent or version)
         members = line_members(registry, log, line) if line else [version]
         served, labels = pd.concat([log.frame(v) for v in members], ignore_index=True), log.label_frame()
+        reference, why = parent_reference(registry, log, meta, parent)
     finally:
         if own:
             log.close()
-    verdict = judge(version, meta.get("reference"), served, labels, settings.serving)
+    verdict = judge(version, reference, served, labels, settings.serving, no_reference=why)
     if line:
         verdict.reason += f" (judged with its line {line}: {len(members)} versions served)"
     if verdict.decision != "rollback":

@@ -309,29 +309,64 @@ class Line:
 
     model: Ranker
     root: str | None
-    parent: str | None
-    line: str | None
+    parent: str | None  # the line's newest registered version (the root before the first)
+    line: str
     offsets: dict[int, int]  # partitions left out start at the beginning
     skip_until_ms: int  # impressions before this are the root's data
     learned_range: list[int] | None  # [first, last] impression time learned by the line
     data_range: list[str] = field(default_factory=list)  # the root's batch days (the line's model saw them)
-    resumed: str | None = None  # the online version resumed (its Adam state is loaded when kept)
+    optimizer: dict | None = None  # the Adam state and step count of a resumed line
+
+    def describe(self) -> dict:
+        return {"root": self.root, "parent": self.parent, "line": self.line, "skip_until_ms": self.skip_until_ms,
+                "learned_range": self.learned_range, "data_range": self.data_range}
+
+
+class Checkpoint:
+    """The trainer's own resume point, beside its example state (not in the registry: only promoted versions go
+    there): the model, its Adam state, the line and the input offsets it has learned up to, replaced atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def save(self, line: Line, learner: OnlineLearner, offsets: dict[int, int]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        state = {"model": {k: v.detach().cpu() for k, v in learner.model.state_dict().items()},
+                 "model_config": json.dumps(learner.model.config), "optimizer": learner.optimizer_state(),
+                 "line": json.dumps(line.describe()), "offsets": json.dumps({str(p): o for p, o in offsets.items()})}
+        torch.save(state, tmp)
+        tmp.replace(self.path)
+
+    def load(self) -> tuple[Line, dict] | None:
+        if not self.path.exists():
+            return None
+        from trainers.model import model_from_config
+
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        model = model_from_config(json.loads(state["model_config"]))
+        model.load_state_dict(state["model"])
+        info = json.loads(state["line"])
+        offsets = {int(p): o for p, o in json.loads(state["offsets"]).items()}
+        line = Line(model, info["root"], info["parent"], info["line"], offsets, int(info["skip_until_ms"]),
+                    info["learned_range"], info["data_range"], state["optimizer"])
+        return line, info
 
 
 def start_line(registry: Registry, spec: InputSpec, settings: Settings, state: ExampleState,
-               partitions: list[int]) -> Line:
-    """Resume the newest online version when it belongs to a live line off the batch head; else start a new line
-    off the batch head (a fresh ranker when there is none)."""
+               partitions: list[int], checkpoint: Checkpoint | None = None) -> Line:
+    """Resume the checkpointed line when it is still live (its root is the batch head and nothing of it was
+    rolled back); else start a new line off the batch head (a fresh ranker when there is none)."""
     head = registry.batch_head()
-    newest = registry.latest("online")
-    if newest is not None:
-        meta = registry.meta(newest)
-        if meta.get("line") and meta.get("line_root") == head and not registry.tainted(newest):
-            offsets = {int(p): o for p, o in meta.get("kafka_offsets", {}).items()}
-            print(f"online: resuming {newest} (line {meta['line']}) at offsets {offsets}", flush=True)
-            return Line(load(registry, newest).model, head, newest, meta["line"], offsets,
-                        int(meta.get("skip_until_ms", 0)), meta.get("learned_range"), meta.get("data_range", []),
-                        resumed=newest)
+    kept = checkpoint.load() if checkpoint is not None else None
+    if kept is not None:
+        line, _ = kept
+        culprit = registry.tainted(line.parent) if line.parent else None
+        if line.root == head and not culprit:
+            print(f"online: resuming line {line.line} (newest version {line.parent}) at offsets {line.offsets}",
+                  flush=True)
+            return line
+        why = f"{culprit} was rolled back" if culprit else f"the batch head is now {head}"
+        print(f"online: the checkpointed line {line.line} ended: {why}", flush=True)
     if head is None:
         print("online: no promoted batch model: a new line from a fresh ranker", flush=True)
         model, days = Ranker.from_settings(spec, settings.trainer), []
@@ -371,8 +406,7 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
     device = pick_device(cfg.device)
     state_dir = settings.var_dir / "trainers"
     state = ExampleState(state_dir / "online-state")
-    optim_dir = state_dir / "online-optimizer"
-    optim_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = Checkpoint(state_dir / "online-checkpoint.pt")
     dead = DeadLetterSink(settings, stage="online_trainer")
     served = ServedFeatures(settings, state_dir / "served-features", dead=dead) if features else None
     topic = settings.topics.training_examples
@@ -384,12 +418,11 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
     began = time.monotonic()
 
     def begin() -> tuple[Line, OnlineLearner, dict | None]:
-        line = start_line(registry, spec, settings, state, [tp.partition for tp in parts])
+        line = start_line(registry, spec, settings, state, [tp.partition for tp in parts], checkpoint)
         learner = OnlineLearner(line.model, cfg, device, scheme)
-        kept = optim_dir / f"{line.resumed}.pt" if line.resumed else None
-        if kept is not None and kept.exists():
-            learner.load_optimizer_state(torch.load(kept, map_location=device, weights_only=True))
-            print(f"online: Adam state of {line.resumed} loaded (step {learner.steps})", flush=True)
+        if line.optimizer is not None:
+            learner.load_optimizer_state(line.optimizer)
+            print(f"online: Adam state restored (step {learner.steps})", flush=True)
         learner.set_incumbent(*incumbent_of(registry))
         for tp in parts:
             if tp.partition in line.offsets:
@@ -406,7 +439,8 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
     last_publish = last_input = time.monotonic()
 
     def publish() -> bool:
-        """Register (and, past the gate, promote) a version; False when the line must end."""
+        """Checkpoint; past the gate, register a version (a delta over the root) and promote it. False when the
+        line must end (a newer batch model, or the breaker rolled the line back)."""
         nonlocal last_publish
         culprit = registry.tainted(line.parent) if line.parent else None
         if culprit:  # the breaker condemned the line: what it learned since is learned again by the next one
@@ -415,41 +449,36 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
             return False
         now_ms = int(time.time() * 1000)
         lag = np.array([now_ms - a for a in arrivals]) / 1000.0 if arrivals else np.zeros(0)
-        gate = learner.gate()
-        meta = {"cadence": "online", "parent": line.parent, "line": line.line, "line_root": line.root,
-                "skip_until_ms": line.skip_until_ms, "learned_range": line.learned_range,
-                "data_range": line.data_range,
-                "kafka_offsets": {str(p): o for p, o in position.items()}, "scheme": scheme,
-                "examples": learner.examples, "steps": learner.steps, "counts": dict(counts), "gate": gate,
-                "progressive_ctr_logloss": float(np.nanmean(learner.losses[-50:])) if learner.losses else None,
-                "drift_points": list(learner.drift.drift_points),
-                "freshness_s": {"p50": float(np.percentile(lag, 50)), "p99": float(np.percentile(lag, 99)),
-                                "n": int(len(lag))} if len(lag) else None,
-                "feature_service": {"name": "ranker", "spec": learner.model.spec.fingerprint()},
-                "created_ms": now_ms}
-        if reference is not None:
-            meta["reference"] = reference  # the batch root's; the breaker judges the line by what it served
-        version = save(registry, ScoringModel(learner.model.cpu()), "online", meta)
-        learner.model.to(learner.device)
-        torch.save(learner.optimizer_state(), optim_dir / f"{version}.pt")
-        for old in sorted(optim_dir.glob("*.pt"))[:-2]:
-            old.unlink(missing_ok=True)
-        line.parent = version
-        published.append(version)
+        gate, head = learner.gate(), registry.batch_head()
+        version = None
+        if gate["passed"] and head == line.root:
+            meta = {"cadence": "online", **line.describe(), "line_root": line.root,
+                    "kafka_offsets": {str(p): o for p, o in position.items()}, "scheme": scheme,
+                    "examples": learner.examples, "steps": learner.steps, "counts": dict(counts), "gate": gate,
+                    "progressive_ctr_logloss": float(np.nanmean(learner.losses[-50:])) if learner.losses else None,
+                    "drift_points": list(learner.drift.drift_points),
+                    "freshness_s": {"p50": float(np.percentile(lag, 50)), "p99": float(np.percentile(lag, 99)),
+                                    "n": int(len(lag))} if len(lag) else None,
+                    "feature_service": {"name": "ranker", "spec": learner.model.spec.fingerprint()},
+                    "created_ms": now_ms}
+            del meta["root"]
+            if reference is not None:
+                meta["reference"] = reference  # the batch root's; the breaker judges the line by what it served
+            version = save(registry, ScoringModel(learner.model.cpu()), "online", meta, base=line.root)
+            learner.model.to(learner.device)
+            registry.promote(version, reason=f"online update after {learner.examples:,} examples: {gate['why']}")
+            line.parent = version
+            published.append(version)
+            learner.set_incumbent(copy.deepcopy(learner.model), version)
+        checkpoint.save(line, learner, position)
+        print(f"online: {'published and promoted ' + version if version else 'checkpointed, not promoted'} "
+              f"({gate.get('why')}); {dict(counts)}", flush=True)
         arrivals.clear()
         last_publish = time.monotonic()
-        head = registry.batch_head()
-        promoted = gate["passed"] and head == line.root
-        if promoted:
-            registry.promote(version, reason=f"online update after {learner.examples:,} examples: {gate.get('why')}")
-        print(f"online: published {version} ({'promoted' if promoted else 'not promoted'}: {gate.get('why')}); "
-              f"{dict(counts)}, freshness {meta['freshness_s']}", flush=True)
         if head != line.root:
             print(f"online: line {line.line} ends: a newer batch model {head} was promoted", flush=True)
             return False
-        if promoted:
-            learner.set_incumbent(copy.deepcopy(learner.model), version)
-        elif registry.promoted() != learner.incumbent_version:
+        if registry.promoted() != learner.incumbent_version:
             learner.set_incumbent(*incumbent_of(registry))
         return True
 

@@ -122,6 +122,38 @@ def _seq(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+DELTA_MIN_ROWS = 4096  # tables this large are stored as their changed rows in a delta
+ROWS_SUFFIX, INDEX_SUFFIX = "::rows", "::index"
+
+
+def _delta(tensors: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors to store for a delta over ``base``: changed rows (and their indices) of large tables."""
+    out = {}
+    for name, t in tensors.items():
+        b = base.get(name)
+        large = t.dim() == 2 and t.shape[0] >= DELTA_MIN_ROWS
+        if b is not None and large and t.shape == b.shape and t.dtype == b.dtype:
+            rows = (t != b).any(dim=1).nonzero().squeeze(1)
+            out[name + ROWS_SUFFIX] = t[rows].contiguous()
+            out[name + INDEX_SUFFIX] = rows.to(torch.int64).contiguous()
+        else:
+            out[name] = t
+    return out
+
+
+def _apply_delta(stored: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in stored.items():
+        if name.endswith(ROWS_SUFFIX):
+            table = name[: -len(ROWS_SUFFIX)]
+            full = base[table].clone()
+            full[stored[table + INDEX_SUFFIX]] = t
+            out[table] = full
+        elif not name.endswith(INDEX_SUFFIX):
+            out[name] = t
+    return out
+
+
 def _cadence(name: str) -> str | None:
     m = VERSION_RE.match(name)
     return m.group(2) if m else None
@@ -153,12 +185,16 @@ class Registry:
         self.root = Path(root)
         self.versions_dir = self.root / "versions"
         self.history_limit = history_limit
+        self._base_cache: tuple[str, dict[str, torch.Tensor]] | None = None
 
     # -- writing ------------------------------------------------------------------------------------------
 
     def register(self, state_dict: dict[str, torch.Tensor], meta: dict, cadence: str,
-                 extra: dict[str, bytes] | None = None) -> str:
-        """Write a new version atomically and return its id."""
+                 extra: dict[str, bytes] | None = None, base: str | None = None) -> str:
+        """Write a new version atomically and return its id. With ``base`` (a complete, non-delta version), the
+        version is stored as a *delta*: the rows of large tables (``DELTA_MIN_ROWS`` rows or more) that differ
+        from the base's, and every other tensor whole; :meth:`load` rebuilds it over the base, which :meth:`gc`
+        keeps while a delta needs it."""
         if not CADENCE_RE.match(cadence):
             raise ValueError(f"cadence {cadence!r} must be letters, digits or '_'")
         try:
@@ -171,6 +207,12 @@ class Registry:
             if not isinstance(data, bytes | bytearray):
                 raise TypeError(f"extra file {name!r} must be bytes, not {type(data).__name__}")
         tensors = _cpu_tensors(state_dict)
+        if base is not None:
+            base_tensors, base_meta = self.load(base)
+            if base_meta.get("delta_of"):
+                raise RegistryError(f"{base} is itself a delta: a delta's base must be a complete version")
+            tensors = _delta(tensors, base_tensors)
+            meta = {**meta, "delta_of": base}
 
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.versions_dir / f"{TMP_PREFIX}{uuid.uuid4().hex}"
@@ -279,6 +321,13 @@ class Registry:
             protected = {state["version"], *state["previous"]} if state else set()
             versions = sorted((p for p in self.versions_dir.iterdir() if _seq(p.name) is not None),
                               key=lambda p: _seq(p.name))
+            for name in [*(p.name for p in versions[-keep:]), *protected]:
+                try:
+                    base = self._read_meta(name).get("delta_of")
+                except RegistryError:
+                    continue
+                if base:
+                    protected.add(base)  # a kept delta needs its base
             doomed = [p for p in versions[:-keep] if p.name not in protected]
             for path in doomed:
                 trash = self.versions_dir / f"{DELETE_PREFIX}{uuid.uuid4().hex}"
@@ -312,7 +361,17 @@ class Registry:
             raise CorruptModel(version, f"{MODEL_FILE} is not valid safetensors: {err}") from err
         if "tensors" in meta and sorted(tensors) != meta["tensors"]:
             raise CorruptModel(version, "tensor names differ from meta.json")
+        if meta.get("delta_of"):
+            tensors = _apply_delta(tensors, self._base_tensors(meta["delta_of"]))
         return tensors, meta
+
+    def _base_tensors(self, version: str) -> dict[str, torch.Tensor]:
+        """A delta's base, read once per registry object (a scorer reloading deltas of one line reads it once)."""
+        cached = self._base_cache
+        if cached is None or cached[0] != version:
+            tensors, _ = self.load(version)
+            self._base_cache = cached = (version, tensors)
+        return cached[1]
 
     def verify(self, version: str) -> dict:
         """Check a version's model and extra files; return its meta or raise :class:`CorruptModel`."""

@@ -74,13 +74,14 @@ def reference_of(scoring: ScoringModel, frame: pd.DataFrame) -> dict:
     return reference_distribution(scores, labels["clicked"], labels["converted"], weights)
 
 
-def save(registry: Registry, scoring: ScoringModel, cadence: str, meta: dict) -> str:
-    """Register the model (weights + config + calibrators); returns the new version."""
+def save(registry: Registry, scoring: ScoringModel, cadence: str, meta: dict, base: str | None = None) -> str:
+    """Register the model (weights + config + calibrators); returns the new version. With ``base``, stored as a
+    delta over that version (``Registry.register``)."""
     full = {**meta, "model_config": scoring.model.config, "negative_rate": scoring.negative_rate,
             "fnw": scoring.fnw, "calibrators": {k: c.to_json() for k, c in scoring.calibrators.items()}}
     state = {k: v.detach().cpu().contiguous() for k, v in scoring.model.state_dict().items()}
     json.dumps(full)  # fail here, before anything is written, if the metadata is not JSON
-    return registry.register(state, full, cadence=cadence)
+    return registry.register(state, full, cadence=cadence, base=base)
 
 
 def from_registry(state: dict[str, torch.Tensor], meta: dict, version: str) -> ScoringModel:
