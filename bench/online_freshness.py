@@ -2,8 +2,10 @@
 
 ``python -m bench.online_freshness [--rates 6,200,2000] [--seconds 60] [--publish-every 10]``
 
-For each rate: a fresh topic set, the online trainer (``python -m trainers.online``, features read from the
-online store) started as its own process, then training examples produced at that rate for ``--seconds``. Each
+For each rate: a fresh topic set, the online trainer (``python -m trainers.online --no-features``: ids and
+context only, as no serving runs here to log features; with the default promotion gate, so a version is promoted
+at most every ``online_gate_min_examples`` examples) started as its own process, then training examples produced
+at that rate for ``--seconds``. Each
 example's freshness is the creation time of the first published version whose stored offsets cover it, minus
 the example's Kafka timestamp: measured from the data (the topic and the registry), not reported by the
 trainer. 6 examples/s is the simulator's live rate (20k impressions an hour); the others are stress rates.
@@ -49,7 +51,8 @@ def one_rate(rate: float, seconds: float, publish_every: float) -> dict:
     env = {**os.environ, **settings.to_env()}
     log = open(var / "trainer.log", "w")  # noqa: SIM115 - closed below
     trainer = subprocess.Popen([sys.executable, "-m", "trainers.online", "--publish-every", str(publish_every),
-                                "--idle-exit", str(publish_every + 15)], env=env, stdout=log, stderr=subprocess.STDOUT)
+                                "--idle-exit", str(publish_every + 15), "--no-features"],
+                               env=env, stdout=log, stderr=subprocess.STDOUT)
     time.sleep(12)  # the trainer imports torch and opens its consumer
     producer = KafkaProducer(**settings.kafka.client_config(), acks="all", linger_ms=5)
     sent, began = 0, time.monotonic()

@@ -183,6 +183,8 @@ class TrainerSettings(BaseModel):
     online_warmup_steps: int = 50
     online_decay_steps: int = 2_000
     online_min_lr_factor: float = 0.1
+    # Registered online versions are deltas over the line's previous version, every this many over the batch root.
+    online_delta_chain: int = 30
     # Served features kept by impression (from the prediction log) for this many days of event time.
     online_log_retention_days: int = 10
     # Delay correction the online trainer applies to what the joiner emits: naive, fnw or delay_curve.

@@ -324,10 +324,15 @@ def test_a_delta_stores_the_changed_rows_and_loads_whole(tmp_path):
     assert meta["delta_of"] == base and meta["size"] < reg.meta(base)["size"] / 100, (meta["size"],)
     loaded, _ = Registry(tmp_path).load(delta)
     assert torch.equal(loaded["emb.weight"], changed) and torch.equal(loaded["dense.weight"], state["dense.weight"])
-    with pytest.raises(RegistryError, match="itself a delta"):
-        reg.register(state, {}, "online", base=delta)
+    # A delta over a delta (the line's previous version): only the rows changed since it.
+    again = changed.clone()
+    again[5] -= 2.0
+    second = reg.register({"emb.weight": again, "dense.weight": state["dense.weight"]}, {}, "online", base=delta)
+    assert reg.meta(second)["delta_depth"] == 2 and reg.meta(second)["size"] < meta["size"]
+    assert torch.equal(Registry(tmp_path).load(second)[0]["emb.weight"], again)  # cold: base, delta, delta
 
     for _ in range(3):
         reg.register({"x": torch.zeros(1)}, {}, "full")
-    reg.gc(keep=4)  # the base is older than the newest four, but the delta (kept) needs it
-    assert base in reg.names() and torch.equal(reg.load(delta)[0]["emb.weight"], changed)
+    reg.gc(keep=4)  # base and the first delta are older than the newest four, but the kept second needs both
+    assert {base, delta} <= set(reg.names())
+    assert torch.equal(Registry(tmp_path).load(second)[0]["emb.weight"], again)

@@ -381,6 +381,16 @@ def start_line(registry: Registry, spec: InputSpec, settings: Settings, state: E
     return Line(model, head, head, line, offsets, skip_until, None, days)
 
 
+def delta_base(registry: Registry, line: Line, chain: int) -> str | None:
+    """What a new version of ``line`` is stored as a delta over: the line's previous version (the rows touched
+    since it, plus the dense parameters) while the chain is shorter than ``chain``, else the batch
+    root (a key frame: every row the line changed), so loading a cold version applies a bounded number of deltas."""
+    if line.parent is None or line.parent == line.root:
+        return line.root
+    depth = int(registry.meta(line.parent).get("delta_depth", 0))
+    return line.parent if depth < chain else line.root
+
+
 def incumbent_of(registry: Registry) -> tuple[Ranker | None, str | None]:
     """The promoted version on the stream's scale, what a new online version must not be worse than."""
     version = registry.promoted()
@@ -464,7 +474,8 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
             del meta["root"]
             if reference is not None:
                 meta["reference"] = reference  # the batch root's; the breaker judges the line by what it served
-            version = save(registry, ScoringModel(learner.model.cpu()), "online", meta, base=line.root)
+            base = delta_base(registry, line, cfg.online_delta_chain)
+            version = save(registry, ScoringModel(learner.model.cpu()), "online", meta, base=base)
             learner.model.to(learner.device)
             registry.promote(version, reason=f"online update after {learner.examples:,} examples: {gate['why']}")
             line.parent = version

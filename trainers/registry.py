@@ -185,16 +185,16 @@ class Registry:
         self.root = Path(root)
         self.versions_dir = self.root / "versions"
         self.history_limit = history_limit
-        self._base_cache: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._cache: tuple[str, dict[str, torch.Tensor]] | None = None  # the last version loaded, whole
 
     # -- writing ------------------------------------------------------------------------------------------
 
     def register(self, state_dict: dict[str, torch.Tensor], meta: dict, cadence: str,
                  extra: dict[str, bytes] | None = None, base: str | None = None) -> str:
-        """Write a new version atomically and return its id. With ``base`` (a complete, non-delta version), the
-        version is stored as a *delta*: the rows of large tables (``DELTA_MIN_ROWS`` rows or more) that differ
-        from the base's, and every other tensor whole; :meth:`load` rebuilds it over the base, which :meth:`gc`
-        keeps while a delta needs it."""
+        """Write a new version atomically and return its id. With ``base``, the version is stored as a *delta*:
+        the rows of large tables (``DELTA_MIN_ROWS`` rows or more) that differ from the base's, and every other
+        tensor whole; ``meta["delta_depth"]`` counts the deltas down to a complete version. :meth:`load` rebuilds
+        it over its base (itself perhaps a delta), and :meth:`gc` keeps every base a kept delta needs."""
         if not CADENCE_RE.match(cadence):
             raise ValueError(f"cadence {cadence!r} must be letters, digits or '_'")
         try:
@@ -209,10 +209,8 @@ class Registry:
         tensors = _cpu_tensors(state_dict)
         if base is not None:
             base_tensors, base_meta = self.load(base)
-            if base_meta.get("delta_of"):
-                raise RegistryError(f"{base} is itself a delta: a delta's base must be a complete version")
             tensors = _delta(tensors, base_tensors)
-            meta = {**meta, "delta_of": base}
+            meta = {**meta, "delta_of": base, "delta_depth": int(base_meta.get("delta_depth", 0)) + 1}
 
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.versions_dir / f"{TMP_PREFIX}{uuid.uuid4().hex}"
@@ -322,12 +320,13 @@ class Registry:
             versions = sorted((p for p in self.versions_dir.iterdir() if _seq(p.name) is not None),
                               key=lambda p: _seq(p.name))
             for name in [*(p.name for p in versions[-keep:]), *protected]:
-                try:
-                    base = self._read_meta(name).get("delta_of")
-                except RegistryError:
-                    continue
-                if base:
-                    protected.add(base)  # a kept delta needs its base
+                while name:  # a kept delta needs its bases, down to a complete version
+                    try:
+                        name = self._read_meta(name).get("delta_of")
+                    except RegistryError:
+                        break
+                    if name:
+                        protected.add(name)
             doomed = [p for p in versions[:-keep] if p.name not in protected]
             for path in doomed:
                 trash = self.versions_dir / f"{DELETE_PREFIX}{uuid.uuid4().hex}"
@@ -362,16 +361,16 @@ class Registry:
         if "tensors" in meta and sorted(tensors) != meta["tensors"]:
             raise CorruptModel(version, "tensor names differ from meta.json")
         if meta.get("delta_of"):
-            tensors = _apply_delta(tensors, self._base_tensors(meta["delta_of"]))
+            tensors = _apply_delta(tensors, self._composed(meta["delta_of"]))
+        self._cache = (version, tensors)  # the next delta of a line applies over it
         return tensors, meta
 
-    def _base_tensors(self, version: str) -> dict[str, torch.Tensor]:
-        """A delta's base, read once per registry object (a scorer reloading deltas of one line reads it once)."""
-        cached = self._base_cache
-        if cached is None or cached[0] != version:
-            tensors, _ = self.load(version)
-            self._base_cache = cached = (version, tensors)
-        return cached[1]
+    def _composed(self, version: str) -> dict[str, torch.Tensor]:
+        """A delta's base, whole: the last version loaded by this registry object when it is that one (a scorer
+        reloading the versions of one line applies one delta each time), else loaded (recursively)."""
+        if self._cache is not None and self._cache[0] == version:
+            return self._cache[1]
+        return self.load(version)[0]
 
     def verify(self, version: str) -> dict:
         """Check a version's model and extra files; return its meta or raise :class:`CorruptModel`."""
