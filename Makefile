@@ -191,6 +191,10 @@ bench-restart: up
 bench-decode: install
 	$(PY) -m bench.decode
 
+# Registry bytes a day of online publishing at the live rate: gated deltas vs a full copy every 10 s.
+bench-online-publish: install
+	$(PY) -m bench.online_publish --hours 24
+
 # An example's arrival in Kafka -> a published online model that learned it (p50/p99 at the live rate and above).
 bench-online-freshness: up
 	$(PY) -m bench.online_freshness

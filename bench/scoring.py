@@ -2,7 +2,9 @@
 process (``streams.serving.scorer.Scorer``) on the CPU and on CUDA when present, vs the naive peer (the same
 model scoring the candidates one at a time) and the pandas peer (the request as a DataFrame through
 ``trainers.data.encode``, then one batched call); then the HTTP service (``python -m streams.serving``) under
-load: requests/s and latency with N keep-alive clients. Goal: p99 under 10 ms on the CPU for 500 candidates
+load: requests/s and latency with N keep-alive clients. The scorer is also measured while online versions (deltas
+over the previous one, as the online trainer registers them) are promoted every 0.5 s: the reload cost.
+Goal: p99 under 10 ms on the CPU for 500 candidates
 including the feature fetch.
 
 ``python -m bench.scoring [--candidates 500 --requests 500 --threads 1,2 --clients 4 --http-seconds 8]``
@@ -48,6 +50,9 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("features", "encode", "model", "auction", "log")
 
 
+PROMOTE_EVERY_S = 0.5
+
+
 def make_requests(n: int, n_users: int, n_ads: int, candidates: int, rng: random.Random, tag: str) -> list[AdRequest]:
     now_ms = int(time.time() * 1000)
     out = []
@@ -69,12 +74,44 @@ def row(*cells) -> str:
     return "| " + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in cells) + " |"
 
 
+def delta_versions(registry: Registry, root: str, n: int) -> list[str]:
+    """``n`` online versions of one line off ``root``, each a delta over the previous one (as the online trainer
+    registers them): 2,000 rows of every large table and every dense parameter changed per version."""
+    model = load(registry, root).model
+    versions, parent = [], root
+    torch.manual_seed(1)
+    for _ in range(n):
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() == 2 and param.shape[0] >= 4096:
+                    param[torch.randint(0, param.shape[0], (2000,))] += 0.01
+                else:
+                    param.add_(1e-3)
+        parent = save(registry, ScoringModel(model), "online", {"line_root": root}, base=parent)
+        versions.append(parent)
+    return versions
+
+
 def in_process(settings: Settings, registry: Registry, reader: OnlineReader, logger: PredictionLogger,
-               requests: list[AdRequest], device: str, threads: int, warmup: int = 30) -> tuple[list, list, dict]:
+               requests: list[AdRequest], device: str, threads: int, warmup: int = 30,
+               promote: list[str] | None = None) -> tuple[list, list, dict]:
     """Latency of ``Scorer.serve`` (and of each stage) over ``requests``, and the CPU time of the calling thread
-    (what the request costs, whatever else the machine runs; with one torch thread it includes the model)."""
+    (what the request costs, whatever else the machine runs; with one torch thread it includes the model). With
+    ``promote``, those versions are promoted one every ``PROMOTE_EVERY_S`` while the requests run (the scorer's
+    reload thread loads each: one delta applied over the version it serves)."""
     scorer = Scorer(settings, registry, reader=reader, logger=logger, device=device, threads=threads).start()
+    stop = threading.Event()
+
+    def promoter() -> None:
+        for version in promote or []:
+            if stop.wait(PROMOTE_EVERY_S):
+                return
+            registry.promote(version, reason="bench: reloads while serving")
+
+    thread = threading.Thread(target=promoter, daemon=True)
     try:
+        if promote:
+            thread.start()
         for r in requests[:warmup]:
             scorer.serve(r)
         gc.collect()
@@ -86,8 +123,10 @@ def in_process(settings: Settings, registry: Registry, reader: OnlineReader, log
             cpu.append((time.thread_time() - c0) * 1000)
             for s in STAGES:
                 stages[s].append(out.timings[s])
+        stages["reloads"] = scorer.reloads
         return total, cpu, stages
     finally:
+        stop.set()
         scorer.close()
 
 
@@ -203,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto (CPU, and CUDA when present), cpu or cuda")
     p.add_argument("--clients", default="1,4", help="concurrent HTTP clients (0: skip the HTTP service)")
     p.add_argument("--http-seconds", type=float, default=5.0)
+    p.add_argument("--reload-versions", type=int, default=20, help="delta versions promoted while serving")
     a = p.parse_args(argv)
     rng = random.Random(17)
     base = get_settings()
@@ -234,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
                                  *[f"{quantiles(stages[s])[0]:.2f} / {quantiles(stages[s])[1]:.2f}" for s in STAGES]))
             print(f"bench: in process on {device} with {threads} thread(s): p99 {quantiles(total)[1]:.2f} ms",
                   flush=True)
+    deltas = delta_versions(registry, registry.promoted(), a.reload_versions)
+    total, cpu, stages = in_process(settings, registry, reader, logger, requests, "cpu", 1, promote=deltas)
+    results.append(row(f"scorer, a new delta version promoted every {PROMOTE_EVERY_S:g} s (cpu; "
+                       f"{stages['reloads']} reloads)", 1, len(total), *quantiles(total), statistics.median(cpu)))
+    print(f"bench: in process with reloads running: p99 {quantiles(total)[1]:.2f} ms, {stages['reloads']} reloads",
+          flush=True)
+    registry.promote(deltas[0], reason="bench")  # the peers below score with one model, as before
     torch.set_num_threads(1)
     model = load(registry)
     naive, cpu = peer(settings, model, reader, requests[: a.naive_requests], one_at_a_time=True)
