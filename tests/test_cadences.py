@@ -74,6 +74,8 @@ def test_full_retrain_then_warm_start(lake):
     # A rollback serves the full retrain again.
     assert registry.rollback("test: warm start judged worse") == first
     assert load(registry).version == first
+    # The rolled-back warm start leaves the batch spine: the next warm start continues from the full retrain.
+    assert registry.batch_head() == first and warm_start.parent_of_warm_start(registry).version == first
 
 
 class Killed(RuntimeError):

@@ -77,6 +77,7 @@ def test_online_trainer_publishes_offsets_drops_repeats_and_resumes(fresh_topics
     assert len(again) == 1
     meta2 = registry.load(again[0])[1]
     assert meta2["parent"] == versions[-1]
+    assert meta2["steps"] > meta["steps"], (meta["steps"], meta2["steps"])  # Adam state and schedule continued
     assert meta2["counts"]["learned"] == len(more) and meta2["counts"]["repeats"] == 5, meta2["counts"]
     assert sum(meta2["kafka_offsets"].values()) == total + len(more) + 5
     json.dumps(meta2)
