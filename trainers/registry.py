@@ -623,7 +623,8 @@ def _table(rows: list[list[str]]) -> str:
 
 def _cmd_list(reg: Registry, args: argparse.Namespace) -> int:
     state = reg.promotion() or {"version": None, "previous": []}
-    rows = [["VERSION", "CADENCE", "CREATED (UTC)", "BYTES", "PARENT", "STATUS"]]
+    rows = [["VERSION", "CADENCE", "CREATED (UTC)", "BYTES", "PARENT", "LINE", "STATUS"]]
+    rolled = reg.rolled_back()
     for meta in reg.list():
         version = meta["version"]
         if "corrupt" in meta:
@@ -631,9 +632,13 @@ def _cmd_list(reg: Registry, args: argparse.Namespace) -> int:
         else:
             status = "promoted" if version == state["version"] else ("previous" if version in state["previous"]
                                                                        else "")
+            status = f"{status} rolled back".strip() if version in rolled else status
+        delta = f" (delta of {meta['delta_of']})" if meta.get("delta_of") else ""
         rows.append([version, str(meta.get("cadence", "-")), _fmt_ms(meta.get("created_ms")),
-                     str(meta.get("size", "-")), str(meta.get("parent") or "-"), status])
+                     f"{meta.get('size', '-')}{delta}", str(meta.get("parent") or "-"), str(meta.get("line") or "-"),
+                     status])
     print(_table(rows) if len(rows) > 1 else f"no versions in {reg.root}")
+    print(f"batch head: {reg.batch_head() or '-'}")
     return 0
 
 
