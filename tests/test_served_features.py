@@ -53,7 +53,8 @@ def test_click_examples_carry_the_features_served_before_the_click(fresh_topics,
     settings = fresh_topics.model_copy(update={"var_dir": tmp_path, "trainer": SMALL})
     # Serving logged A (2 clicks in the last hour before it), then A again (a retried send: the first wins), B,
     # and the uniform baseline's C; D was served by a model but its record never arrived.
-    send_logs(settings, [logged("A", "v1", 2.0, T), logged("A", "v1", 9.0, T + 1), logged("B", "v1", 0.0, T + 2),
+    no_lists = logged("B", "v1", 0.0, T + 2).model_copy(update={"feature_lists": {}})  # a new user: no history
+    send_logs(settings, [logged("A", "v1", 2.0, T), logged("A", "v1", 9.0, T + 1), no_lists,
                          logged("C", BASELINE_MODEL_VERSION, 0.0, T + 3)])
     examples = [impression_example("A", "v1", True, T), impression_example("B", "v1", False, T + 2),
                 impression_example("C", BASELINE_MODEL_VERSION, False, T + 3),

@@ -131,12 +131,17 @@ def _category(frame: pd.DataFrame) -> np.ndarray:
     return np.nan_to_num(_column(frame, CATEGORY_FROM_FEATURES), nan=-1).astype(np.int64)
 
 
+def _is_list(value) -> bool:
+    """A list-valued cell that holds a list (a missing one is None, or NaN in a frame built from dicts)."""
+    return isinstance(value, list | tuple | np.ndarray)
+
+
 def _affinity(frame: pd.DataFrame, category: np.ndarray) -> np.ndarray:
     out = np.full(len(frame), np.nan)
     if PROFILE_COLUMN not in frame:
         return out
     for i, (profile, cat) in enumerate(zip(frame[PROFILE_COLUMN], category, strict=True)):
-        if profile is not None and 0 <= cat < N_CATEGORIES and len(profile) == N_CATEGORIES:
+        if _is_list(profile) and 0 <= cat < N_CATEGORIES and len(profile) == N_CATEGORIES:
             out[i] = profile[cat]
     return out
 
@@ -146,7 +151,7 @@ def _history(frame: pd.DataFrame, spec: InputSpec) -> np.ndarray:
     if HISTORY_COLUMN not in frame:
         return out
     for i, ads in enumerate(frame[HISTORY_COLUMN]):
-        if ads is not None and len(ads):
+        if _is_list(ads) and len(ads):
             ads = np.asarray(ads[: spec.history_len], dtype=np.int64)
             out[i, : len(ads)] = spec.hash_ids("ad_id", ads)
     return out

@@ -170,7 +170,7 @@ def to_rows(examples: list[tuple[Position, TrainingExample]], state: ExampleStat
         base = {"impression_id": ex.impression_id, "user_id": ex.user_id, "ad_id": ex.ad_id,
                 "advertiser_id": ex.advertiser_id, "campaign_id": ex.campaign_id, "placement": ex.placement,
                 "device": ex.device, "position": ex.position, "impression_time_ms": ex.impression_time_ms,
-                "as_of_ms": ex.as_of_ms}
+                "as_of_ms": ex.as_of_ms, "partition": pos[0], "offset": pos[1]}
         if served is not None:
             base.update(served[ex.impression_id])
         labels = _labels(ex)
@@ -544,7 +544,16 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
                     line.learned_range = [min(lo, line.learned_range[0]), max(hi, line.learned_range[1])] \
                         if line.learned_range else [lo, hi]
                 for start in range(0, len(frame), cfg.online_batch_size):
-                    learner.learn(encode(frame.iloc[start:start + cfg.online_batch_size], learner.model.spec))
+                    chunk = frame.iloc[start:start + cfg.online_batch_size]
+                    try:
+                        learner.learn(encode(chunk, learner.model.spec))
+                    except Exception as err:  # noqa: BLE001 - rows that cannot be learned: dead letters, no crash loop
+                        reason = f"unlearnable: {type(err).__name__}: {err}"
+                        for part, off in dict.fromkeys(zip(chunk["partition"], chunk["offset"], strict=True)):
+                            r = raw[(part, off)]
+                            dead.send(make_dead_letter(r.topic, r.partition, r.offset, "online_trainer", reason,
+                                                       r.value, r.timestamp))
+                        counts["unlearnable"] += len(chunk)
                 arrivals.extend(stamps)
                 last_input = time.monotonic()  # idle means waiting for input, not learning it
             if time.monotonic() - last_publish >= publish_every_s and arrivals and not publish():
