@@ -387,9 +387,13 @@ class OnlineReader:
         if self._process is not None:
             self._process.join(timeout=10)
 
-    def features(self, user_id: int, ad_ids: Sequence[int], as_of_ms: int | None = None) -> RequestFeatures:
+    def features(self, user_id: int, ad_ids: Sequence[int], as_of_ms: int | None = None,
+                 category_ids: Sequence[int] | None = None) -> RequestFeatures:
         """Every feature of the ranker's service for ``user_id`` and each candidate in ``ad_ids``; with the request's
-        time ``as_of_ms``, a view's row older than its TTL is absent (training's rule)."""
+        time ``as_of_ms``, a view's row older than its TTL is absent (training's rule). ``category_ids``, the
+        candidates' categories as the request names them (the catalog's, as the training set joins), choose the
+        user x category rows; without them (or where one is negative) the ad's stored category does, so an ad
+        without a gold row yet still gets its user x category features when the request knows its category."""
         table = self.table
         rows, found = table.rows(ad_ids)
         if not found.all():  # a new candidate: read it now, then keep it fresh with the others
@@ -406,6 +410,10 @@ class OnlineReader:
                     present[name] = present[name] & fresh
         cats = values["ad_features__ad_category_id"]
         has_cat = present["ad_features__ad_category_id"]
+        if category_ids is not None:
+            given = np.asarray(category_ids, dtype=np.int64)
+            cats = np.where(given >= 0, given, cats)
+            has_cat = has_cat | (given >= 0)
         categories = sorted(set(cats[has_cat].tolist()))
         pipe = self.client.pipeline(transaction=False)
         pipe.hmget(entity_key({"user_id": user_id}, self.project), self._user_keys)
