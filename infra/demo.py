@@ -248,7 +248,10 @@ def inject_broken_model(registry) -> None:
 
     good = load(registry)
     good.model.shift_ctr_logit(2.0)
-    meta = {k: v for k, v in good.meta.items() if k not in ("model_config", "negative_rate", "fnw", "calibrators")}
+    # Its own lineage: not a member of the promoted version's online line, not a delta.
+    dropped = ("model_config", "negative_rate", "fnw", "calibrators", "line", "line_root", "delta_of", "delta_depth",
+               "gate", "kafka_offsets", "learned_range", "skip_until_ms")
+    meta = {k: v for k, v in good.meta.items() if k not in dropped}
     version = save(registry, good, cadence="broken", meta={**meta, "parent": good.version})
     registry.promote(version, reason="demo: a deliberately broken model (CTR logit +2)")
     print(f"demo: promoted the deliberately broken {version}", flush=True)
