@@ -328,6 +328,8 @@ class OnlineReader:
         self.project, self.refresh_s = settings.feast_project, refresh_s
         self._user_fields = view_fields(USER_VIEWS)
         self._cross_fields = view_fields((CROSS_VIEW,))
+        self._adv_fields = view_fields(ADVERTISER_VIEWS)
+        self._adv_keys = [k for _, k, _ in self._adv_fields] + [f"_ts:{v}".encode() for v in ADVERTISER_VIEWS]
         self._names_of = {v: [n for n, _, _ in view_fields((v,))] for v in AD_VIEWS + ADVERTISER_VIEWS}
         # What one request reads (computed once): the features, then each view's _ts field.
         self._user_keys = [k for _, k, _ in self._user_fields] + [f"_ts:{v}".encode() for v in USER_VIEWS]
@@ -346,6 +348,20 @@ class OnlineReader:
         """How old an ad-side value may be relative to the store: the refresh period (plus one reload of the
         changed ads, milliseconds)."""
         return self.refresh_s
+
+    def _fill_advertisers(self, values: dict, present: dict, given: np.ndarray, unnamed: np.ndarray,
+                          replies: dict[int, list], as_of_ms: int | None) -> None:
+        """Advertiser features of the ``unnamed`` candidates from their request-given advertiser's row."""
+        n = len(self._adv_fields)
+        rows = {adv: _decoded(reply, n) for adv, reply in replies.items()}
+        for i in np.flatnonzero(unnamed):
+            row = rows[int(given[i])]
+            for j, (name, _, _) in enumerate(self._adv_fields):
+                view = name.split("__", 1)[0]
+                stamp = row[n + ADVERTISER_VIEWS.index(view)]
+                fresh = as_of_ms is None or stamp >= as_of_ms - view_ttl_ms(view)
+                if row[j] is not None and fresh:
+                    values[name][i], present[name][i] = row[j], True
 
     def _add(self, table: AdTable) -> None:
         with self._lock:
@@ -388,12 +404,14 @@ class OnlineReader:
             self._process.join(timeout=10)
 
     def features(self, user_id: int, ad_ids: Sequence[int], as_of_ms: int | None = None,
-                 category_ids: Sequence[int] | None = None) -> RequestFeatures:
+                 category_ids: Sequence[int] | None = None,
+                 advertiser_ids: Sequence[int] | None = None) -> RequestFeatures:
         """Every feature of the ranker's service for ``user_id`` and each candidate in ``ad_ids``; with the request's
         time ``as_of_ms``, a view's row older than its TTL is absent (training's rule). ``category_ids``, the
         candidates' categories as the request names them (the catalog's, as the training set joins), choose the
         user x category rows; without them (or where one is negative) the ad's stored category does, so an ad
-        without a gold row yet still gets its user x category features when the request knows its category."""
+        without a gold row yet still gets its user x category features when the request knows its category.
+        Likewise ``advertiser_ids`` give the advertiser rows of candidates whose ad has no stored advertiser."""
         table = self.table
         rows, found = table.rows(ad_ids)
         if not found.all():  # a new candidate: read it now, then keep it fresh with the others
@@ -419,7 +437,18 @@ class OnlineReader:
         pipe.hmget(entity_key({"user_id": user_id}, self.project), self._user_keys)
         for c in categories:
             pipe.hmget(entity_key({"user_id": user_id, "category_id": c}, self.project), self._cross_keys)
+        by_request: list[int] = []  # advertisers named by the request for ads with no stored advertiser
+        if advertiser_ids is not None:
+            given = np.asarray(advertiser_ids, dtype=np.int64)
+            unnamed = ~present["ad_features__ad_advertiser_id"] & (given >= 0)
+            by_request = sorted(set(given[unnamed].tolist()))
+            for adv in by_request:
+                pipe.hmget(entity_key({"advertiser_id": adv}, self.project), self._adv_keys)
         replies = pipe.execute()
+        if by_request:
+            self._fill_advertisers(values, present, given, unnamed, dict(zip(by_request, replies[-len(by_request):],
+                                                                             strict=True)), as_of_ms)
+            replies = replies[:-len(by_request)]
         n_user = len(self._user_fields)
         user_row = _decoded(replies[0], n_user)
         user_fresh = [as_of_ms is None or user_row[n_user + j] >= as_of_ms - view_ttl_ms(v)

@@ -97,7 +97,7 @@ def test_fnw_conversion_rows_do_not_count_their_click_twice_and_corrections_supe
     assert [(r["label_ctcvr"], r["weight"]) for r in first + rows] == [(0.0, 1.0), (0.0, -1.0), (1.0, 1.0)]
     # Both in one input batch: the superseded row is dropped before learning (the pair never reaches the loss
     # or its normaliser), only the positive is learned.
-    both = to_rows([((0, 0), click), ((0, 1), conv)], ExampleState(), "naive")
+    both = to_rows([((0, 0), click), ((0, 1), conv)], ExampleState(), "naive", cancel=True)
     assert [(r["label_ctcvr"], r["weight"]) for r in both.rows] == [(1.0, 1.0)]
     assert both.counts["superseded"] == both.counts["cancelled"] == 1
 

@@ -184,7 +184,7 @@ def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float) ->
     # The drift day: the online ranker learns the held-out and drift days in event-time order.
     warm_daily = train_batch(held_day, spec, settings, scale, rate, model=copy_model(full), lr_factor=0.3,
                              epochs=1)
-    learner = OnlineLearner(online_copy(full), settings.trainer.online_learning_rate, torch.device("cpu"), "naive")
+    learner = OnlineLearner(online_copy(full), settings.trainer, torch.device("cpu"), "naive")
     stream = pd.concat([held_day, drift_day], ignore_index=True)
     hours = hourly(stream, cfg.start_ms + h * DAY_MS)
     online_p = {k: np.zeros(len(stream)) for k in ("ctr", "cvr", "ctcvr")}
@@ -299,8 +299,8 @@ def _learn_and_score(rows: pd.DataFrame, clicks: pd.DataFrame, click_hours: np.n
     """A fresh online ranker learns ``rows`` in emission order; each hour of the last day, that hour's clicks are
     scored (pCVR) before the ranker learns the examples emitted after the hour began."""
     torch.manual_seed(seed)
-    learner = OnlineLearner(Ranker.from_settings(spec, settings.trainer), settings.trainer.online_learning_rate,
-                            torch.device("cpu"), scheme)
+    learner = OnlineLearner(Ranker.from_settings(spec, settings.trainer), settings.trainer, torch.device("cpu"),
+                            scheme)
     first = encode(rows.iloc[: min(len(rows), 20_000)], spec)
     learner.model.fit_normalizer(first.dense)
     as_of = rows["as_of_ms"].to_numpy()

@@ -156,11 +156,12 @@ class Rows:
 
 
 def to_rows(examples: list[tuple[Position, TrainingExample]], state: ExampleState, scheme: str,
-            served: dict[str, dict] | None = None) -> Rows:
+            served: dict[str, dict] | None = None, cancel: bool = False) -> Rows:
     """Apply repeat dropping and the delay-correction scheme to examples in arrival order; with ``served``
-    (impression id -> the logged model inputs), each row carries them. A correction of an example in the same
-    call cancels it (neither is learned, so the pair never counts in the loss normaliser); of one learned
-    earlier, it is learned again with the negated weight (its gradient taken back) before the new one."""
+    (impression id -> the logged model inputs), each row carries them. With ``cancel`` (the trainer, per input
+    batch: rows learned together), a correction of an example in the same call cancels it (neither is learned,
+    so the pair never counts in the loss normaliser); otherwise, or for one learned earlier, the superseded
+    example is learned again with the negated weight (its gradient taken back) before the new one."""
     out = Rows()
     pending: dict[str, int] = {}  # impression -> index of its row in this call
     for pos, ex in examples:
@@ -179,7 +180,7 @@ def to_rows(examples: list[tuple[Position, TrainingExample]], state: ExampleStat
             labels["ctr_weight"] = 0.0  # FNW's extra positive: its click was learned with the fake negative
         elif ex.is_correction and previous is not None:
             out.counts["superseded"] += 1
-            if ex.impression_id in pending:  # not learned yet: drop it rather than learn it and take it back
+            if cancel and ex.impression_id in pending:  # not learned yet: drop it, not learn it and take it back
                 out.rows[pending.pop(ex.impression_id)] = None
                 out.counts["cancelled"] += 1
             else:
@@ -194,14 +195,19 @@ def to_rows(examples: list[tuple[Position, TrainingExample]], state: ExampleStat
 
 
 def learning_rate(cfg: TrainerSettings, steps: int) -> float:
-    """The online rate after ``steps`` updates of a line: linear warm-up, then 1/sqrt decay with a floor.
+    """The online rate after ``steps`` updates of a line: linear warm-up, then (with ``online_decay_steps`` > 0)
+    1/sqrt decay with a floor.
 
     >>> from infra.settings import TrainerSettings
     >>> cfg = TrainerSettings(online_learning_rate=1.0, online_warmup_steps=10, online_decay_steps=100)
     >>> [round(learning_rate(cfg, s), 3) for s in (0, 9, 10, 300, 10**9)]
     [0.1, 1.0, 1.0, 0.506, 0.1]
+    >>> learning_rate(cfg.model_copy(update={"online_decay_steps": 0}), 10**9)
+    1.0
     """
     warm = min(1.0, (steps + 1) / max(cfg.online_warmup_steps, 1))
+    if cfg.online_decay_steps <= 0:
+        return cfg.online_learning_rate * warm  # no decay: the stream never ends, the rate keeps following drift
     decay = 1.0 / math.sqrt(1.0 + max(steps - cfg.online_warmup_steps, 0) / cfg.online_decay_steps)
     return cfg.online_learning_rate * warm * max(decay, cfg.online_min_lr_factor)
 
@@ -535,7 +541,7 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
                 batch = kept
             if batch:
                 last_input = time.monotonic()
-                rows = to_rows(batch, state, scheme, logged if served is not None else None)
+                rows = to_rows(batch, state, scheme, logged if served is not None else None, cancel=True)
                 counts.update(rows.counts)
                 frame = pd.DataFrame(rows.rows)
                 if len(frame):

@@ -293,7 +293,7 @@ class Scorer:
         s, clock = self.settings.serving, time.perf_counter
         t0 = clock()
         features = self.reader.features(request.user_id, request.ad_ids, as_of_ms=request.event_time_ms,
-                                        category_ids=request.category_ids)
+                                        category_ids=request.category_ids, advertiser_ids=request.advertiser_ids)
         t1 = clock()
         enc = encode_request(model.model.spec, features, placement=request.placement, device=request.device,
                              campaign_ids=request.campaign_ids, advertiser_ids=request.advertiser_ids,
