@@ -433,7 +433,7 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
     published: list[str] = []
     began = time.monotonic()
 
-    def begin() -> tuple[Line, OnlineLearner, dict | None]:
+    def begin() -> tuple[Line, OnlineLearner]:
         line = start_line(registry, spec, settings, state, [tp.partition for tp in parts], checkpoint)
         learner = OnlineLearner(line.model, cfg, device, scheme)
         if line.optimizer is not None:
@@ -445,10 +445,9 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
                 consumer.seek(tp, line.offsets[tp.partition])
             else:
                 consumer.seek_to_beginning(tp)
-        reference = registry.meta(line.root).get("reference") if line.root else None
-        return line, learner, reference
+        return line, learner
 
-    line, learner, reference = begin()
+    line, learner = begin()
     position = {tp.partition: consumer.position(tp) for tp in parts}
     counts: Counter = Counter()
     arrivals: list[int] = []  # Kafka timestamps of the examples learned since the last publication
@@ -478,8 +477,6 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
                     "feature_service": {"name": "ranker", "spec": learner.model.spec.fingerprint()},
                     "created_ms": now_ms}
             del meta["root"]
-            if reference is not None:
-                meta["reference"] = reference  # the batch root's; the breaker judges the line by what it served
             base = delta_base(registry, line, cfg.online_delta_chain)
             version = save(registry, ScoringModel(learner.model.cpu()), "online", meta, base=base)
             learner.model.to(learner.device)
@@ -563,7 +560,7 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
                 arrivals.extend(stamps)
                 last_input = time.monotonic()  # idle means waiting for input, not learning it
             if time.monotonic() - last_publish >= publish_every_s and arrivals and not publish():
-                line, learner, reference = begin()
+                line, learner = begin()
                 position = {tp.partition: consumer.position(tp) for tp in parts}
                 counts = Counter()
             if idle_exit_s is not None and time.monotonic() - last_input > idle_exit_s:
