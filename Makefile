@@ -164,7 +164,7 @@ test: up
 	$(PY) -m ruff check .
 	$(PY) -m pytest tests --durations=15 --doctest-modules schemas streams/dead_letter.py streams/state.py streams/event_clock.py infra/settings.py \
 	  streams/state_dir.py label_joiner/join.py label_joiner/rules.py batch_jobs/days.py trainers/loss.py \
-	  trainers/online.py trainers/served_features.py trainers/warm_start.py trainers/circuit_breaker.py
+	  trainers/online.py trainers/served_features.py trainers/warm_start.py trainers/circuit_breaker.py feature_repo/loads.py
 
 # kill -9 the label joiner at random moments, ROUNDS times, then check every label exact and no output twice.
 ROUNDS ?= 20

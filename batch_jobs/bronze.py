@@ -170,7 +170,11 @@ def read_bronze(spark, settings: Settings, model: type[Event]):
     frame = spark.read.format("delta").load(table_path(settings, source)).where("reject_reason IS NULL")
     if bad := quarantined_days(settings, f"bronze/{source.table}"):  # kept, marked, not read downstream
         frame = frame.where(~F.col("ds").isin(sorted(bad)))
-    return frame.select(*model.field_names(), "arrival_ms", "kafka_partition", "kafka_offset", "ds")
+    # A field newer than every landed record (the table's schema grows when the first one lands) reads null.
+    schema = spark_schema(model)
+    fields = [F.col(n) if n in frame.columns else F.lit(None).cast(schema[n].dataType).alias(n)
+              for n in model.field_names()]
+    return frame.select(*fields, "arrival_ms", "kafka_partition", "kafka_offset", "ds")
 
 
 def campaigns_as_of(spark, settings: Settings, end_ms: int | None = None):

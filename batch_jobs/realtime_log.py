@@ -4,7 +4,9 @@
 row the worker wrote to the online store; header ``view``) and appends each view's rows to
 ``<lake>/realtime/<view>`` (``schemas.features`` ``UserRealtime``, ``AdRealtime``, ``AdvertiserRealtime``,
 partitioned by the row's day). These tables are the batch sources of Feast's push sources and what the
-training-set builder joins as of each impression.
+training-set builder joins as of each impression. Each row keeps ``written_ms``, its record's Kafka timestamp:
+the worker sends the record after the row's online write, so this is when serving could first read the row
+(the training-set builder joins served impressions on it: point-in-time by availability).
 
 Exactly once per table, as bronze does it: every row keeps ``kafka_partition``/``kafka_offset``, and each
 table takes only the records after its own largest offset per partition, so a run killed between two
@@ -23,6 +25,8 @@ from infra.settings import Settings, get_settings
 from infra.spark_session import spark_session
 from schemas.features import REALTIME_TABLES, FeatureRow
 from schemas.spark import spark_schema
+
+WRITTEN = "written_ms"  # when the row became readable: its log record's Kafka timestamp (after the online write)
 
 
 def realtime_path(settings: Settings, table: type[FeatureRow]) -> str:
@@ -55,7 +59,7 @@ def land(spark, settings: Settings, end_ms: int | None) -> dict[str, int]:
         return out
     raw = (read_range(spark, settings, topic, todo)
            .select(F.col("value").cast("string").alias("value"), F.col("partition").alias("kafka_partition"),
-                   F.col("offset").alias("kafka_offset"),
+                   F.col("offset").alias("kafka_offset"), F.unix_millis("timestamp").alias(WRITTEN),
                    F.filter("headers", lambda h: h["key"] == "view")[0]["value"].cast("string").alias("view"))
            .cache())
     for table in REALTIME_TABLES:
@@ -64,8 +68,9 @@ def land(spark, settings: Settings, end_ms: int | None) -> dict[str, int]:
         for p, first in mine.items():  # only what this table does not have yet
             after = after & ((F.col("kafka_partition") != p) | (F.col("kafka_offset") >= first))
         rows = (raw.where((F.col("view") == table.VIEW) & after)
-                .select(F.from_json("value", log_schema(table)).alias("r"), "kafka_partition", "kafka_offset")
-                .select("r.*", "kafka_partition", "kafka_offset")
+                .select(F.from_json("value", log_schema(table)).alias("r"), "kafka_partition", "kafka_offset",
+                        WRITTEN)
+                .select("r.*", "kafka_partition", "kafka_offset", WRITTEN)
                 .withColumn("event_timestamp", F.timestamp_millis("event_timestamp"))
                 .withColumn("ds", F.to_date("event_timestamp").cast("string")))
         n = rows.count()

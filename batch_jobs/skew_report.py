@@ -12,9 +12,11 @@ from gold and the real-time logs), and compares every model input and the served
 - the mean and max absolute difference where both sides have a value (lists: the largest element
   difference per row), and a few example impressions of the most differing columns.
 
-Real-time features differ legitimately: serving reads the online store at request time, while the
-point-in-time join takes the real-time log strictly before the impression; a worker's lag or a row still
-in flight moves the value. The report lists them with the rest and marks them, it does not hide them; the
+The recomputation joins each served impression on availability (``batch_jobs.training_set``: the rows
+written before serving's logged read), so a worker's lag or a late gold load no longer differs. What may
+still differ in the real-time views: a row the worker wrote in the milliseconds between serving's read stamp
+and its read, or one whose log record was sent well after its Redis write (the worker's transaction took
+long). The report lists them with the rest and marks them, it does not hide them; the
 summary names the most differing columns overall, and separately those of the batch views and the context
 (``top_differing_batch``) and of the real-time views (``top_differing_realtime``), so the expected real-time
 drift cannot crowd a batch skew out of sight.

@@ -21,6 +21,13 @@ The real-time views (``schemas.features.REALTIME_TABLES``) are joined the same w
 (``<lake>/realtime/<view>``, landed by ``batch_jobs.realtime_log``), with one difference: only rows stamped
 strictly before the impression count. A real-time row stamped at the impression's own time already counts
 that impression (the worker wrote it after the ad was shown), which serving could not have seen.
+
+Served impressions are joined by *availability* instead: the prediction log says when serving read the store
+(``read_ms``), each real-time row when it was written (``written_ms``, its log record's Kafka timestamp) and
+each gold row when it was loaded (``feature_repo.loads``). Such an impression gets, per view, the row written
+last before the read, if its ``event_timestamp`` is within the TTL before the impression -- what the online
+store held, under the rule serving applies. A gold day loaded an hour after midnight is not seen by the
+impressions of that hour; a real-time row written during a backlog is not seen by impressions read before it.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ from datetime import date, timedelta
 from batch_jobs.days import day_bounds, days
 from batch_jobs.gold import gold_path
 from batch_jobs.quality import DistributionCheck, guard, quarantined_days
+from batch_jobs.realtime_log import WRITTEN
 from batch_jobs.silver import silver_path
+from feature_repo import loads
 from infra.settings import Settings, get_settings
 from infra.spark_session import spark_session
 from schemas.features import GOLD_TABLES, REALTIME_TABLES, FeatureRow, TrainingRow
@@ -41,6 +50,8 @@ SILVER_TABLE = "silver/labeled_impressions"
 TABLE = "training/training_set"
 HASH_SPACE = 1 << 53  # the downsampling hash, reduced to a uniform integer in [0, 2^53)
 EVENT_TIME = "__event_time"
+READ = "__read_ms"  # when serving read the online store for the impression (null: never served by a ranker)
+AVAILABLE = "available_ms"  # when a feature row became readable online (gold: its load; real-time: its write)
 CLICKED_SHARE = "clicked_share"  # ``clicked`` as 0/1, for the label-rate check
 
 
@@ -102,9 +113,15 @@ def source_path(settings: Settings, table: type[FeatureRow]) -> str:
 
 
 def as_of_join(frame, gold, table: type[FeatureRow], ttl: timedelta):
-    """``frame`` (one row per impression_id, with ``EVENT_TIME``) plus ``table``'s features as of that time:
-    the row of the same keys with the latest ``event_timestamp`` in [time - ttl, time] (real-time views:
-    strictly before the time), else nulls."""
+    """``frame`` (one row per impression_id, with ``EVENT_TIME`` and ``READ``) plus ``table``'s features:
+
+    - a served impression (``READ`` set): the row of the same keys written last before the read (``gold``'s
+      ``AVAILABLE`` column), if its ``event_timestamp`` is within the TTL before the impression -- the rule
+      the online store served by;
+    - otherwise: the row with the latest ``event_timestamp`` in [time - ttl, time] (real-time views: strictly
+      before the time);
+
+    else nulls."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -113,17 +130,24 @@ def as_of_join(frame, gold, table: type[FeatureRow], ttl: timedelta):
     named = zip(table.feature_names(), feature_columns(table), strict=True)
     offset = f"__{table.VIEW}_offset"
     log_order = F.col("kafka_offset") if "kafka_offset" in gold.columns else F.lit(0).cast("long")
+    avail = f"__{table.VIEW}_available"
+    available = F.col(AVAILABLE) if AVAILABLE in gold.columns else F.lit(None).cast("long")
     right = gold.select(*[F.col(k).alias(v) for k, v in keys.items()],
                         F.col("event_timestamp").alias(ts), F.col("ds").alias(ds), log_order.alias(offset),
+                        available.alias(avail),
                         *[F.col(n).alias(c) for n, c in named])
-    t = F.col(EVENT_TIME)
+    t, read = F.col(EVENT_TIME), F.col(READ)
+    by_event_time = F.col(ts) < t if table.REALTIME else F.col(ts) <= t
+    by_availability = F.col(avail).isNotNull() & (F.col(avail) < read)  # written before serving read
     cond = [F.col(k) == F.col(v) for k, v in keys.items()]
-    cond += [F.col(ts) < t if table.REALTIME else F.col(ts) <= t, F.col(ts) >= t - F.lit(ttl)]
-    # Ties on the timestamp: the later ds, then (real-time rows) the later record of the log.
-    latest = Window.partitionBy("impression_id").orderBy(F.col(ts).desc_nulls_last(), F.col(ds).desc_nulls_last(),
-                                                         F.col(offset).desc_nulls_last())
+    cond += [F.col(ts) >= t - F.lit(ttl), (read.isNull() & by_event_time) | (read.isNotNull() & by_availability)]
+    # Served: the last row written before the read (what the online store held). Otherwise the latest by
+    # event time. Ties: the later timestamp, the later ds, then (real-time rows) the later record of the log.
+    written = F.when(read.isNull(), F.lit(0)).otherwise(F.col(avail))
+    latest = Window.partitionBy("impression_id").orderBy(written.desc_nulls_last(), F.col(ts).desc_nulls_last(),
+                                                         F.col(ds).desc_nulls_last(), F.col(offset).desc_nulls_last())
     joined = frame.join(right, on=cond, how="left").withColumn("__rank", F.row_number().over(latest))
-    return joined.where(F.col("__rank") == 1).drop("__rank", ts, ds, offset, *keys.values())
+    return joined.where(F.col("__rank") == 1).drop("__rank", ts, ds, offset, avail, *keys.values())
 
 
 def build(spark, settings: Settings, start: date, end: date, negative_rate: float = 0.1, seed: int = 7):
@@ -151,6 +175,8 @@ def build(spark, settings: Settings, start: date, end: date, negative_rate: floa
              .withColumn("sample_rate", F.when(F.col("clicked"), F.lit(1.0)).otherwise(F.lit(float(negative_rate))))
              .withColumn(EVENT_TIME, F.timestamp_millis(F.col("impression_time_ms")))
              .select(*base_cols, "ds", EVENT_TIME))
+    frame = with_read_time(spark, settings, frame, date.fromisoformat(kept_days[0]),
+                           date.fromisoformat(kept_days[-1]))
     # Gold rows that can matter: up to the end of the last day, no older than the TTL before the first.
     first_ms, _ = day_bounds(date.fromisoformat(kept_days[0]))
     _, last_ms = day_bounds(date.fromisoformat(kept_days[-1]))
@@ -172,9 +198,26 @@ def build(spark, settings: Settings, start: date, end: date, negative_rate: floa
         lo = F.timestamp_millis(F.lit(first_ms)) - F.lit(ttl)
         gold = gold.where((F.col("event_timestamp") >= lo) & (F.col("event_timestamp") <= F.timestamp_millis(
             F.lit(last_ms))))
+        gold = (gold.withColumnRenamed(WRITTEN, AVAILABLE) if table.REALTIME
+                else loads.available(spark, settings, table.VIEW, gold))
         print(f"training_set: {table.VIEW}: as-of join on {', '.join(table.ENTITIES)} (ttl {ttl})")
         frame = as_of_join(frame, gold, table, ttl)
     return frame.select(*out_cols, "ds")
+
+
+def with_read_time(spark, settings: Settings, frame, start: date, end: date):
+    """``frame`` plus ``READ``: when serving read the features of each impression, from its first replayable
+    prediction-log record (``read_ms``); null for an impression no ranker logged, or a record from before
+    serving logged the read."""
+    from pyspark.sql import functions as F
+
+    from batch_jobs.replay_set import logged_rows
+
+    logged = logged_rows(spark, settings, start, end)
+    if logged is None:
+        return frame.withColumn(READ, F.lit(None).cast("long"))
+    reads = logged.where(F.col("read_ms") >= 0).select("impression_id", F.col("read_ms").alias(READ))
+    return frame.join(reads, on="impression_id", how="left")
 
 
 def replace_days(frame, path: str, days: list[str]) -> dict[str, tuple[int, int]]:

@@ -3,6 +3,8 @@
 Writes ``<var>/feast/feature_store.yaml`` (``feature_repo.store.write_config``: Redis, or a loud error
 when it is down) and runs ``feast -c feature_repo -f <that file> <command ...>`` with the settings in the
 environment, so ``feast apply`` and ``feast materialize-incremental`` work as they do for any Feast repo.
+After a materialization succeeds, it records when the gold views were loaded (``feature_repo.loads``): the
+time their rows became readable online, which the training-set builder joins served impressions on.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from feature_repo.loads import loads_path, parse_materialize, record
 from feature_repo.store import REPO, OnlineStoreDown, write_config
 from infra.settings import Settings, get_settings
 
@@ -29,7 +32,15 @@ def feast(args: list[str], settings: Settings | None = None, online: str | None 
     config = write_config(settings, online)
     exe = shutil.which("feast", path=str(Path(sys.executable).parent)) or "feast"
     env = {**os.environ, **settings.to_env()}
-    return subprocess.run([exe, "-c", str(REPO), "-f", str(config), *args], env=env, check=check)
+    done = subprocess.run([exe, "-c", str(REPO), "-f", str(config), *args], env=env, check=check)
+    loads = parse_materialize(args)
+    if loads is not None and done.returncode == 0 and loads.views:
+        from infra.spark_session import spark_session
+
+        loaded_ms = record(spark_session("feast-loads", settings), settings, loads)
+        print(f"feature_repo.cli: recorded the load of {', '.join(loads.views)} at {loaded_ms} in "
+              f"{loads_path(settings)}", flush=True)
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,11 +100,14 @@ class PredictionLog(Event):
     ``features`` holds the scalar model inputs by column name (``<view>__<feature>``; a feature the store
     had no value for is absent), ``feature_lists`` the list-valued ones (the user's recent ads, the
     category profile). ``impression_id`` is the impression this candidate became (the record's key, and
-    the impression's ``feature_ref``). Version 1 records (no context, no auction fields) still decode.
+    the impression's ``feature_ref``). ``read_ms`` is when serving read the online store (its clock, just
+    before the read): the training-set builder shows an impression only the feature rows written before it
+    (point-in-time by availability). Version 1 records (no context, no auction fields) and version 2 records
+    (no ``read_ms``) still decode.
     """
 
     NAME: ClassVar[str] = "prediction_log"
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
 
     request_id: str = Field(min_length=1)
     impression_id: str = Field(min_length=1)
@@ -130,6 +133,8 @@ class PredictionLog(Event):
     price: float = Field(default=0.0, ge=0.0)
     explored: bool = False
     arm: str = ""
+    # Version 3: when the features were read (epoch ms of serving's clock; -1: unknown).
+    read_ms: int = Field(default=-1, ge=-1)
 
 
 class TrainingExample(Event):

@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from batch_jobs.gold import gold_path
+from feature_repo import loads
 from feature_repo.cli import feast
 from feature_repo.store import feature_store
 from infra.spark_session import spark_session
@@ -35,7 +36,12 @@ def test_feast_cli_apply_and_materialize_incremental(redis_settings, tmp_path):
 
     assert feast(["apply"], settings, online="redis").returncode == 0
     end = (datetime.now(UTC) + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    before = int(datetime.now(UTC).timestamp() * 1000)
     assert feast(["materialize-incremental", end], settings, online="redis").returncode == 0
+    # The load is recorded once the command succeeded: when the gold rows became readable (issue 19, item 9).
+    gold = spark.read.format("delta").load(gold_path(settings, UserFeatures))
+    available = {r[loads.LOADED] for r in loads.available(spark, settings, "user_features", gold).collect()}
+    assert len(available) == 1 and available.pop() >= before
 
     store = feature_store(settings, "redis", apply=False)
     assert {v.name for v in store.list_feature_views()} >= {"user_features", "ad_features", "user_realtime"}

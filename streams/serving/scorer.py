@@ -291,7 +291,7 @@ class Scorer:
 
     def _serve(self, request: AdRequest, model: ScoringModel, out: Served) -> None:
         s, clock = self.settings.serving, time.perf_counter
-        t0 = clock()
+        t0, read_ms = clock(), int(time.time() * 1000)  # the read's time: rows written after it were not seen
         features = self.reader.features(request.user_id, request.ad_ids, as_of_ms=request.event_time_ms,
                                         category_ids=request.category_ids, advertiser_ids=request.advertiser_ids)
         t1 = clock()
@@ -333,7 +333,7 @@ class Scorer:
                 features=features_i, pctr=shown.pctr, pcvr=shown.pcvr, advertiser_id=shown.advertiser_id,
                 campaign_id=shown.campaign_id, category_id=shown.category_id, placement=request.placement,
                 device=request.device, position=slot, bid=shown.bid, feature_lists=lists_i, ecpm=shown.ecpm,
-                price=shown.price, explored=shown.explored, arm=out.arm))
+                price=shown.price, explored=shown.explored, arm=out.arm, read_ms=read_ms))
         if out.logs:
             self.logger.log(out.logs)
         out.timings = {"features": (t1 - t0) * 1000, "encode": (t2 - t1) * 1000, "model": (t3 - t2) * 1000,

@@ -1,0 +1,113 @@
+"""When gold rows became readable online: one row per view per successful ``feast materialize``, in Delta.
+
+A gold row is stamped with the end of its day (when its values became true), but serving can read it only
+after a materialization wrote it to the online store, an hour or more later. ``record`` appends
+``(view, start_ms, end_ms, loaded_ms)`` to ``<lake>/feature_loads`` once a materialize command succeeded;
+``loaded_ms`` is the wall clock after the command returned, so it is never before the rows were readable.
+An incremental load's start is the view's previous end (Feast's own rule); the first one has none.
+
+``available`` gives each gold row ``available_ms``: the earliest load whose interval holds the row's
+``event_timestamp`` (null: never loaded, so serving never had it). The training-set builder joins served
+impressions on it (point-in-time by availability, ``batch_jobs.training_set``).
+
+>>> spec = parse_materialize(["materialize", "2026-11-14T00:00:00", "2026-11-16T00:00:00", "--views", "ad_features"])
+>>> spec.views, spec.start_ms, spec.end_ms
+(['ad_features'], 1763078400000, 1763251200000)
+>>> parse_materialize(["materialize-incremental", "2026-11-16T00:00:00"]).start_ms is None
+True
+>>> parse_materialize(["apply"]) is None
+True
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from infra.settings import Settings
+from schemas.features import GOLD_TABLES
+
+LOADED = "available_ms"
+
+
+@dataclass(frozen=True)
+class Materialization:
+    """What one materialize command loads: the gold views and the event-time interval (start None: open)."""
+
+    views: list[str]
+    start_ms: int | None
+    end_ms: int
+
+
+def _ms(text: str) -> int:
+    t = datetime.fromisoformat(text)
+    return int((t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp() * 1000)
+
+
+def parse_materialize(args: list[str]) -> Materialization | None:
+    """The loads a ``feast`` command line makes (only gold views: real-time rows are readable when the worker
+    writes them), or None for any other command."""
+    if not args or args[0] not in ("materialize", "materialize-incremental"):
+        return None
+    positional, views, i = [], [], 1
+    while i < len(args):
+        if args[i] in ("-v", "--views"):
+            i += 1
+            while i < len(args) and not args[i].startswith("-"):
+                views.append(args[i])
+                i += 1
+            continue
+        if not args[i].startswith("-"):
+            positional.append(args[i])
+        i += 1
+    gold = [t.VIEW for t in GOLD_TABLES]
+    views = [v for v in (views or gold) if v in gold]
+    if args[0] == "materialize":
+        return Materialization(views, _ms(positional[0]), _ms(positional[1]))
+    return Materialization(views, None, _ms(positional[0]))
+
+
+def loads_path(settings: Settings) -> str:
+    return str(settings.lake_dir / "feature_loads")
+
+
+def record(spark, settings: Settings, spec: Materialization, loaded_ms: int | None = None) -> int:
+    """Append the loads of a materialization that succeeded; returns ``loaded_ms``."""
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    loaded_ms = int(time.time() * 1000) if loaded_ms is None else loaded_ms
+    path = loads_path(settings)
+    previous: dict[str, int] = {}
+    if spec.start_ms is None and DeltaTable.isDeltaTable(spark, path):
+        previous = {r["view"]: r["end"] for r in spark.read.format("delta").load(path)
+                    .groupBy("view").agg(F.max("end_ms").alias("end")).collect()}
+    schema = T.StructType([T.StructField("view", T.StringType(), False), T.StructField("start_ms", T.LongType()),
+                           T.StructField("end_ms", T.LongType(), False),
+                           T.StructField("loaded_ms", T.LongType(), False)])
+    rows = [(v, spec.start_ms if spec.start_ms is not None else previous.get(v), spec.end_ms, loaded_ms)
+            for v in spec.views]
+    spark.createDataFrame(rows, schema).write.format("delta").mode("append").save(path)
+    return loaded_ms
+
+
+def available(spark, settings: Settings, view: str, gold):
+    """``gold`` (a view's rows) with ``available_ms``: the first load of ``view`` whose [start, end] holds the
+    row's ``event_timestamp``; null when no load did."""
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+
+    path = loads_path(settings)
+    if not DeltaTable.isDeltaTable(spark, path):
+        return gold.withColumn(LOADED, F.lit(None).cast("long"))
+    loads = (spark.read.format("delta").load(path).where(F.col("view") == F.lit(view))
+             .select(F.col("start_ms").alias("__start"), F.col("end_ms").alias("__end"),
+                     F.col("loaded_ms").alias("__loaded")))
+    ts = F.unix_millis(F.col("event_timestamp"))
+    cond = (F.col("__start").isNull() | (F.col("__start") <= ts)) & (ts <= F.col("__end"))
+    # Gold rows share a handful of stamps (one per day): find each stamp's first load, then attach it.
+    stamps = (gold.select("event_timestamp").distinct().join(F.broadcast(loads), on=cond, how="left")
+              .groupBy("event_timestamp").agg(F.min("__loaded").alias(LOADED)))
+    return gold.join(F.broadcast(stamps), on="event_timestamp", how="left")

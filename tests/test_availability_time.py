@@ -1,0 +1,105 @@
+"""Point-in-time by availability (real Spark + Delta): a served impression gets the feature rows that were
+readable when serving read the store -- real-time rows by their write's Kafka timestamp, gold rows by their
+load -- not every row stamped before the impression. Planted lags: a real-time row written a minute after
+the read, a gold day loaded a second after it. An impression no ranker served keeps the event-time rule."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+import pytest
+
+from batch_jobs import training_set
+from batch_jobs.bronze import BY_MODEL, table_path
+from batch_jobs.realtime_log import WRITTEN, realtime_path
+from batch_jobs.silver import silver_path
+from feature_repo import loads
+from infra.settings import get_settings
+from infra.spark_session import spark_session
+from schemas.events import LabeledImpression, PredictionLog
+from schemas.features import UserFeatures, UserRealtime
+from schemas.spark import spark_schema
+from tests.test_training_set import DAY, at, epoch_ms, gold_row, silver_row, value_for, write
+
+D = date(2026, 11, 10)
+T = at(D + DAY, 12)  # both impressions' event time
+READ = epoch_ms(T) + 5  # when serving read the store for the served one
+USER = 1
+
+
+def realtime_row(t, impressions_1h: int, written_ms: int) -> dict:
+    row = {n: value_for(n, UserRealtime.model_fields[n].annotation, None) for n in UserRealtime.feature_names()}
+    row |= {"user_id": USER, "event_timestamp": t, "user_impressions_1h": impressions_1h}
+    return UserRealtime(**row).model_dump() | {"ds": t.date().isoformat(), WRITTEN: written_ms,
+                                               "kafka_partition": 0, "kafka_offset": impressions_1h}
+
+
+def logged(impression_id: str, read_ms: int) -> dict:
+    """A bronze prediction-log row of a ranker (replayable), read at ``read_ms``."""
+    record = PredictionLog(request_id="r", impression_id=impression_id, user_id=USER, ad_id=100, model_version="v1",
+                           event_time_ms=epoch_ms(T), features={}, pctr=0.1, pcvr=0.1, placement="feed",
+                           device="ios", feature_lists={"x": [1.0]}, read_ms=read_ms).model_dump()
+    return record | {"arrival_ms": epoch_ms(T) + 10, "kafka_partition": 0, "kafka_offset": 0, "reject_reason": None,
+                     "payload": "{}", "ds": T.date().isoformat()}
+
+
+def write_extra(spark, rows: list[dict], schema, path: str) -> None:
+    frame = spark.createDataFrame([tuple(r[f.name] for f in schema.fields) for r in rows], schema)
+    frame.write.format("delta").partitionBy("ds").mode("append").save(path)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    from pyspark.sql import types as T_
+
+    settings = get_settings().model_copy(update={"var_dir": tmp_path_factory.mktemp("availability")})
+    spark = spark_session("availability-test", settings)
+    write(spark, [silver_row("served", T, user_id=USER, clicked=True),
+                  silver_row("unserved", T, user_id=USER, clicked=True)], LabeledImpression, silver_path(settings))
+    # Real-time rows of the user: one written before the read; one stamped before the impression but written
+    # a minute after the read (the worker lagged).
+    rt_schema = (spark_schema(UserRealtime).add("ds", T_.StringType()).add(WRITTEN, T_.LongType())
+                 .add("kafka_partition", T_.IntegerType()).add("kafka_offset", T_.LongType()))
+    write_extra(spark, [realtime_row(T - timedelta(minutes=30), 5, READ - 1_000),
+                        realtime_row(T - timedelta(minutes=10), 7, READ + 60_000)],
+                rt_schema, realtime_path(settings, UserRealtime))
+    # Gold: day D-1 (stamped 00:00 of D) loaded an hour before the read; day D (stamped 00:00 of D+1, before
+    # the impression) loaded a second after it.
+    write(spark, [gold_row(UserFeatures, D - DAY, {"user_id": USER}, user_ctr_7d=0.3),
+                  gold_row(UserFeatures, D, {"user_id": USER}, user_ctr_7d=0.1)],
+          UserFeatures, training_set.gold_path(settings, UserFeatures))
+    for ds, loaded in ((D - DAY, READ - 3_600_000), (D, READ + 1_000)):
+        stamp = epoch_ms(at(ds + DAY))
+        loads.record(spark, settings, loads.Materialization(["user_features"], stamp - 1, stamp), loaded_ms=loaded)
+    log_schema = (spark_schema(PredictionLog).add("arrival_ms", T_.LongType()).add("kafka_partition", T_.IntegerType())
+                  .add("kafka_offset", T_.LongType()).add("reject_reason", T_.StringType())
+                  .add("payload", T_.StringType()).add("ds", T_.StringType()))
+    write_extra(spark, [logged("served", READ)], log_schema, table_path(settings, BY_MODEL[PredictionLog]))
+    frame = training_set.build(spark, settings, D + DAY, D + DAY, negative_rate=1.0)
+    return {r["impression_id"]: r.asDict() for r in frame.collect()}
+
+
+def test_a_served_impression_sees_only_rows_readable_at_its_read(built):
+    served = built["served"]
+    assert served["user_realtime__user_impressions_1h"] == 5  # the lagged row (7) was written after the read
+    assert served["user_features__user_ctr_7d"] == 0.3  # day D was loaded after the read: D-1 was served
+
+
+def test_an_unserved_impression_keeps_the_event_time_rule(built):
+    unserved = built["unserved"]
+    assert unserved["user_realtime__user_impressions_1h"] == 7
+    assert unserved["user_features__user_ctr_7d"] == 0.1
+
+
+def test_a_gold_row_never_loaded_is_not_served(tmp_path):
+    settings = get_settings().model_copy(update={"var_dir": tmp_path})
+    spark = spark_session("availability-test", settings)
+    gold = spark.createDataFrame([(1, at(D + DAY))], "user_id long, event_timestamp timestamp")
+    stamp = epoch_ms(at(D + DAY))
+    assert loads.available(spark, settings, "user_features", gold).collect()[0][loads.LOADED] is None
+    loads.record(spark, settings, loads.Materialization(["user_features"], None, stamp - 1), loaded_ms=10)
+    assert loads.available(spark, settings, "user_features", gold).collect()[0][loads.LOADED] is None
+    loads.record(spark, settings, loads.Materialization(["user_features"], None, stamp + 1), loaded_ms=20)
+    loads.record(spark, settings, loads.Materialization(["user_features"], None, stamp + 2), loaded_ms=30)
+    # The first load whose interval holds the stamp; an incremental load starts where the previous one ended.
+    assert loads.available(spark, settings, "user_features", gold).collect()[0][loads.LOADED] == 20
