@@ -12,7 +12,7 @@ impressions on it (point-in-time by availability, ``batch_jobs.training_set``).
 
 >>> spec = parse_materialize(["materialize", "2026-11-14T00:00:00", "2026-11-16T00:00:00", "--views", "ad_features"])
 >>> spec.views, spec.start_ms, spec.end_ms
-(['ad_features'], 1763078400000, 1763251200000)
+(['ad_features'], 1794614400000, 1794787200000)
 >>> parse_materialize(["materialize-incremental", "2026-11-16T00:00:00"]).start_ms is None
 True
 >>> parse_materialize(["apply"]) is None
