@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from feature_repo.loads import loads_path, parse_materialize, record
+from feature_repo.loads import loads_path, parse_materialize, record, stamps_present
 from feature_repo.store import REPO, OnlineStoreDown, write_config
 from infra.settings import Settings, get_settings
 
@@ -32,12 +32,16 @@ def feast(args: list[str], settings: Settings | None = None, online: str | None 
     config = write_config(settings, online)
     exe = shutil.which("feast", path=str(Path(sys.executable).parent)) or "feast"
     env = {**os.environ, **settings.to_env()}
-    done = subprocess.run([exe, "-c", str(REPO), "-f", str(config), *args], env=env, check=check)
-    loads = parse_materialize(args)
-    if loads is not None and done.returncode == 0 and loads.views:
+    loads, present = parse_materialize(args), None
+    if loads is not None and loads.views:
         from infra.spark_session import spark_session
 
-        loaded_ms = record(spark_session("feast-loads", settings), settings, loads)
+        present = stamps_present(spark_session("feast-loads", settings), settings, loads)
+    done = subprocess.run([exe, "-c", str(REPO), "-f", str(config), *args], env=env, check=check)
+    if present is not None and done.returncode == 0:
+        from infra.spark_session import spark_session
+
+        loaded_ms = record(spark_session("feast-loads", settings), settings, loads, present)
         print(f"feature_repo.cli: recorded the load of {', '.join(loads.views)} at {loaded_ms} in "
               f"{loads_path(settings)}", flush=True)
     return done

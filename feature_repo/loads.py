@@ -1,13 +1,15 @@
 """When gold rows became readable online: one row per view per successful ``feast materialize``, in Delta.
 
 A gold row is stamped with the end of its day (when its values became true), but serving can read it only
-after a materialization wrote it to the online store, an hour or more later. ``record`` appends
-``(view, start_ms, end_ms, loaded_ms)`` to ``<lake>/feature_loads`` once a materialize command succeeded;
+after a materialization wrote it to the online store, an hour or more later. Before a materialize command
+runs, ``stamps_present`` notes which ``event_timestamp`` values each gold table holds in the load's interval
+(an interval may reach past days not computed yet: those are not loaded); once the command succeeded,
+``record`` appends ``(view, start_ms, end_ms, stamps_ms, loaded_ms)`` to ``<lake>/feature_loads``.
 ``loaded_ms`` is the wall clock after the command returned, so it is never before the rows were readable.
 An incremental load's start is the view's previous end (Feast's own rule); the first one has none.
 
-``available`` gives each gold row ``available_ms``: the earliest load whose interval holds the row's
-``event_timestamp`` (null: never loaded, so serving never had it). The training-set builder joins served
+``available`` gives each gold row ``available_ms``: the earliest load that found its ``event_timestamp``
+(null: never loaded, so serving never had it). The training-set builder joins served
 impressions on it (point-in-time by availability, ``batch_jobs.training_set``).
 
 >>> spec = parse_materialize(["materialize", "2026-11-14T00:00:00", "2026-11-16T00:00:00", "--views", "ad_features"])
@@ -72,42 +74,70 @@ def loads_path(settings: Settings) -> str:
     return str(settings.lake_dir / "feature_loads")
 
 
-def record(spark, settings: Settings, spec: Materialization, loaded_ms: int | None = None) -> int:
-    """Append the loads of a materialization that succeeded; returns ``loaded_ms``."""
+def _previous_ends(spark, settings: Settings) -> dict[str, int]:
     from delta.tables import DeltaTable
     from pyspark.sql import functions as F
+
+    path = loads_path(settings)
+    if not DeltaTable.isDeltaTable(spark, path):
+        return {}
+    return {r["view"]: r["end"] for r in spark.read.format("delta").load(path)
+            .groupBy("view").agg(F.max("end_ms").alias("end")).collect()}
+
+
+def stamps_present(spark, settings: Settings, spec: Materialization) -> dict[str, tuple[int | None, list[int]]]:
+    """Per view: the load's start and the ``event_timestamp`` values (ms) its gold table holds in the load's
+    interval *now*. Taken before the load runs: a row that lands while it runs is not claimed."""
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+
+    from batch_jobs.gold import gold_path
+    from schemas.features import BY_VIEW
+
+    previous = _previous_ends(spark, settings) if spec.start_ms is None else {}
+    out: dict[str, tuple[int | None, list[int]]] = {}
+    for view in spec.views:
+        start = spec.start_ms if spec.start_ms is not None else previous.get(view)
+        path = gold_path(settings, BY_VIEW[view])
+        stamps: list[int] = []
+        if DeltaTable.isDeltaTable(spark, path):
+            ts = F.unix_millis(F.col("event_timestamp"))
+            inside = (ts <= F.lit(spec.end_ms)) & (F.lit(start is None) | (ts >= F.lit(start or 0)))
+            stamps = sorted(r["t"] for r in spark.read.format("delta").load(path).where(inside)
+                            .select(ts.alias("t")).distinct().collect())
+        out[view] = (start, stamps)
+    return out
+
+
+def record(spark, settings: Settings, spec: Materialization, present: dict | None = None,
+           loaded_ms: int | None = None) -> int:
+    """Append the loads of a materialization that succeeded (``present``: :func:`stamps_present` taken before
+    it ran; now if not given); returns ``loaded_ms``."""
     from pyspark.sql import types as T
 
+    present = stamps_present(spark, settings, spec) if present is None else present
     loaded_ms = int(time.time() * 1000) if loaded_ms is None else loaded_ms
-    path = loads_path(settings)
-    previous: dict[str, int] = {}
-    if spec.start_ms is None and DeltaTable.isDeltaTable(spark, path):
-        previous = {r["view"]: r["end"] for r in spark.read.format("delta").load(path)
-                    .groupBy("view").agg(F.max("end_ms").alias("end")).collect()}
     schema = T.StructType([T.StructField("view", T.StringType(), False), T.StructField("start_ms", T.LongType()),
                            T.StructField("end_ms", T.LongType(), False),
+                           T.StructField("stamps_ms", T.ArrayType(T.LongType(), False), False),
                            T.StructField("loaded_ms", T.LongType(), False)])
-    rows = [(v, spec.start_ms if spec.start_ms is not None else previous.get(v), spec.end_ms, loaded_ms)
-            for v in spec.views]
-    spark.createDataFrame(rows, schema).write.format("delta").mode("append").save(path)
+    rows = [(v, start, spec.end_ms, stamps, loaded_ms) for v, (start, stamps) in present.items()]
+    spark.createDataFrame(rows, schema).write.format("delta").mode("append").option("mergeSchema", "true") \
+        .save(loads_path(settings))
     return loaded_ms
 
 
 def available(spark, settings: Settings, view: str, gold):
-    """``gold`` (a view's rows) with ``available_ms``: the first load of ``view`` whose [start, end] holds the
-    row's ``event_timestamp``; null when no load did."""
+    """``gold`` (a view's rows) with ``available_ms``: the first load of ``view`` that found the row's
+    ``event_timestamp`` in the gold table before it ran; null when none did."""
     from delta.tables import DeltaTable
     from pyspark.sql import functions as F
 
     path = loads_path(settings)
     if not DeltaTable.isDeltaTable(spark, path):
         return gold.withColumn(LOADED, F.lit(None).cast("long"))
-    loads = (spark.read.format("delta").load(path).where(F.col("view") == F.lit(view))
-             .select(F.col("start_ms").alias("__start"), F.col("end_ms").alias("__end"),
-                     F.col("loaded_ms").alias("__loaded")))
-    ts = F.unix_millis(F.col("event_timestamp"))
-    cond = (F.col("__start").isNull() | (F.col("__start") <= ts)) & (ts <= F.col("__end"))
-    # Gold rows share a handful of stamps (one per day): find each stamp's first load, then attach it.
-    stamps = (gold.select("event_timestamp").distinct().join(F.broadcast(loads), on=cond, how="left")
-              .groupBy("event_timestamp").agg(F.min("__loaded").alias(LOADED)))
-    return gold.join(F.broadcast(stamps), on="event_timestamp", how="left")
+    first = (spark.read.format("delta").load(path).where(F.col("view") == F.lit(view))
+             .select(F.explode("stamps_ms").alias("__stamp"), "loaded_ms")
+             .groupBy("__stamp").agg(F.min("loaded_ms").alias(LOADED)))
+    stamped = gold.withColumn("__stamp", F.unix_millis(F.col("event_timestamp")))
+    return stamped.join(F.broadcast(first), on="__stamp", how="left").drop("__stamp")

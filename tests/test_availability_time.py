@@ -91,15 +91,29 @@ def test_an_unserved_impression_keeps_the_event_time_rule(built):
     assert unserved["user_features__user_ctr_7d"] == 0.1
 
 
-def test_a_gold_row_never_loaded_is_not_served(tmp_path):
+def test_a_load_claims_only_the_gold_days_present_when_it_ran(tmp_path):
+    """The demo's materialize interval reaches two days ahead: a day computed after a load that covered its
+    stamp was not loaded by it (the bug a demo run showed: every served impression got tomorrow's gold)."""
     settings = get_settings().model_copy(update={"var_dir": tmp_path})
     spark = spark_session("availability-test", settings)
-    gold = spark.createDataFrame([(1, at(D + DAY))], "user_id long, event_timestamp timestamp")
+    path = training_set.gold_path(settings, UserFeatures)
     stamp = epoch_ms(at(D + DAY))
-    assert loads.available(spark, settings, "user_features", gold).collect()[0][loads.LOADED] is None
+    write(spark, [gold_row(UserFeatures, D - DAY, {"user_id": USER})], UserFeatures, path)
+
+    def first_load() -> dict:
+        gold = spark.read.format("delta").load(path)
+        return {r["ds"]: r[loads.LOADED] for r in loads.available(spark, settings, "user_features", gold).collect()}
+
     loads.record(spark, settings, loads.Materialization(["user_features"], None, stamp - 1), loaded_ms=10)
-    assert loads.available(spark, settings, "user_features", gold).collect()[0][loads.LOADED] is None
-    loads.record(spark, settings, loads.Materialization(["user_features"], None, stamp + 1), loaded_ms=20)
-    loads.record(spark, settings, loads.Materialization(["user_features"], None, stamp + 2), loaded_ms=30)
-    # The first load whose interval holds the stamp; an incremental load starts where the previous one ended.
-    assert loads.available(spark, settings, "user_features", gold).collect()[0][loads.LOADED] == 20
+    loads.record(spark, settings, loads.Materialization(["user_features"], stamp - 2 * 86_400_000, stamp + 86_400_000),
+                 loaded_ms=20)  # covers day D's stamp, but day D is not computed yet
+    write(spark, [gold_row(UserFeatures, D, {"user_id": USER})], UserFeatures, path)
+    assert first_load() == {(D - DAY).isoformat(): 10, D.isoformat(): None}
+    # An incremental load starts where the previous one ended (Feast's rule), so it does not reach back to day D.
+    loads.record(spark, settings, loads.Materialization(["user_features"], None, stamp + 2 * 86_400_000),
+                 loaded_ms=30)
+    assert first_load()[D.isoformat()] is None
+    for loaded in (40, 50):  # the next loads over day D find it: the first one counts
+        loads.record(spark, settings, loads.Materialization(["user_features"], stamp - 1, stamp + 1),
+                     loaded_ms=loaded)
+    assert first_load() == {(D - DAY).isoformat(): 10, D.isoformat(): 40}
