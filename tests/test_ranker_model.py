@@ -225,7 +225,7 @@ def test_fnw_weights_match_manual_computation():
         pos, negative = bce(s(a) * s(b), y)
         p = s(b)
         naive += w * (pos + negative)
-        fnw += w * ((1 + p) * pos + (1 - p) * (1 + p) * negative if c else pos + negative)
+        fnw += w * (pos + (1 - p) * negative if c else pos + negative)
     labelled = [(z, y, w) for z, y, w in zip(neg, label_neg, weight, strict=True) if not math.isnan(y)]
     exp_neg = sum(w * sum(bce(s(z), y)) for z, y, w in labelled) / sum(w for _, _, w in labelled)
 
@@ -248,8 +248,8 @@ def test_fnw_weights_carry_no_gradient_through_p():
     loss, _ = multitask_loss(out, tiny_batch([0.0], [True], [1.0], [float("nan")]), scheme="fnw")
     (grad,) = torch.autograd.grad(loss, cvr)
     p, q = torch.sigmoid(cvr.detach()), torch.sigmoid(torch.tensor(0.0))
-    # d/dz of -(w) log(1 - q sigmoid(z)), w = (1 - p)(1 + p) held fixed
-    expected = (1 - p) * (1 + p) * q * p * (1 - p) / (1 - q * p)
+    # d/dz of -(w) log(1 - q sigmoid(z)), w = 1 - p held fixed
+    expected = (1 - p) * q * p * (1 - p) / (1 - q * p)
     torch.testing.assert_close(grad, expected)
 
 

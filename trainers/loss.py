@@ -14,10 +14,18 @@ batch it is taken back in (a batch of cancellations alone is divided by the sum 
 Schemes (the joiner's delay correction, ``label_joiner/schemes.py``):
 
 - ``naive`` and ``delay_curve``: the loss above (delay_curve's correction is in its soft labels);
-- ``fnw``, fake-negative weighting (Ktena et al. 2019): on clicked rows, with ``p`` the model's own
-  pCVR (no gradient), the positive term is weighted by ``(1 + p)`` and the negative term by
-  ``(1 - p)(1 + p)``; non-clicked rows keep weight 1. FNW's fixed point is a biased estimate: the trainer
-  corrects the served pCVR elsewhere (not in this module).
+- ``fnw``, fake-negative weighting (Ktena et al. 2019) made exact under ESMM: every click arrives as a
+  negative and every conversion as an extra positive. On clicked rows, with ``p`` the model's own pCVR (no
+  gradient), the negative term is weighted by ``(1 - p)`` -- the share of a click's fake negatives that are
+  true negatives -- and the positive term by 1; non-clicked rows keep weight 1.
+
+  Ktena's weights are ``(1 + p)`` and ``(1 - p)(1 + p)``: the extra factor ``(1 + p)`` rescales the clicked
+  rows' observed mass (``1 + p`` rows per click) back to one, which changes nothing in a loss over clicks
+  alone. Here the loss is on pCTCVR over all impressions, so that factor weighs clicked rows ``1 + p`` times
+  against non-clicked ones, and the fixed point moves up: with CTR ``c`` and CVR ``v`` the gradient vanishes
+  where ``v (1 + p)(1 - c p) = p (1 - c p^2)`` (pCVR 0.1105 for a true 0.10 at CTR 5 %). With ``(1 - p, 1)`` it
+  vanishes where ``(1 - c p) c v = c p (1 - c p)``, i.e. ``p = v`` for every ``c``; on a finite stream, at the
+  stream's own conversions per click (``tests/test_delay_correction.py`` checks both).
 
 >>> import torch
 >>> from trainers.model import RankerOutput
@@ -62,10 +70,11 @@ def weighted_mean(values: Tensor, weight: Tensor) -> Tensor:
 
 
 def fnw_weights(p_cvr: Tensor, clicked: Tensor) -> tuple[Tensor, Tensor]:
-    """FNW factors of the positive and the negative term of each row's CTCVR loss (1 off clicked rows)."""
+    """FNW factors of the positive and the negative term of each row's CTCVR loss: ``(1, 1 - p)`` on clicked
+    rows, ``(1, 1)`` elsewhere (``p``: the model's pCVR, held constant)."""
     p = p_cvr.detach()
-    positive = torch.where(clicked, 1.0 + p, 1.0)
-    negative = torch.where(clicked, (1.0 - p) * (1.0 + p), 1.0)
+    positive = torch.ones_like(p)
+    negative = torch.where(clicked, 1.0 - p, 1.0)
     return positive, negative
 
 
