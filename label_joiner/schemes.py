@@ -6,9 +6,11 @@ supersedes the earlier ones. ``as_of_ms`` is the event time the example describe
 
 * ``naive``: a click is a negative for the conversion at once; a later conversion *replaces* it.
 * ``fnw`` (fake-negative weighting, Ktena et al. 2019): every click is a negative at once and every
-  conversion, whenever it arrives, an extra positive; the trainer weights positives by (1 + p) and
-  negatives by (1 - p)(1 + p), p its own stop-gradient prediction.
-* ``delay_curve`` (ES-DFM style elapsed window, then the delay curve): the click example waits the first
+  conversion, whenever it arrives, an extra positive; the trainer weights a click's fake negative by
+  (1 - p), p its own stop-gradient pCVR (``trainers/loss.py`` says why not Ktena's (1 + p) factor under ESMM).
+* ``delay_curve`` (an elapsed window, then soft labels from the fitted delay curve and a *segment prior*
+  ``p``; this is not ES-DFM, which samples elapsed times and weights by the model's own prediction and
+  the delay distribution): the click example waits the first
   elapsed window (``elapsed_windows_s[0]``, 1 h by default) of event time. A conversion inside it makes
   the example a positive; otherwise it carries the probability that the click still converts,
   p (1 - F(E)) / (1 - p F(E)), F the historical delay curve (of the click's segment when the curve has
