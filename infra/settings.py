@@ -143,8 +143,9 @@ class WindowSettings(BaseModel):
     idle_advance_rate: float = Field(default=0.0, ge=0.0)
     # Arrival-time seconds a finished impression's ids are remembered, to drop events repeated by producers.
     done_retention_s: float = 24 * 3600.0
-    # delay_curve scheme (elapsed windows with delay-curve soft labels): the first example waits the first of these elapsed times after the
-    # click for a conversion; an unconverted click gets a corrected soft label at each later one.
+    # delay_curve scheme (elapsed windows with delay-curve soft labels): the first example waits the first of these
+    # elapsed times after the click for a conversion; an unconverted click gets a corrected soft label at each
+    # later one.
     elapsed_windows_s: list[float] = [3600.0, 6 * 3600.0, 24 * 3600.0, 3 * 24 * 3600.0]
 
 
