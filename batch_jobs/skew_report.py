@@ -12,12 +12,14 @@ from gold and the real-time logs), and compares every model input and the served
 - the mean and max absolute difference where both sides have a value (lists: the largest element
   difference per row), and a few example impressions of the most differing columns.
 
-The recomputation joins each served impression on availability (``batch_jobs.training_set``: the rows
-written before serving's logged read), so a worker's lag or a late gold load no longer differs. What may
-still differ in the real-time views: a row the worker wrote in the milliseconds between serving's read stamp
-and its read, or one whose log record was sent well after its Redis write (the worker's transaction took
-long). The report lists them with the rest and marks them, it does not hide them; the
-summary names the most differing columns overall, and separately those of the batch views and the context
+The recomputation joins each served impression on availability (``batch_jobs.training_set``: the rows written
+before serving's logged reads, the ad and advertiser rows before its cache read them), so a worker's lag, a
+late gold load or the read path's cache no longer differs. What may still differ in the real-time views: a row
+the worker wrote in the milliseconds between a read's stamp and the read, or one whose log record was sent
+well after its Redis write (the worker's transaction took long). ``ad_cache_age_ms`` in the summary says how
+old the cached ad-side rows were when served, beside the read path's documented staleness. The report lists
+them with the rest and marks them, it does not hide them; the summary names the most differing columns
+overall, and separately those of the batch views and the context
 (``top_differing_batch``) and of the real-time views (``top_differing_realtime``), so the expected real-time
 drift cannot crowd a batch skew out of sight.
 
@@ -280,12 +282,35 @@ def report_dir(settings: Settings, start: date, end: date) -> Path:
     return settings.var_dir / "skew" / f"{start.isoformat()}_{end.isoformat()}"
 
 
+def cache_age(spark, settings: Settings, start: date, end: date) -> dict:
+    """How old the shown ad's cached rows were when serving read them: ``read_ms - ad_read_ms`` (and the
+    advertiser's), quantiles in ms over the logged impressions, beside the read path's documented staleness."""
+    from pyspark.sql import functions as F
+
+    from feature_repo.online import REFRESH_S
+
+    out: dict = {"documented_staleness_ms": int(REFRESH_S * 1000)}
+    logged = replay_set.logged_rows(spark, settings, start, end)
+    if logged is None:
+        return out
+    for side in ("ad", "advertiser"):
+        age = (F.col("read_ms") - F.col(f"{side}_read_ms")).cast("double")
+        known = logged.where((F.col("read_ms") >= 0) & (F.col(f"{side}_read_ms") >= 0))
+        row = known.agg(F.count("*").alias("n"), F.percentile_approx(age, [0.5, 0.99], 10_000).alias("q"),
+                        F.max(age).alias("max")).collect()[0]
+        if row["n"]:
+            out[side] = {"impressions": int(row["n"]), "p50_ms": float(row["q"][0]), "p99_ms": float(row["q"][1]),
+                         "max_ms": float(row["max"])}
+    return out
+
+
 def run(start: date, end: date, settings: Settings | None = None, negative_rate: float = 1.0,
         seed: int = 7) -> dict:
     """Compare the days, write ``summary.json`` and ``report.html``; return the summary."""
     settings = settings or get_settings()
     spark = spark_session("skew_report", settings)
     summary = compare(spark, settings, start, end, negative_rate, seed)
+    summary["ad_cache_age_ms"] = cache_age(spark, settings, start, end)
     out = report_dir(settings, start, end)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

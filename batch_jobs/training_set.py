@@ -51,6 +51,7 @@ TABLE = "training/training_set"
 HASH_SPACE = 1 << 53  # the downsampling hash, reduced to a uniform integer in [0, 2^53)
 EVENT_TIME = "__event_time"
 READ = "__read_ms"  # when serving read the online store for the impression (null: never served by a ranker)
+READ_AD, READ_ADVERTISER = "__ad_read_ms", "__advertiser_read_ms"  # when its cache read the shown ad's rows
 AVAILABLE = "available_ms"  # when a feature row became readable online (gold: its load; real-time: its write)
 CLICKED_SHARE = "clicked_share"  # ``clicked`` as 0/1, for the label-rate check
 
@@ -112,6 +113,20 @@ def source_path(settings: Settings, table: type[FeatureRow]) -> str:
     return realtime_path(settings, table) if table.REALTIME else gold_path(settings, table)
 
 
+def read_column(table: type[FeatureRow]):
+    """When serving read ``table``'s row for the impression: the cache's read of the shown ad's rows for the ad
+    and advertiser views (the request's read where the cache's is unknown), the request's read otherwise."""
+    from pyspark.sql import functions as F
+
+    from feature_repo.online import AD_VIEWS, ADVERTISER_VIEWS
+
+    if table.VIEW in AD_VIEWS:
+        return F.coalesce(F.col(READ_AD), F.col(READ))
+    if table.VIEW in ADVERTISER_VIEWS:
+        return F.coalesce(F.col(READ_ADVERTISER), F.col(READ))
+    return F.col(READ)
+
+
 def as_of_join(frame, gold, table: type[FeatureRow], ttl: timedelta):
     """``frame`` (one row per impression_id, with ``EVENT_TIME`` and ``READ``) plus ``table``'s features:
 
@@ -136,7 +151,7 @@ def as_of_join(frame, gold, table: type[FeatureRow], ttl: timedelta):
                         F.col("event_timestamp").alias(ts), F.col("ds").alias(ds), log_order.alias(offset),
                         available.alias(avail),
                         *[F.col(n).alias(c) for n, c in named])
-    t, read = F.col(EVENT_TIME), F.col(READ)
+    t, read = F.col(EVENT_TIME), read_column(table)
     by_event_time = F.col(ts) < t if table.REALTIME else F.col(ts) <= t
     by_availability = F.col(avail).isNotNull() & (F.col(avail) < read)  # written before serving read
     cond = [F.col(k) == F.col(v) for k, v in keys.items()]
@@ -206,17 +221,24 @@ def build(spark, settings: Settings, start: date, end: date, negative_rate: floa
 
 
 def with_read_time(spark, settings: Settings, frame, start: date, end: date):
-    """``frame`` plus ``READ``: when serving read the features of each impression, from its first replayable
-    prediction-log record (``read_ms``); null for an impression no ranker logged, or a record from before
-    serving logged the read."""
+    """``frame`` plus ``READ``, ``READ_AD`` and ``READ_ADVERTISER``: when serving read the features of each
+    impression, from its first replayable prediction-log record (``read_ms``, ``ad_read_ms``,
+    ``advertiser_read_ms``); null for an impression no ranker logged, or a record from before serving logged
+    the read."""
     from pyspark.sql import functions as F
 
     from batch_jobs.replay_set import logged_rows
 
     logged = logged_rows(spark, settings, start, end)
     if logged is None:
-        return frame.withColumn(READ, F.lit(None).cast("long"))
-    reads = logged.where(F.col("read_ms") >= 0).select("impression_id", F.col("read_ms").alias(READ))
+        return frame.select("*", *[F.lit(None).cast("long").alias(c) for c in (READ, READ_AD, READ_ADVERTISER)])
+
+    def known(name: str):
+        return F.when(F.col(name) >= 0, F.col(name))
+
+    reads = logged.where(F.col("read_ms") >= 0).select("impression_id", known("read_ms").alias(READ),
+                                                       known("ad_read_ms").alias(READ_AD),
+                                                       known("advertiser_read_ms").alias(READ_ADVERTISER))
     return frame.join(reads, on="impression_id", how="left")
 
 

@@ -164,19 +164,23 @@ def view_fields(views: Sequence[str]) -> list[tuple[str, bytes, type]]:
 
 class AdTable:
     """Ad-side features of known ads as columns: ``values[name]`` (int64 or float64) and ``present[name]``
-    (False where the store had no value), and each view's row time ``stamps[view]`` (epoch ms, -1: no row), rows
-    sorted by ``ad_ids``. Immutable: a refresh builds a new one."""
+    (False where the store had no value), each view's row time ``stamps[view]`` (epoch ms, -1: no row), and when
+    each row was read from Redis, ``read_ms["ad"]`` and ``read_ms["advertiser"]`` (wall-clock epoch ms taken just
+    before the read; -1: unknown); rows sorted by ``ad_ids``. Immutable: a refresh builds a new one."""
 
     def __init__(self, ad_ids, values: dict[str, np.ndarray], present: dict[str, np.ndarray],
-                 stamps: dict[str, np.ndarray]):
+                 stamps: dict[str, np.ndarray], read_ms: dict[str, np.ndarray] | None = None):
         ids = np.asarray(ad_ids, dtype=np.int64)
+        if read_ms is None:
+            read_ms = {side: np.full(len(ids), -1, dtype=np.int64) for side in READ_SIDES}
         order = np.argsort(ids, kind="stable")
         if not np.array_equal(order, np.arange(len(ids))):
             ids = ids[order]
             values = {n: v[order] for n, v in values.items()}
             present = {n: p[order] for n, p in present.items()}
             stamps = {n: p[order] for n, p in stamps.items()}
-        self.ad_ids, self.values, self.present, self.stamps = ids, values, present, stamps
+            read_ms = {n: p[order] for n, p in read_ms.items()}
+        self.ad_ids, self.values, self.present, self.stamps, self.read_ms = ids, values, present, stamps, read_ms
 
     def rows(self, ad_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(row of each ad, whether the table has it)."""
@@ -192,20 +196,25 @@ class AdTable:
         ad_keys = [k for _, k, _ in ad_fields] + [f"_ts:{v}".encode() for v in AD_VIEWS]
         adv_keys = [k for _, k, _ in adv_fields] + [f"_ts:{v}".encode() for v in ADVERTISER_VIEWS]
         rows: list[list] = []
+        ad_read: list[int] = []
         for i in range(0, len(ad_ids), chunk):
             pipe = client.pipeline(transaction=False)
             for ad in ad_ids[i:i + chunk]:
                 pipe.hmget(entity_key({"ad_id": ad}, project), ad_keys)
+            now = wall_ms()
             rows += [_decoded(reply, len(ad_fields)) for reply in pipe.execute()]
+            ad_read += [now] * len(ad_ids[i:i + chunk])
         adv_pos = [n for n, _, _ in ad_fields].index("ad_features__ad_advertiser_id")
         advertisers = sorted({r[adv_pos] for r in rows} - {None})
         by_adv: dict[int, list] = {}
+        adv_read: dict[int, int] = {}
         for i in range(0, len(advertisers), chunk):
             pipe = client.pipeline(transaction=False)
             for adv in advertisers[i:i + chunk]:
                 pipe.hmget(entity_key({"advertiser_id": adv}, project), adv_keys)
+            now = wall_ms()
             for adv, reply in zip(advertisers[i:i + chunk], pipe.execute(), strict=True):
-                by_adv[adv] = _decoded(reply, len(adv_fields))
+                by_adv[adv], adv_read[adv] = _decoded(reply, len(adv_fields)), now
         n_ad = len(ad_fields) + len(AD_VIEWS)
         none = [None] * len(adv_fields) + [-1] * len(ADVERTISER_VIEWS)
         full = [r + by_adv.get(r[adv_pos], none) for r in rows]
@@ -218,7 +227,10 @@ class AdTable:
             stamps[view] = np.array([r[len(ad_fields) + j] for r in full], dtype=np.int64)
         for j, view in enumerate(ADVERTISER_VIEWS):
             stamps[view] = np.array([r[n_ad + len(adv_fields) + j] for r in full], dtype=np.int64)
-        return cls(list(ad_ids), values, present, stamps)
+        # An ad without a stored advertiser has no advertiser row read: its time stays unknown (-1).
+        read_ms = {"ad": np.array(ad_read, dtype=np.int64),
+                   "advertiser": np.array([adv_read.get(r[adv_pos], -1) for r in rows], dtype=np.int64)}
+        return cls(list(ad_ids), values, present, stamps, read_ms)
 
     def merged(self, other: AdTable) -> AdTable:
         """This table with ``other``'s ads added (or replaced)."""
@@ -227,7 +239,17 @@ class AdTable:
         values = {n: np.concatenate([v[keep], other.values[n]]) for n, v in self.values.items()}
         present = {n: np.concatenate([v[keep], other.present[n]]) for n, v in self.present.items()}
         stamps = {n: np.concatenate([v[keep], other.stamps[n]]) for n, v in self.stamps.items()}
-        return AdTable(ids, values, present, stamps)
+        read_ms = {n: np.concatenate([v[keep], other.read_ms[n]]) for n, v in self.read_ms.items()}
+        return AdTable(ids, values, present, stamps, read_ms)
+
+
+REFRESH_S = 2.0  # the read path's documented ad-side staleness: how often its cache re-reads written rows
+READ_SIDES = ("ad", "advertiser")  # the ad-side rows the read path holds, each with its read time
+
+
+def wall_ms() -> int:
+    """The wall clock in epoch ms: when a read happened (compared with when feature rows were written)."""
+    return int(time.time() * 1000)
 
 
 def _decoded(reply: list, n_values: int) -> list:
@@ -280,7 +302,7 @@ def _refresher(settings: Settings, conn) -> None:
                             strict=True):
             if ok:
                 advertiser_of[a] = v
-        conn.send((table.ad_ids, table.values, table.present, table.stamps))  # numpy arrays: cheap to receive
+        conn.send((table.ad_ids, table.values, table.present, table.stamps, table.read_ms))  # numpy: cheap
 
 
 class RequestFeatures:
@@ -290,9 +312,12 @@ class RequestFeatures:
     ``cross_values``: per cross feature, one value per candidate (by the candidate's category)."""
 
     def __init__(self, user_id: int, ad_ids: Sequence[int], ad_values: dict, ad_present: dict, user: dict,
-                 cross: dict[str, list]):
+                 cross: dict[str, list], read_ms: dict[str, np.ndarray] | None = None):
         self.user_id, self.ad_ids = user_id, list(ad_ids)
         self.ad_values, self.ad_present, self.user, self.cross = ad_values, ad_present, user, cross
+        # When each candidate's ad row and advertiser row were read (``AdTable.read_ms``; -1: unknown).
+        self.read_ms = read_ms if read_ms is not None else {
+            side: np.full(len(self.ad_ids), -1, dtype=np.int64) for side in READ_SIDES}
 
     def to_feast_dict(self) -> dict[str, list]:
         """The shape of ``get_online_features(..., full_feature_names=True).to_dict()`` for the rows
@@ -322,7 +347,7 @@ class OnlineReader:
     The ad table is reloaded by a separate process (so decoding it never holds this process's GIL while a
     request waits) and swapped in whole; an ad seen for the first time is read during its request."""
 
-    def __init__(self, settings: Settings, refresh_s: float = 2.0):
+    def __init__(self, settings: Settings, refresh_s: float = REFRESH_S):
         self.settings = settings
         self.client = settings.redis.client()
         self.project, self.refresh_s = settings.feast_project, refresh_s
@@ -385,9 +410,9 @@ class OnlineReader:
         def loop() -> None:
             while not self._stop.wait(self.refresh_s):
                 here.send(self.table.ad_ids.tolist())
-                ids, values, present, stamps = here.recv()  # waits without the GIL while the child works
+                ids, values, present, stamps, read_ms = here.recv()  # waits without the GIL while the child works
                 if len(ids):
-                    self._add(AdTable(ids, values, present, stamps))  # only the ads whose rows were written
+                    self._add(AdTable(ids, values, present, stamps, read_ms))  # only the ads whose rows were written
                 self.refreshed_at = time.monotonic()
                 self.refreshes += 1
             here.send(None)
@@ -421,6 +446,7 @@ class OnlineReader:
             rows, _ = table.rows(ad_ids)
         values = {n: v[rows] for n, v in table.values.items()}
         present = {n: p[rows] for n, p in table.present.items()}
+        read_ms = {n: p[rows] for n, p in table.read_ms.items()}
         if as_of_ms is not None:
             for view in AD_VIEWS + ADVERTISER_VIEWS:
                 fresh = table.stamps[view][rows] >= as_of_ms - view_ttl_ms(view)
@@ -444,10 +470,12 @@ class OnlineReader:
             by_request = sorted(set(given[unnamed].tolist()))
             for adv in by_request:
                 pipe.hmget(entity_key({"advertiser_id": adv}, self.project), self._adv_keys)
+        now = wall_ms()
         replies = pipe.execute()
         if by_request:
             self._fill_advertisers(values, present, given, unnamed, dict(zip(by_request, replies[-len(by_request):],
                                                                              strict=True)), as_of_ms)
+            read_ms["advertiser"] = np.where(unnamed, now, read_ms["advertiser"])
             replies = replies[:-len(by_request)]
         n_user = len(self._user_fields)
         user_row = _decoded(replies[0], n_user)
@@ -468,4 +496,4 @@ class OnlineReader:
         for j, (name, _, _) in enumerate(self._cross_fields):
             by_slot = np.array([r[j] for r in cross_rows] + [None], dtype=object)
             cross[name] = by_slot[pos].tolist()
-        return RequestFeatures(user_id, ad_ids, values, present, user, cross)
+        return RequestFeatures(user_id, ad_ids, values, present, user, cross, read_ms)

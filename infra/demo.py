@@ -86,8 +86,18 @@ def day_batch(settings, ds, *, training_set: bool, replay: bool) -> None:
         print(f"demo: skew report {ds}: {skew['rows_compared']:,} impressions; batch features and context equal in at "
               f"least {_pct(skew['batch_min_equal_share'])} of rows (goal 99.9 %), real-time features in at least "
               f"{_pct(skew['realtime_min_equal_share'])}; most differing batch features "
-              f"{skew['top_differing_batch'][:3]}, real-time {skew['top_differing_realtime'][:3]} (report in "
-              f"{settings.var_dir}/skew)", flush=True)
+              f"{skew['top_differing_batch'][:3]}, real-time {skew['top_differing_realtime'][:3]}; the cached "
+              f"ad-side rows served were {_ages(skew['ad_cache_age_ms'])} old (report in {settings.var_dir}/skew)",
+              flush=True)
+
+
+def _ages(age: dict) -> str:
+    """The served ad-side rows' ages, beside the read path's documented staleness."""
+    ad = age.get("ad")
+    if ad is None:
+        return "(no read times logged)"
+    return (f"p50 {ad['p50_ms']:,.0f} ms, p99 {ad['p99_ms']:,.0f} ms, max {ad['max_ms']:,.0f} ms (documented "
+            f"staleness {age['documented_staleness_ms']:,} ms)")
 
 
 def _pct(share: float | None) -> str:

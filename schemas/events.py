@@ -101,9 +101,10 @@ class PredictionLog(Event):
     had no value for is absent), ``feature_lists`` the list-valued ones (the user's recent ads, the
     category profile). ``impression_id`` is the impression this candidate became (the record's key, and
     the impression's ``feature_ref``). ``read_ms`` is when serving read the online store (its clock, just
-    before the read): the training-set builder shows an impression only the feature rows written before it
+    before the read); ``ad_read_ms`` and ``advertiser_read_ms`` are when the read path's cache read the shown
+    ad's rows. The training-set builder shows an impression only the feature rows written before them
     (point-in-time by availability). Version 1 records (no context, no auction fields) and version 2 records
-    (no ``read_ms``) still decode.
+    (no read times) still decode.
     """
 
     NAME: ClassVar[str] = "prediction_log"
@@ -133,8 +134,11 @@ class PredictionLog(Event):
     price: float = Field(default=0.0, ge=0.0)
     explored: bool = False
     arm: str = ""
-    # Version 3: when the features were read (epoch ms of serving's clock; -1: unknown).
+    # Version 3: when the features were read (epoch ms of serving's clock; -1: unknown): the request's read (user
+    # and user x category rows), and the shown ad's ad row and advertiser row, which the read path caches.
     read_ms: int = Field(default=-1, ge=-1)
+    ad_read_ms: int = Field(default=-1, ge=-1)
+    advertiser_read_ms: int = Field(default=-1, ge=-1)
 
 
 class TrainingExample(Event):

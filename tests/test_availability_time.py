@@ -17,14 +17,15 @@ from feature_repo import loads
 from infra.settings import get_settings
 from infra.spark_session import spark_session
 from schemas.events import LabeledImpression, PredictionLog
-from schemas.features import UserFeatures, UserRealtime
+from schemas.features import AdRealtime, UserFeatures, UserRealtime
 from schemas.spark import spark_schema
 from tests.test_training_set import DAY, at, epoch_ms, gold_row, silver_row, value_for, write
 
 D = date(2026, 11, 10)
 T = at(D + DAY, 12)  # both impressions' event time
 READ = epoch_ms(T) + 5  # when serving read the store for the served one
-USER = 1
+AD_READ = READ - 2_000  # when the read path's cache had read the shown ad's rows
+USER, AD = 1, 100
 
 
 def realtime_row(t, impressions_1h: int, written_ms: int) -> dict:
@@ -34,11 +35,19 @@ def realtime_row(t, impressions_1h: int, written_ms: int) -> dict:
                                                "kafka_partition": 0, "kafka_offset": impressions_1h}
 
 
+def ad_realtime_row(t, impressions_1h: int, written_ms: int) -> dict:
+    row = {n: value_for(n, AdRealtime.model_fields[n].annotation, None) for n in AdRealtime.feature_names()}
+    row |= {"ad_id": AD, "event_timestamp": t, "ad_impressions_1h": impressions_1h}
+    return AdRealtime(**row).model_dump() | {"ds": t.date().isoformat(), WRITTEN: written_ms,
+                                             "kafka_partition": 0, "kafka_offset": impressions_1h}
+
+
 def logged(impression_id: str, read_ms: int) -> dict:
     """A bronze prediction-log row of a ranker (replayable), read at ``read_ms``."""
     record = PredictionLog(request_id="r", impression_id=impression_id, user_id=USER, ad_id=100, model_version="v1",
                            event_time_ms=epoch_ms(T), features={}, pctr=0.1, pcvr=0.1, placement="feed",
-                           device="ios", feature_lists={"x": [1.0]}, read_ms=read_ms).model_dump()
+                           device="ios", feature_lists={"x": [1.0]}, read_ms=read_ms,
+                           ad_read_ms=AD_READ).model_dump()
     return record | {"arrival_ms": epoch_ms(T) + 10, "kafka_partition": 0, "kafka_offset": 0, "reject_reason": None,
                      "payload": "{}", "ds": T.date().isoformat()}
 
@@ -54,8 +63,9 @@ def built(tmp_path_factory):
 
     settings = get_settings().model_copy(update={"var_dir": tmp_path_factory.mktemp("availability")})
     spark = spark_session("availability-test", settings)
-    write(spark, [silver_row("served", T, user_id=USER, clicked=True),
-                  silver_row("unserved", T, user_id=USER, clicked=True)], LabeledImpression, silver_path(settings))
+    write(spark, [silver_row("served", T, user_id=USER, ad_id=AD, clicked=True),
+                  silver_row("unserved", T, user_id=USER, ad_id=AD, clicked=True)], LabeledImpression,
+          silver_path(settings))
     # Real-time rows of the user: one written before the read; one stamped before the impression but written
     # a minute after the read (the worker lagged).
     rt_schema = (spark_schema(UserRealtime).add("ds", T_.StringType()).add(WRITTEN, T_.LongType())
@@ -63,6 +73,12 @@ def built(tmp_path_factory):
     write_extra(spark, [realtime_row(T - timedelta(minutes=30), 5, READ - 1_000),
                         realtime_row(T - timedelta(minutes=10), 7, READ + 60_000)],
                 rt_schema, realtime_path(settings, UserRealtime))
+    # The ad's real-time rows: one written before the cache read the ad, one after it (but before the request).
+    ad_schema = (spark_schema(AdRealtime).add("ds", T_.StringType()).add(WRITTEN, T_.LongType())
+                 .add("kafka_partition", T_.IntegerType()).add("kafka_offset", T_.LongType()))
+    write_extra(spark, [ad_realtime_row(T - timedelta(minutes=30), 3, AD_READ - 1_000),
+                        ad_realtime_row(T - timedelta(minutes=10), 9, AD_READ + 1_000)],
+                ad_schema, realtime_path(settings, AdRealtime))
     # Gold: day D-1 (stamped 00:00 of D) loaded an hour before the read; day D (stamped 00:00 of D+1, before
     # the impression) loaded a second after it.
     write(spark, [gold_row(UserFeatures, D - DAY, {"user_id": USER}, user_ctr_7d=0.3),
@@ -83,12 +99,14 @@ def test_a_served_impression_sees_only_rows_readable_at_its_read(built):
     served = built["served"]
     assert served["user_realtime__user_impressions_1h"] == 5  # the lagged row (7) was written after the read
     assert served["user_features__user_ctr_7d"] == 0.3  # day D was loaded after the read: D-1 was served
+    assert served["ad_realtime__ad_impressions_1h"] == 3  # the ad's row as the cache read it, 2 s before
 
 
 def test_an_unserved_impression_keeps_the_event_time_rule(built):
     unserved = built["unserved"]
     assert unserved["user_realtime__user_impressions_1h"] == 7
     assert unserved["user_features__user_ctr_7d"] == 0.1
+    assert unserved["ad_realtime__ad_impressions_1h"] == 9
 
 
 def test_a_load_claims_only_the_gold_days_present_when_it_ran(tmp_path):

@@ -333,7 +333,8 @@ class Scorer:
                 features=features_i, pctr=shown.pctr, pcvr=shown.pcvr, advertiser_id=shown.advertiser_id,
                 campaign_id=shown.campaign_id, category_id=shown.category_id, placement=request.placement,
                 device=request.device, position=slot, bid=shown.bid, feature_lists=lists_i, ecpm=shown.ecpm,
-                price=shown.price, explored=shown.explored, arm=out.arm, read_ms=read_ms))
+                price=shown.price, explored=shown.explored, arm=out.arm, read_ms=read_ms,
+                ad_read_ms=int(features.read_ms["ad"][i]), advertiser_read_ms=int(features.read_ms["advertiser"][i])))
         if out.logs:
             self.logger.log(out.logs)
         out.timings = {"features": (t1 - t0) * 1000, "encode": (t2 - t1) * 1000, "model": (t3 - t2) * 1000,
