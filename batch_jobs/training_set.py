@@ -140,6 +140,8 @@ def as_of_join(frame, gold, table: type[FeatureRow], ttl: timedelta):
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    added = [c for c in (READ, READ_AD, READ_ADVERTISER) if c not in frame.columns]  # no read times: event time
+    frame = frame.select("*", *[F.lit(None).cast("long").alias(c) for c in added])
     ts, ds = f"__{table.VIEW}_ts", f"__{table.VIEW}_ds"
     keys = {k: f"__{table.VIEW}_{k}" for k in table.ENTITIES}
     named = zip(table.feature_names(), feature_columns(table), strict=True)
@@ -162,7 +164,7 @@ def as_of_join(frame, gold, table: type[FeatureRow], ttl: timedelta):
     latest = Window.partitionBy("impression_id").orderBy(written.desc_nulls_last(), F.col(ts).desc_nulls_last(),
                                                          F.col(ds).desc_nulls_last(), F.col(offset).desc_nulls_last())
     joined = frame.join(right, on=cond, how="left").withColumn("__rank", F.row_number().over(latest))
-    return joined.where(F.col("__rank") == 1).drop("__rank", ts, ds, offset, avail, *keys.values())
+    return joined.where(F.col("__rank") == 1).drop("__rank", ts, ds, offset, avail, *keys.values(), *added)
 
 
 def build(spark, settings: Settings, start: date, end: date, negative_rate: float = 0.1, seed: int = 7):

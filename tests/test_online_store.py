@@ -75,20 +75,25 @@ def test_read_path_equals_get_online_features(redis_settings, tmp_path):
                 assert got[name] == want[name], name
         # A change in the store reaches the cached ads within the refresh period (the stated staleness).
         changed = {**rows[ALL_TABLES[1]][0], "ad_ctr_7d": 0.123456, "event_timestamp": ts + timedelta(hours=1)}
-        before = cached = reader.features(users[0], [changed["ad_id"]]).read_ms["ad"][0]
+        other = next(a for a in candidates if a != changed["ad_id"])
+
+        def two_refreshes() -> None:  # so that one reload began after what came before
+            seen, deadline = reader.refreshes, time.monotonic() + 30
+            while reader.refreshes < seen + 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+        reader.features(users[0], [changed["ad_id"], other])
+        two_refreshes()  # both ads known to the refresh, which reloads an ad only when its row is written again
+        before = reader.features(users[0], [changed["ad_id"]]).read_ms["ad"][0]
         written_ms = int(time.time() * 1000)
         writer.write(ALL_TABLES[1], [changed])
-        seen = reader.refreshes
-        deadline = time.monotonic() + 30
-        while reader.refreshes < seen + 2 and time.monotonic() < deadline:  # a reload begun after the write
-            time.sleep(0.05)
+        two_refreshes()
         again = reader.features(users[0], [changed["ad_id"]])
         assert again.to_feast_dict()["ad_features__ad_ctr_7d"] == [0.123456]
         # Each candidate carries when its cached rows were read: the reload after the write moved it; an ad the
         # cache did not reload keeps its older read (what training joins the ad views on).
         cached = again.read_ms["ad"][0]
         assert before < written_ms <= cached <= int(time.time() * 1000)
-        other = next(a for a in candidates if a != changed["ad_id"])  # cached since the loop above
         assert reader.features(users[0], [other]).read_ms["ad"][0] < written_ms
     finally:
         reader.close()
