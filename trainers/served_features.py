@@ -67,6 +67,7 @@ class ServedFeatures:
         self.topic = settings.topics.prediction_log
         self.consumer = None
         self.read = 0
+        self._days: set[int] | None = None  # the days indexed, as in the "days" key (read once)
 
     def _consumer(self):
         if self.consumer is None:
@@ -122,18 +123,20 @@ class ServedFeatures:
         return 1
 
     def _prune(self, newest_day: int) -> None:
-        """Delete whole days older than the retention (the list of days is one small key)."""
-        days = json.loads(self.db.get("days") or "[]")
-        if newest_day in days:
+        """Delete whole days older than the retention (the list of days is one small key, held in memory)."""
+        if self._days is None:
+            self._days = set(json.loads(self.db.get("days") or "[]"))
+        if newest_day in self._days:
             return  # pruning runs when a new day appears
-        days = sorted({*days, newest_day})
+        days = sorted({*self._days, newest_day})
         keep_from = days[-1] - self.retention_ms // DAY_MS
         for day in [d for d in days if d < keep_from]:
             prefix = f"x:{day:08d}:"
             for key in self._keys_from(prefix):
                 del self.db[f"l:{key[len(prefix):]}"]
                 del self.db[key]
-        self.db["days"] = json.dumps([d for d in days if d >= keep_from])
+        self._days = {d for d in days if d >= keep_from}
+        self.db["days"] = json.dumps(sorted(self._days))
 
     def _keys_from(self, prefix: str) -> list[str]:
         if isinstance(self.db, dict):
