@@ -314,7 +314,7 @@ class Line:
     """Where the online trainer stands: its model, the batch root, the line's newest version and its input."""
 
     model: Ranker
-    root: str | None
+    line_root: str | None
     parent: str | None  # the line's newest registered version (the root before the first)
     line: str
     offsets: dict[int, int]  # partitions left out start at the beginning
@@ -324,7 +324,8 @@ class Line:
     optimizer: dict | None = None  # the Adam state and step count of a resumed line
 
     def describe(self) -> dict:
-        return {"root": self.root, "parent": self.parent, "line": self.line, "skip_until_ms": self.skip_until_ms,
+        return {"line_root": self.line_root, "parent": self.parent, "line": self.line,
+                "skip_until_ms": self.skip_until_ms,
                 "learned_range": self.learned_range, "data_range": self.data_range}
 
 
@@ -353,7 +354,8 @@ class Checkpoint:
         model.load_state_dict(state["model"])
         info = json.loads(state["line"])
         offsets = {int(p): o for p, o in json.loads(state["offsets"]).items()}
-        line = Line(model, info["root"], info["parent"], info["line"], offsets, int(info["skip_until_ms"]),
+        info.setdefault("line_root", info.pop("root", None))  # a checkpoint written before the rename
+        line = Line(model, info["line_root"], info["parent"], info["line"], offsets, int(info["skip_until_ms"]),
                     info["learned_range"], info["data_range"], state["optimizer"])
         return line, info
 
@@ -367,7 +369,7 @@ def start_line(registry: Registry, spec: InputSpec, settings: Settings, state: E
     if kept is not None:
         line, _ = kept
         culprit = registry.tainted(line.parent) if line.parent else None
-        if line.root == head and not culprit:
+        if line.line_root == head and not culprit:
             print(f"online: resuming line {line.line} (newest version {line.parent}) at offsets {line.offsets}",
                   flush=True)
             return line
@@ -391,10 +393,10 @@ def delta_base(registry: Registry, line: Line, chain: int) -> str | None:
     """What a new version of ``line`` is stored as a delta over: the line's previous version (the rows touched
     since it, plus the dense parameters) while the chain is shorter than ``chain``, else the batch
     root (a key frame: every row the line changed), so loading a cold version applies a bounded number of deltas."""
-    if line.parent is None or line.parent == line.root:
-        return line.root
+    if line.parent is None or line.parent == line.line_root:
+        return line.line_root
     depth = int(registry.meta(line.parent).get("delta_depth", 0))
-    return line.parent if depth < chain else line.root
+    return line.parent if depth < chain else line.line_root
 
 
 def incumbent_of(registry: Registry) -> tuple[Ranker | None, str | None]:
@@ -466,8 +468,8 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
         lag = np.array([now_ms - a for a in arrivals]) / 1000.0 if arrivals else np.zeros(0)
         gate, head = learner.gate(), registry.batch_head()
         version = None
-        if gate["passed"] and head == line.root:
-            meta = {"cadence": "online", **line.describe(), "line_root": line.root,
+        if gate["passed"] and head == line.line_root:
+            meta = {"cadence": "online", **line.describe(),
                     "kafka_offsets": {str(p): o for p, o in position.items()}, "scheme": scheme,
                     "examples": learner.examples, "steps": learner.steps, "counts": dict(counts), "gate": gate,
                     "progressive_ctr_logloss": float(np.nanmean(learner.losses[-50:])) if learner.losses else None,
@@ -476,7 +478,6 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
                                     "n": int(len(lag))} if len(lag) else None,
                     "feature_service": {"name": "ranker", "spec": learner.model.spec.fingerprint()},
                     "created_ms": now_ms}
-            del meta["root"]
             base = delta_base(registry, line, cfg.online_delta_chain)
             version = save(registry, ScoringModel(learner.model.cpu()), "online", meta, base=base)
             learner.model.to(learner.device)
@@ -489,7 +490,7 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
               f"({gate.get('why')}); {dict(counts)}", flush=True)
         arrivals.clear()
         last_publish = time.monotonic()
-        if head != line.root:
+        if head != line.line_root:
             print(f"online: line {line.line} ends: a newer batch model {head} was promoted", flush=True)
             return False
         if registry.promoted() != learner.incumbent_version:
