@@ -87,7 +87,7 @@ def train_and_register(model: Ranker, train: Batch, held: pd.DataFrame, *, setti
             "train": {"examples": progress.examples, "seconds": progress.seconds, "epochs": epochs, "lr": lr,
                       "device": str(device)},
             "created_ms": int(time.time() * 1000),
-            "reference": reference_of(scoring, held)}  # the circuit breaker's yardstick
+            "reference": reference_of(scoring, held)}  # the monitor's PSI (the breaker compares with the parent)
     version = save(registry, scoring, cadence, meta)
     print(f"{cadence}: registered {version} in {settings.registry_dir}", flush=True)
     if promote:

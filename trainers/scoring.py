@@ -9,8 +9,8 @@
 
 ``save``/``load`` write and read it through the registry: weights as safetensors, the network's config,
 calibrators and the rest as JSON metadata (nothing is unpickled). ``reference_of`` gives a model's score
-distribution on its held-out rows, which the cadences store in ``meta["reference"]`` (the circuit breaker's
-yardstick, ``trainers.circuit_breaker``).
+distribution on its held-out rows, which the cadences store in ``meta["reference"]`` (the monitor's training
+reference, ``batch_jobs.monitor``; the circuit breaker compares with what the parent served instead).
 """
 
 from __future__ import annotations
