@@ -4,8 +4,9 @@
 here). This loader encodes whole columns at once (doubles with numpy; integers through a table of small
 varints) into the Redis protocol (RESP) and streams the commands over a plain socket, in ``processes``
 processes at once. Redis holds exactly what Feast's writer would have written (the tests read it back
-with ``get_online_features``). Last write wins: load a view's rows in time order (gold is loaded per day,
-newest last), since unlike Feast's writer this one does not compare with the stored ``_ts``.
+with ``get_online_features``), and every key expires after ``KEY_TTL_S``, as the other writers set it. Last
+write wins: load a view's rows in time order (gold is loaded per day, newest last), since unlike Feast's
+writer this one does not compare with the stored ``_ts``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from itertools import repeat
 import numpy as np
 import pandas as pd
 
-from feature_repo.online import field_key
+from feature_repo.online import KEY_TTL_S, field_key
 from infra.settings import Settings
 from schemas.features import FeatureRow
 
@@ -57,7 +58,8 @@ def encode_column(values: pd.Series, kind: type) -> list[bytes]:
 
 
 def encode_rows(table: type[FeatureRow], frame: pd.DataFrame, project: str) -> list[bytes]:
-    """One ``HSET <entity key> <field> <value> ... _ts:<view> <timestamp>`` command per row, RESP encoded."""
+    """Per row, ``HSET <entity key> <field> <value> ... _ts:<view> <timestamp>`` then ``EXPIRE <entity key>
+    <KEY_TTL_S>`` (the key TTL every writer of this store sets), RESP encoded: two replies per element."""
     from google.protobuf.timestamp_pb2 import Timestamp
 
     names = table.feature_names()
@@ -84,13 +86,16 @@ def encode_rows(table: type[FeatureRow], frame: pd.DataFrame, project: str) -> l
     stamp_col = [stamp(t) for t in stamps] if stamps.nunique() > 1 else repeat(stamp(stamps.iat[0]), len(frame))
     interleaved = [c for f, col in zip(fields, columns, strict=True) for c in (repeat(f, len(frame)), col)]
     # Each command is its columns' pieces side by side: zip + join run in C, row after row.
+    expire = [b"*3\r\n$6\r\nEXPIRE\r\n" + e + ttl for e, ttl in zip(entity, repeat(_bulk(b"%d" % KEY_TTL_S)),
+                                                                      strict=False)]
     return list(map(b"".join, zip(repeat(header, len(frame)), entity, *interleaved, repeat(ts_field, len(frame)),
-                                  stamp_col, strict=False)))
+                                  stamp_col, expire, strict=False)))
 
 
-def send(settings: Settings, commands, chunk: int = 4096) -> int:
+def send(settings: Settings, commands, chunk: int = 4096, replies_each: int = 2) -> int:
     """Stream RESP commands (a list, or an iterable of lists: the next batch is encoded while Redis
-    executes the last) over one connection, reading every reply; raise on the first error reply."""
+    executes the last) over one connection, reading every reply (``replies_each`` per element: an
+    ``encode_rows`` element is two commands); raise on the first error reply. Returns the elements sent."""
     batches = [commands[i:i + chunk] for i in range(0, len(commands), chunk)] if isinstance(commands, list) \
         else commands
     r = settings.redis
@@ -103,7 +108,8 @@ def send(settings: Settings, commands, chunk: int = 4096) -> int:
         pending, buf, window = 0, b"", 0
         for batch in batches:
             sock.sendall(b"".join(batch))
-            pending, sent, window = pending + len(batch), sent + len(batch), max(window, len(batch))
+            replies = replies_each * len(batch)
+            pending, sent, window = pending + replies, sent + len(batch), max(window, replies)
             while pending > window:  # at most about two batches in flight
                 buf, pending = _read_replies(sock, buf, pending)
         while pending:

@@ -12,7 +12,7 @@ from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 
-from feature_repo.online import OnlineReader, OnlineWriter, entity_key
+from feature_repo.online import KEY_TTL_S, OnlineReader, OnlineWriter, entity_key
 from feature_repo.store import feature_store
 from schemas.features import ALL_TABLES, N_CATEGORIES, RECENT_ADS, FeatureRow
 
@@ -119,6 +119,10 @@ def test_bulk_loader_writes_what_feast_reads(redis_settings, tmp_path):
                                         entity_rows=[{key: r[key]} for r in rows]).to_dict()
         for name in table.feature_names():
             assert got[name] == [r[name] for r in rows], name
+        # Every key expires, as the other writers' do (issue 22: the bulk loader set no TTL).
+        client = settings.redis.client()
+        ttls = [client.ttl(entity_key({key: r[key]}, settings.feast_project)) for r in rows]
+        assert all(0 < t <= KEY_TTL_S for t in ttls), sorted(set(ttls))[:5]
 
 
 def test_an_older_row_never_overwrites_a_newer_one(redis_settings, tmp_path):
