@@ -17,7 +17,7 @@ before serving's logged reads, the ad and advertiser rows before its cache read 
 late gold load or the read path's cache no longer differs. What may still differ in the real-time views: a row
 the worker wrote in the milliseconds between a read's stamp and the read, or one whose log record was sent
 well after its Redis write (the worker's transaction took long). ``ad_cache_age_ms`` in the summary says how
-old the cached ad-side rows were when served, beside the read path's documented staleness. The report lists
+stale the cached ad-side rows were when served, beside the read path's documented staleness. The report lists
 them with the rest and marks them, it does not hide them; the summary names the most differing columns
 overall, and separately those of the batch views and the context
 (``top_differing_batch``) and of the real-time views (``top_differing_realtime``), so the expected real-time
@@ -283,8 +283,10 @@ def report_dir(settings: Settings, start: date, end: date) -> Path:
 
 
 def cache_age(spark, settings: Settings, start: date, end: date) -> dict:
-    """How old the shown ad's cached rows were when serving read them: ``read_ms - ad_read_ms`` (and the
-    advertiser's), quantiles in ms over the logged impressions, beside the read path's documented staleness."""
+    """The read path's cache as served, quantiles in ms over the logged impressions: ``staleness``, how long
+    before the read the cache last found the shown ad's rows still the store's (``read_ms - ad_checked_ms``),
+    beside the documented staleness; ``ad`` and ``advertiser``, how long before the read they were read from
+    Redis (a row not written since is not re-read: the training set joins on this time)."""
     from pyspark.sql import functions as F
 
     from feature_repo.online import REFRESH_S
@@ -293,9 +295,9 @@ def cache_age(spark, settings: Settings, start: date, end: date) -> dict:
     logged = replay_set.logged_rows(spark, settings, start, end)
     if logged is None:
         return out
-    for side in ("ad", "advertiser"):
-        age = (F.col("read_ms") - F.col(f"{side}_read_ms")).cast("double")
-        known = logged.where((F.col("read_ms") >= 0) & (F.col(f"{side}_read_ms") >= 0))
+    for side, column in (("staleness", "ad_checked_ms"), ("ad", "ad_read_ms"), ("advertiser", "advertiser_read_ms")):
+        age = (F.col("read_ms") - F.col(column)).cast("double")
+        known = logged.where((F.col("read_ms") >= 0) & (F.col(column) >= 0))
         row = known.agg(F.count("*").alias("n"), F.percentile_approx(age, [0.5, 0.99], 10_000).alias("q"),
                         F.max(age).alias("max")).collect()[0]
         if row["n"]:

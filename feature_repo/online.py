@@ -110,12 +110,14 @@ def timestamp_bytes(ts: datetime) -> bytes:
 # Writes a row only if it is not older than the row stored (Feast's own writer skips older timestamps too), so
 # a fenced zombie's last batch or a replay never overwrites a newer row, and sets the key's expiry with the write.
 # ``_tsms:<view>`` holds the row's time in epoch ms next to Feast's protobuf ``_ts:<view>`` (Feast reads only the
-# fields it knows). KEYS[1]: entity key; ARGV[1]: the key's TTL in s, ARGV[2]: the ms field, ARGV[3]: the row's
-# ms, ARGV[4..]: field, value pairs.
+# fields it knows). ``_v:<view>`` counts the writes: a late event changes a real-time row without moving its time,
+# and the read path's cache must still see the change. KEYS[1]: entity key; ARGV[1]: the key's TTL in s, ARGV[2]:
+# the ms field, ARGV[3]: the row's ms, ARGV[4]: the version field, ARGV[5..]: field, value pairs.
 _WRITE_IF_NOT_OLDER = """
 local stored = redis.call('HGET', KEYS[1], ARGV[2])
 if stored and tonumber(stored) > tonumber(ARGV[3]) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[3], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3], unpack(ARGV, 5))
+redis.call('HINCRBY', KEYS[1], ARGV[4], 1)
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
 """
@@ -135,11 +137,11 @@ class OnlineWriter:
         """Set each row's features and ``_ts:<view>`` on its entity key unless the stored row is newer; return the
         rows written (the others are counted in ``skipped_older``)."""
         fields, ts_field = self._fields[table.VIEW], f"_ts:{table.VIEW}".encode()
-        ms_field = f"_tsms:{table.VIEW}".encode()
+        ms_field, version_field = f"_tsms:{table.VIEW}".encode(), f"_v:{table.VIEW}".encode()
         pipe, n = self.client.pipeline(transaction=False), 0
         for row in rows:
             ts = row["event_timestamp"]
-            args = [KEY_TTL_S, ms_field, int(ts.timestamp() * 1000), ts_field, timestamp_bytes(ts)]
+            args = [KEY_TTL_S, ms_field, int(ts.timestamp() * 1000), version_field, ts_field, timestamp_bytes(ts)]
             for name, key in fields:
                 args += [key, to_value(row[name]).SerializeToString()]
             self._script(keys=[entity_key({k: row[k] for k in table.ENTITIES}, self.project)], args=args,
@@ -264,8 +266,10 @@ def _column(column: list, kind: type) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _stamps(client, project: str, keys: list[bytes], views: Sequence[str], chunk: int = 4096) -> list[tuple]:
-    """The ``_ts:<view>`` fields of each key: what changes whenever a row is written."""
-    fields = [f"_ts:{v}".encode() for v in views]
+    """The ``_ts:<view>`` and ``_v:<view>`` fields of each key: what changes whenever a row is written (the
+    time for ``feast materialize`` and the bulk loader, which write a new day; the count for the real-time
+    writer, whose late events change a row without moving its time)."""
+    fields = [f"{f}:{v}".encode() for v in views for f in ("_ts", "_v")]
     out: list[tuple] = []
     for i in range(0, len(keys), chunk):
         pipe = client.pipeline(transaction=False)
@@ -288,6 +292,7 @@ def _refresher(settings: Settings, conn) -> None:
         ad_ids = conn.recv()
         if ad_ids is None:
             return
+        checked_ms = wall_ms()  # every known ad's cached rows are the store's as of now, or reloaded below
         stamps = _stamps(client, project, [entity_key({"ad_id": a}, project) for a in ad_ids], AD_VIEWS)
         changed = {a for a, s in zip(ad_ids, stamps, strict=True) if seen_ads.get(a) != s}
         advs = sorted(set(advertiser_of.values()))
@@ -302,7 +307,7 @@ def _refresher(settings: Settings, conn) -> None:
                             strict=True):
             if ok:
                 advertiser_of[a] = v
-        conn.send((table.ad_ids, table.values, table.present, table.stamps, table.read_ms))  # numpy: cheap
+        conn.send((table.ad_ids, table.values, table.present, table.stamps, table.read_ms, checked_ms))
 
 
 class RequestFeatures:
@@ -366,6 +371,7 @@ class OnlineReader:
         self._thread: threading.Thread | None = None
         self._process = None
         self.refreshed_at = 0.0
+        self.checked_ms = -1  # when the last refresh found every cached ad-side row still the store's
         self.refreshes = 0  # reloads completed by the background refresh
 
     @property
@@ -410,9 +416,10 @@ class OnlineReader:
         def loop() -> None:
             while not self._stop.wait(self.refresh_s):
                 here.send(self.table.ad_ids.tolist())
-                ids, values, present, stamps, read_ms = here.recv()  # waits without the GIL while the child works
+                ids, values, present, stamps, read_ms, checked_ms = here.recv()  # waits without the GIL
                 if len(ids):
                     self._add(AdTable(ids, values, present, stamps, read_ms))  # only the ads whose rows were written
+                self.checked_ms = checked_ms
                 self.refreshed_at = time.monotonic()
                 self.refreshes += 1
             here.send(None)
@@ -447,6 +454,8 @@ class OnlineReader:
         values = {n: v[rows] for n, v in table.values.items()}
         present = {n: p[rows] for n, p in table.present.items()}
         read_ms = {n: p[rows] for n, p in table.read_ms.items()}
+        # Known to be the store's rows as of: their read, or the last refresh that found them unchanged.
+        read_ms["checked"] = np.maximum(read_ms["ad"], self.checked_ms)
         if as_of_ms is not None:
             for view in AD_VIEWS + ADVERTISER_VIEWS:
                 fresh = table.stamps[view][rows] >= as_of_ms - view_ttl_ms(view)

@@ -87,17 +87,18 @@ def day_batch(settings, ds, *, training_set: bool, replay: bool) -> None:
               f"least {_pct(skew['batch_min_equal_share'])} of rows (goal 99.9 %), real-time features in at least "
               f"{_pct(skew['realtime_min_equal_share'])}; most differing batch features "
               f"{skew['top_differing_batch'][:3]}, real-time {skew['top_differing_realtime'][:3]}; the cached "
-              f"ad-side rows served were {_ages(skew['ad_cache_age_ms'])} old (report in {settings.var_dir}/skew)",
+              f"ad-side rows served were {_ages(skew['ad_cache_age_ms'])} (report in {settings.var_dir}/skew)",
               flush=True)
 
 
 def _ages(age: dict) -> str:
     """The served ad-side rows' ages, beside the read path's documented staleness."""
-    ad = age.get("ad")
-    if ad is None:
+    stale, ad = age.get("staleness"), age.get("ad")
+    if stale is None or ad is None:
         return "(no read times logged)"
-    return (f"p50 {ad['p50_ms']:,.0f} ms, p99 {ad['p99_ms']:,.0f} ms, max {ad['max_ms']:,.0f} ms (documented "
-            f"staleness {age['documented_staleness_ms']:,} ms)")
+    return (f"stale by p50 {stale['p50_ms']:,.0f} ms, p99 {stale['p99_ms']:,.0f} ms, max {stale['max_ms']:,.0f} ms "
+            f"(documented staleness {age['documented_staleness_ms']:,} ms; read from Redis p50 {ad['p50_ms']:,.0f} "
+            f"ms, p99 {ad['p99_ms']:,.0f} ms before)")
 
 
 def _pct(share: float | None) -> str:

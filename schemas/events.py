@@ -139,6 +139,8 @@ class PredictionLog(Event):
     read_ms: int = Field(default=-1, ge=-1)
     ad_read_ms: int = Field(default=-1, ge=-1)
     advertiser_read_ms: int = Field(default=-1, ge=-1)
+    # When the cache last found the shown ad's rows still the store's: ``read_ms`` minus this is the staleness.
+    ad_checked_ms: int = Field(default=-1, ge=-1)
 
 
 class TrainingExample(Event):

@@ -334,7 +334,8 @@ class Scorer:
                 campaign_id=shown.campaign_id, category_id=shown.category_id, placement=request.placement,
                 device=request.device, position=slot, bid=shown.bid, feature_lists=lists_i, ecpm=shown.ecpm,
                 price=shown.price, explored=shown.explored, arm=out.arm, read_ms=read_ms,
-                ad_read_ms=int(features.read_ms["ad"][i]), advertiser_read_ms=int(features.read_ms["advertiser"][i])))
+                ad_read_ms=int(features.read_ms["ad"][i]), advertiser_read_ms=int(features.read_ms["advertiser"][i]),
+                ad_checked_ms=int(features.read_ms["checked"][i]) if "checked" in features.read_ms else -1))
         if out.logs:
             self.logger.log(out.logs)
         out.timings = {"features": (t1 - t0) * 1000, "encode": (t2 - t1) * 1000, "model": (t3 - t2) * 1000,
