@@ -224,9 +224,9 @@ def build(spark, settings: Settings, start: date, end: date, negative_rate: floa
 
 def with_read_time(spark, settings: Settings, frame, start: date, end: date):
     """``frame`` plus ``READ``, ``READ_AD`` and ``READ_ADVERTISER``: when serving read the features of each
-    impression, from its first replayable prediction-log record (``read_ms``, ``ad_read_ms``,
-    ``advertiser_read_ms``); null for an impression no ranker logged, or a record from before serving logged
-    the read."""
+    impression, from its first replayable prediction-log record (``read_ms``; for the cached ad-side rows, the
+    later of their read and the cache's last check that found them current, ``ad_checked_ms``); null for an
+    impression no ranker logged, or a record from before serving logged the read."""
     from pyspark.sql import functions as F
 
     from batch_jobs.replay_set import logged_rows
@@ -238,9 +238,12 @@ def with_read_time(spark, settings: Settings, frame, start: date, end: date):
     def known(name: str):
         return F.when(F.col(name) >= 0, F.col(name))
 
-    reads = logged.where(F.col("read_ms") >= 0).select("impression_id", known("read_ms").alias(READ),
-                                                       known("ad_read_ms").alias(READ_AD),
-                                                       known("advertiser_read_ms").alias(READ_ADVERTISER))
+    # The cache's rows are the store's as of its last check (``ad_checked_ms``), or their own read if later.
+    checked = known("ad_checked_ms")
+    reads = logged.where(F.col("read_ms") >= 0).select(
+        "impression_id", known("read_ms").alias(READ),
+        F.greatest(known("ad_read_ms"), checked).alias(READ_AD),
+        F.greatest(known("advertiser_read_ms"), checked).alias(READ_ADVERTISER))
     return frame.join(reads, on="impression_id", how="left")
 
 

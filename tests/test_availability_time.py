@@ -42,12 +42,12 @@ def ad_realtime_row(t, impressions_1h: int, written_ms: int) -> dict:
                                              "kafka_partition": 0, "kafka_offset": impressions_1h}
 
 
-def logged(impression_id: str, read_ms: int) -> dict:
+def logged(impression_id: str, read_ms: int, checked_ms: int = -1) -> dict:
     """A bronze prediction-log row of a ranker (replayable), read at ``read_ms``."""
     record = PredictionLog(request_id="r", impression_id=impression_id, user_id=USER, ad_id=100, model_version="v1",
                            event_time_ms=epoch_ms(T), features={}, pctr=0.1, pcvr=0.1, placement="feed",
                            device="ios", feature_lists={"x": [1.0]}, read_ms=read_ms,
-                           ad_read_ms=AD_READ).model_dump()
+                           ad_read_ms=AD_READ, ad_checked_ms=checked_ms).model_dump()
     return record | {"arrival_ms": epoch_ms(T) + 10, "kafka_partition": 0, "kafka_offset": 0, "reject_reason": None,
                      "payload": "{}", "ds": T.date().isoformat()}
 
@@ -64,6 +64,7 @@ def built(tmp_path_factory):
     settings = get_settings().model_copy(update={"var_dir": tmp_path_factory.mktemp("availability")})
     spark = spark_session("availability-test", settings)
     write(spark, [silver_row("served", T, user_id=USER, ad_id=AD, clicked=True),
+                  silver_row("served-checked", T, user_id=USER, ad_id=AD, clicked=True),
                   silver_row("unserved", T, user_id=USER, ad_id=AD, clicked=True)], LabeledImpression,
           silver_path(settings))
     # Real-time rows of the user: one written before the read; one stamped before the impression but written
@@ -90,7 +91,8 @@ def built(tmp_path_factory):
     log_schema = (spark_schema(PredictionLog).add("arrival_ms", T_.LongType()).add("kafka_partition", T_.IntegerType())
                   .add("kafka_offset", T_.LongType()).add("reject_reason", T_.StringType())
                   .add("payload", T_.StringType()).add("ds", T_.StringType()))
-    write_extra(spark, [logged("served", READ)], log_schema, table_path(settings, BY_MODEL[PredictionLog]))
+    write_extra(spark, [logged("served", READ), logged("served-checked", READ, checked_ms=READ - 500)], log_schema,
+                table_path(settings, BY_MODEL[PredictionLog]))
     frame = training_set.build(spark, settings, D + DAY, D + DAY, negative_rate=1.0)
     return {r["impression_id"]: r.asDict() for r in frame.collect()}
 
@@ -100,6 +102,11 @@ def test_a_served_impression_sees_only_rows_readable_at_its_read(built):
     assert served["user_realtime__user_impressions_1h"] == 5  # the lagged row (7) was written after the read
     assert served["user_features__user_ctr_7d"] == 0.3  # day D was loaded after the read: D-1 was served
     assert served["ad_realtime__ad_impressions_1h"] == 3  # the ad's row as the cache read it, 2 s before
+
+
+def test_cached_rows_count_as_of_the_caches_last_check(built):
+    """A refresh that found the ad's row current after the second write: serving had that row."""
+    assert built["served-checked"]["ad_realtime__ad_impressions_1h"] == 9
 
 
 def test_an_unserved_impression_keeps_the_event_time_rule(built):
