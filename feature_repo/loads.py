@@ -23,10 +23,10 @@ True
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from feature_repo.online import wall_ms
 from infra.settings import Settings
 from schemas.features import GOLD_TABLES
 
@@ -116,7 +116,7 @@ def record(spark, settings: Settings, spec: Materialization, present: dict | Non
     from pyspark.sql import types as T
 
     present = stamps_present(spark, settings, spec) if present is None else present
-    loaded_ms = int(time.time() * 1000) if loaded_ms is None else loaded_ms
+    loaded_ms = wall_ms() if loaded_ms is None else loaded_ms
     schema = T.StructType([T.StructField("view", T.StringType(), False), T.StructField("start_ms", T.LongType()),
                            T.StructField("end_ms", T.LongType(), False),
                            T.StructField("stamps_ms", T.ArrayType(T.LongType(), False), False),

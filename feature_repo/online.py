@@ -156,6 +156,13 @@ AD_VIEWS = ("ad_features", "ad_realtime")
 ADVERTISER_VIEWS = ("advertiser_features", "advertiser_realtime")
 USER_VIEWS = ("user_features", "user_realtime")
 CROSS_VIEW = "user_category_features"
+REFRESH_S = 2.0  # the read path's documented ad-side staleness: how often its cache re-reads written rows
+READ_SIDES = ("ad", "advertiser")  # the ad-side rows the read path holds, each with its read time
+
+
+def wall_ms() -> int:
+    """The wall clock in epoch ms: when a read happened (compared with when feature rows were written)."""
+    return int(time.time() * 1000)
 
 
 def view_fields(views: Sequence[str]) -> list[tuple[str, bytes, type]]:
@@ -243,15 +250,6 @@ class AdTable:
         stamps = {n: np.concatenate([v[keep], other.stamps[n]]) for n, v in self.stamps.items()}
         read_ms = {n: np.concatenate([v[keep], other.read_ms[n]]) for n, v in self.read_ms.items()}
         return AdTable(ids, values, present, stamps, read_ms)
-
-
-REFRESH_S = 2.0  # the read path's documented ad-side staleness: how often its cache re-reads written rows
-READ_SIDES = ("ad", "advertiser")  # the ad-side rows the read path holds, each with its read time
-
-
-def wall_ms() -> int:
-    """The wall clock in epoch ms: when a read happened (compared with when feature rows were written)."""
-    return int(time.time() * 1000)
 
 
 def _decoded(reply: list, n_values: int) -> list:

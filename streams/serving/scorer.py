@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 import numpy as np
 import torch
 
-from feature_repo.online import OnlineReader
+from feature_repo.online import OnlineReader, wall_ms
 from infra.settings import Settings
 from schemas.events import PredictionLog
 from streams.serving.auction import NO_CAP, AuctionResult, run_auction
@@ -291,7 +291,7 @@ class Scorer:
 
     def _serve(self, request: AdRequest, model: ScoringModel, out: Served) -> None:
         s, clock = self.settings.serving, time.perf_counter
-        t0, read_ms = clock(), int(time.time() * 1000)  # the read's time: rows written after it were not seen
+        t0, read_ms = clock(), wall_ms()  # the read's time: rows written after it were not seen
         features = self.reader.features(request.user_id, request.ad_ids, as_of_ms=request.event_time_ms,
                                         category_ids=request.category_ids, advertiser_ids=request.advertiser_ids)
         t1 = clock()
