@@ -130,3 +130,30 @@ def test_reliability_plot_writes_png(tmp_path):
     path = reliability_plot(results, tmp_path / "plots" / "ctr.png", title="CTR calibration")
     assert path.exists() and path.stat().st_size > 1024
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_platt_never_reverses_the_ranking_on_a_small_noisy_fit():
+    """The demo's full retrain fitted Platt on 92 held-out rows with 17 clicks whose raw AUC happened to be 0.45:
+    the slope came out negative and the served pCTR ranked ads backwards (held-out AUC 0.705 became 0.295).
+    With few positives, or a fitted slope that is not positive, only the offset is fitted: the order is kept and
+    the mean prediction matches the observed rate."""
+    from trainers.calibration import PLATT_MIN_POSITIVES
+
+    rng = np.random.default_rng(11)
+    raw = rng.uniform(0.01, 0.06, 92)
+    clicked = np.zeros(92)
+    clicked[np.argsort(raw)[:17]] = 1  # the lowest scores clicked: a sample that anti-correlates by chance
+    cal = Calibrator("platt").fit(raw, clicked)
+    assert cal.a == 1.0
+    calibrated = cal.transform(raw)
+    assert np.all(np.diff(calibrated[np.argsort(raw)]) > 0)  # strictly increasing: the ranking kept
+    assert calibrated.mean() == pytest.approx(clicked.mean(), rel=1e-6)
+    # Enough positives yet anti-correlated: the slope is still not allowed to go negative.
+    raw = rng.uniform(0.01, 0.5, 20_000)
+    y = rng.random(20_000) < (0.51 - raw)
+    assert y.sum() >= PLATT_MIN_POSITIVES
+    cal = Calibrator("platt").fit(raw, y)
+    assert cal.a == 1.0 and cal.transform(raw).mean() == pytest.approx(y.mean(), rel=1e-6)
+    # Enough positives and a real signal: the full two-parameter fit, slope positive.
+    y = rng.random(20_000) < raw / 2
+    assert Calibrator("platt").fit(raw, y).a > 0 and Calibrator("platt").fit(raw, y).a != 1.0

@@ -306,3 +306,29 @@ def test_twenty_seeds_no_healthy_rollback_and_the_broken_model_within_500():
     assert healthy_rollbacks == [], healthy_rollbacks
     assert broken_missed == [], broken_missed
     assert held_out_rollbacks >= 15, held_out_rollbacks  # why the reference had to change
+
+
+def test_a_child_that_corrects_a_miscalibrated_parent_is_not_drift():
+    """The parent under-predicted what it served by e^-1 (beyond the +-0.4 threshold: not a winner's curse). A
+    calibrated child is judged against the observed rate, not scaled by the parent's offset into false drift;
+    a child over-predicting by e^1 is still drift."""
+    from infra.settings import ServingSettings
+    from trainers.circuit_breaker import judge
+
+    cfg = ServingSettings(min_breaker_impressions=300)
+    rng = np.random.default_rng(7)
+    n = 2_000
+    p_true = rng.uniform(0.02, 0.08, n)
+    ids = [f"c{i}" for i in range(n)]
+    labels = pd.DataFrame({"impression_id": ids, "clicked": (rng.random(n) < p_true).astype(float),
+                           "converted": np.nan})
+    reference = {"baseline": {"ctr": -1.0, "cvr": None}}  # no bins: calibration alone decides
+    healthy = pd.DataFrame({"impression_id": ids, "pctr": p_true, "pcvr": 0.1, "explored": False})
+    verdict = judge("child", reference, healthy, labels, cfg)
+    assert verdict.decision == "ok", verdict.reason
+    assert verdict.calibration["ctr"].status == "ok" and "against the parent" not in verdict.reason
+    over = healthy.assign(pctr=np.minimum(p_true * np.e, 1.0))
+    assert judge("over", reference, over, labels, cfg).decision == "rollback"
+    # A parent within the threshold still sets the yardstick (the winner's curse every model shares).
+    near = {"baseline": {"ctr": 0.3, "cvr": None}}
+    assert "against the parent's +0.300" in judge("child", near, healthy, labels, cfg).reason

@@ -23,6 +23,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
+from scipy.optimize import brentq
 from scipy.special import expit, logit
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
@@ -31,6 +32,7 @@ from trainers.metrics import ece, expand_soft_labels, reliability
 
 P_MIN, P_MAX = 1e-6, 1 - 1e-6  # calibrated outputs stay inside, so log loss stays finite
 METHODS = ("isotonic", "platt")
+PLATT_MIN_POSITIVES = 50  # fewer positives: Platt's slope is noise (it can come out negative), fit the offset only
 
 
 def undo_downsampling(p: ArrayLike, sample_rate: float) -> np.ndarray | float:
@@ -52,13 +54,27 @@ def undo_downsampling(p: ArrayLike, sample_rate: float) -> np.ndarray | float:
     return float(q) if q.ndim == 0 else q
 
 
+def offset_only(z: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> float:
+    """The offset ``b`` for which the weighted mean of ``sigmoid(z + b)`` equals the weighted rate of ``labels``
+    (the logistic fit with the slope held at 1); the rate is kept inside ``[P_MIN, P_MAX]``.
+
+    >>> round(offset_only(np.zeros(4), np.array([1, 0, 0, 0]), np.ones(4)), 4)  # logit(0.25)
+    -1.0986
+    """
+    rate = float(np.clip(np.average(labels, weights=weights), P_MIN, P_MAX))
+    return float(brentq(lambda b: float(np.average(expit(z + b), weights=weights)) - rate, -50.0, 50.0))
+
+
 class Calibrator:
     """Post-hoc calibration of probabilities, fitted on held-out data.
 
     - ``"isotonic"``: a monotone step-wise map (``sklearn.isotonic.IsotonicRegression``, increasing),
       stored as its thresholds and applied by linear interpolation, clipped outside them (as
       ``out_of_bounds="clip"`` does);
-    - ``"platt"``: ``sigmoid(a * logit(p) + b)``, fitted by unpenalized ``sklearn`` logistic regression.
+    - ``"platt"``: ``sigmoid(a * logit(p) + b)``, fitted by unpenalized ``sklearn`` logistic regression. A
+      calibrator must never reorder what it calibrates (the auction ranks by its output): with fewer than
+      ``PLATT_MIN_POSITIVES`` positives, or when the fitted slope is not positive, the slope stays 1 and only the
+      offset ``b`` is fitted (so the mean prediction matches the observed rate).
 
     Outputs are clipped to ``[1e-6, 1 - 1e-6]``. Soft labels are accepted (see ``expand_soft_labels``).
 
@@ -86,9 +102,12 @@ class Calibrator:
             iso.fit(p, labels, sample_weight=weights)
             self.x, self.y = iso.X_thresholds_.astype(np.float64), iso.y_thresholds_.astype(np.float64)
         else:
-            z = logit(np.clip(p, P_MIN, P_MAX)).reshape(-1, 1)
-            lr = LogisticRegression(C=np.inf).fit(z, labels, sample_weight=weights)
-            self.a, self.b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+            z = logit(np.clip(p, P_MIN, P_MAX))
+            self.a, self.b = 1.0, offset_only(z, labels, weights)
+            if int((labels > 0.5).sum()) >= PLATT_MIN_POSITIVES:
+                lr = LogisticRegression(C=np.inf).fit(z.reshape(-1, 1), labels, sample_weight=weights)
+                if lr.coef_[0, 0] > 0:
+                    self.a, self.b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
         return self
 
     @property

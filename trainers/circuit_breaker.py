@@ -245,6 +245,17 @@ def served_reference(served: pd.DataFrame, labels: pd.DataFrame | None = None,
     return out
 
 
+def usable_baselines(baseline: dict, threshold: float) -> dict:
+    """The parent's calibration offsets a child is measured against: only those within ``threshold``. A small
+    offset is the auction's winner's curse, which every model shares; a parent off by more was miscalibrated
+    itself, and a child that corrects it must not read as drift (it is judged against the observed rate).
+
+    >>> usable_baselines({"ctr": -0.05, "cvr": -1.0}, 0.4)
+    {'ctr': -0.05, 'cvr': None}
+    """
+    return {task: b if b is not None and abs(b) <= threshold else None for task, b in baseline.items()}
+
+
 def judge(version: str, reference: dict | None, served: pd.DataFrame, labels: pd.DataFrame,
           cfg: ServingSettings, no_reference: str = "PSI: no served reference") -> Verdict:
     """The verdict on ``version`` from its served records (``impression_id, pctr, pcvr, explored``) and the
@@ -275,7 +286,7 @@ def judge(version: str, reference: dict | None, served: pd.DataFrame, labels: pd
     joined = shown[["impression_id", "pctr", "pcvr"]].merge(labels, on="impression_id", how="inner")
     ctr_rows = joined[joined["clicked"].notna()]
     cvr_rows = joined[(joined["clicked"] == 1) & joined["converted"].notna()]
-    baseline = (reference or {}).get("baseline") or {}
+    baseline = usable_baselines((reference or {}).get("baseline") or {}, cfg.calibration_threshold)
     cal = {
         "ctr": calibration_drift("ctr", ctr_rows["pctr"].to_numpy(), ctr_rows["clicked"].to_numpy(),
                                  min_n=cfg.min_breaker_impressions, threshold=cfg.calibration_threshold,
