@@ -5,11 +5,18 @@ the campaign catalog, prediction logs), the records after the last offset alread
 to the first record that arrived after the end of ``ds`` (the end offsets now, for today), and appends them
 to ``<lake>/bronze/<topic>`` in one Delta commit per topic, partitioned by arrival day (``ds``).
 
-Exactly once, without a separate offset store: every row keeps its ``kafka_partition``/``kafka_offset``,
-so the table itself says where the next run starts (the largest offset per partition, plus one). A run
-killed before its commit left nothing, so the re-run reads the same range again; a commit names its range
-in the Delta commit's ``userMetadata`` and carries Delta's idempotent-write id (``txnAppId`` = the table,
-``txnVersion`` = the sum of the start offsets), so two runs racing over one range write it once.
+Exactly once, without a separate offset store: each commit names the offset range it read in the Delta
+commit's ``userMetadata`` (and every row keeps its ``kafka_partition``/``kafka_offset``), so the table itself
+says where the next run starts: the newest commit's end offsets. A range that decodes to no rows (only
+transaction markers or aborted records, normal with a transactional producer) is still committed, empty, so
+its end moves on. A run killed before its commit left nothing, so the re-run reads the same range again; a
+commit carries Delta's idempotent-write id (``txnAppId`` = the table, ``txnVersion`` = the sum of the start
+offsets, which only grows), so two runs racing over one range write it once.
+
+Data loss fails the run (:class:`DataLossError`, as Spark's ``failOnDataLoss``): records retention deleted
+before they were landed (also in a partition added since the last run, whose records start at offset 0), or a
+partition that now ends before what the table landed (the topic was deleted and re-created).
+``--accept-data-loss`` lands what is left and records the loss in the commit's metadata.
 
 Records that do not decode, or break a constraint of their schema (``schemas.constraints``), are kept in
 the same commit with ``reject_reason`` set and their payload: those rows are the bronze dead letters
@@ -64,22 +71,68 @@ def _table_exists(spark, path: str) -> bool:
     return DeltaTable.isDeltaTable(spark, path)
 
 
+class DataLossError(RuntimeError):
+    """Records the table should have landed are gone from the topic (retention, or a re-created topic)."""
+
+
+BRONZE_JOB = "bronze"
+
+
+def last_commit(spark, path: str) -> dict:
+    """The metadata of the newest bronze commit of the table (``{}`` for a table without one)."""
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+
+    history = (DeltaTable.forPath(spark, path).history().where(F.col("userMetadata").isNotNull())
+               .orderBy(F.col("version").desc()).select("userMetadata"))
+    for (text,) in history.toLocalIterator():
+        try:
+            meta = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(meta, dict) and meta.get("job") == BRONZE_JOB and isinstance(meta.get("end"), dict):
+            return meta
+    return {}
+
+
+def recorded_end(spark, path: str) -> dict[int, int]:
+    """The end offsets the newest bronze commit of the table recorded."""
+    return {int(p): int(o) for p, o in last_commit(spark, path).get("end", {}).items()}
+
+
 def landed_offsets(spark, path: str) -> dict[int, int]:
-    """Per partition, the next offset to read: one past the largest offset already in the table."""
+    """Per partition, the next offset to read: the end the newest bronze commit recorded; for a partition it
+    does not name (tables written before commits recorded their end), one past its largest landed offset."""
     if not _table_exists(spark, path):
         return {}
     frame = spark.read.format("delta").load(path)
     if "kafka_partition" not in frame.columns:  # created empty (feature_repo.store.ensure_offline_tables)
         return {}
-    rows = frame.groupBy("kafka_partition").max("kafka_offset").collect()
-    return {int(r[0]): int(r[1]) + 1 for r in rows}
+    out = {int(r[0]): int(r[1]) + 1 for r in frame.groupBy("kafka_partition").max("kafka_offset").collect()}
+    return {**out, **recorded_end(spark, path)}
 
 
-def offset_range(settings: Settings, topic: str, landed: dict[int, int],
-                 end_ms: int | None) -> tuple[dict[int, int], dict[int, int], int]:
-    """(start, end, skipped) offsets per partition: start where the table ends (or the topic's beginning),
-    end at the first record stamped at or after ``end_ms`` (or the end now). ``skipped`` counts records
-    retention deleted before they were landed: they are reported, since they cannot be read any more."""
+@dataclass
+class OffsetRange:
+    """What one run reads per partition (``start`` to ``end``), the records retention deleted before they were
+    landed (``lost``, per partition) and the partitions found re-created (``reset``: read from their start)."""
+
+    start: dict[int, int]
+    end: dict[int, int]
+    lost: dict[int, int] = field(default_factory=dict)
+    reset: list[int] = field(default_factory=list)
+
+
+def offset_range(settings: Settings, topic: str, landed: dict[int, int], end_ms: int | None,
+                 accept_loss: bool = False) -> OffsetRange:
+    """Per partition, start where the table ends, end at the first record stamped at or after ``end_ms`` (or
+    the end now). With nothing landed yet (``landed`` empty) every partition starts at the topic's beginning;
+    after that, a partition the table has never seen starts at 0 (it was added since).
+
+    Raises :class:`DataLossError` when records the table should land are gone: retention deleted them (the
+    topic now begins after the start), or the partition ends before the start (a deleted and re-created
+    topic). With ``accept_loss`` such a partition is read from the topic's beginning, and the loss returned.
+    """
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(**settings.kafka.client_config(), group_id=None, enable_auto_commit=False)
@@ -87,20 +140,33 @@ def offset_range(settings: Settings, topic: str, landed: dict[int, int],
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         if not parts:
             raise RuntimeError(f"bronze: topic {topic!r} does not exist")
-        begin, end = consumer.beginning_offsets(parts), consumer.end_offsets(parts)
+        begin, latest = consumer.beginning_offsets(parts), consumer.end_offsets(parts)
+        cut = dict(latest)
         if end_ms is not None:
             for tp, found in consumer.offsets_for_times({tp: end_ms for tp in parts}).items():
                 if found is not None:
-                    end[tp] = min(end[tp], found.offset)
-        start, stop, skipped = {}, {}, 0
-        for tp in parts:
-            want = landed.get(tp.partition, begin[tp])
-            skipped += max(begin[tp] - want, 0)
-            start[tp.partition] = max(want, begin[tp])
-            stop[tp.partition] = max(end[tp], start[tp.partition])
-        return start, stop, skipped
+                    cut[tp] = min(cut[tp], found.offset)
     finally:
         consumer.close()
+    out, problems = OffsetRange({}, {}), []
+    for tp in parts:
+        p = tp.partition
+        want = landed.get(p, 0 if landed else begin[tp])
+        if latest[tp] < want:
+            problems.append(f"partition {p} ends at offset {latest[tp]:,}, before the {want:,} the table landed "
+                            "up to: the topic was deleted and re-created")
+            out.reset.append(p)
+            want = begin[tp]
+        elif begin[tp] > want:
+            problems.append(f"partition {p}: offsets {want:,}..{begin[tp] - 1:,} were deleted by retention "
+                            "before they were landed")
+            out.lost[p] = begin[tp] - want
+        out.start[p] = max(want, begin[tp])
+        out.end[p] = max(cut[tp], out.start[p])
+    if problems and not accept_loss:
+        raise DataLossError(f"{topic}: records are lost: " + "; ".join(problems)
+                            + " (pass --accept-data-loss to land what is left and record the loss)")
+    return out
 
 
 def decode(raw, model: type[Event]):
@@ -134,30 +200,42 @@ class Landed:
     table: str
     records: int
     rejected: int
-    skipped_by_retention: int
-    start: dict[int, int]
-    end: dict[int, int]
+    span: OffsetRange
     days: list[str] = field(default_factory=list)  # arrival days this run added rows to
+    raced: bool = False  # another run committed the same range first (nothing written by this one)
 
 
-def land(spark, settings: Settings, source: Source, end_ms: int | None) -> Landed:
-    """Append one topic's new records to its bronze table (one Delta commit; nothing when there is none)."""
+def land(spark, settings: Settings, source: Source, end_ms: int | None, accept_loss: bool = False) -> Landed:
+    """Append one topic's new records to its bronze table in one Delta commit (an empty one when the range
+    holds only transaction markers or aborted records, so the next run starts after it; none when the range
+    is empty)."""
     from pyspark.sql import functions as F
 
     path, topic = table_path(settings, source), source.topic(settings)
-    start, end, skipped = offset_range(settings, topic, landed_offsets(spark, path), end_ms)
-    todo = {p: (start[p], end[p]) for p in start if end[p] > start[p]}
+    exists = _table_exists(spark, path)
+    previous = last_commit(spark, path) if exists else {}
+    span = offset_range(settings, topic, landed_offsets(spark, path), end_ms, accept_loss)
+    todo = {p: (span.start[p], span.end[p]) for p in span.start if span.end[p] > span.start[p]}
     if not todo:
-        return Landed(source.table, 0, 0, skipped, start, end)
+        return Landed(source.table, 0, 0, span)
+    # Delta's idempotent write skips a txnVersion not above the last one: the sum of the start offsets only
+    # grows, except across a re-created partition, where the base moves past the last version.
+    base = int(previous.get("txn_base", 0))
+    if span.reset:  # (a commit from before "txn" was recorded used the sum of its start offsets)
+        base = int(previous.get("txn", sum(int(o) for o in previous.get("start", {}).values()))) + 1
+    txn = base + sum(span.start.values())
     rows = decode(read_range(spark, settings, topic, todo), source.model).cache()
     counts = rows.agg(F.count("*"), F.count("reject_reason")).first()
     days = sorted(r[0] for r in rows.select("ds").distinct().collect())
-    meta = json.dumps({"job": "bronze", "topic": topic, "start": start, "end": end})
+    meta = json.dumps({"job": BRONZE_JOB, "topic": topic, "start": span.start, "end": span.end, "txn": txn,
+                       "txn_base": base, "lost": span.lost, "reset": span.reset})
     (rows.write.format("delta").mode("append").partitionBy("ds")
-     .option("txnAppId", f"bronze:{source.table}").option("txnVersion", sum(start.values()))
+     .option("txnAppId", f"bronze:{source.table}").option("txnVersion", txn)
      .option("userMetadata", meta).option("mergeSchema", "true").save(path))
     rows.unpersist()
-    return Landed(source.table, int(counts[0]), int(counts[1]), skipped, start, end, days)
+    if last_commit(spark, path).get("txn") != txn:  # Delta skipped the write: a racing run committed this range
+        return Landed(source.table, 0, 0, span, raced=True)
+    return Landed(source.table, int(counts[0]), int(counts[1]), span, days)
 
 
 def read_bronze(spark, settings: Settings, model: type[Event]):
@@ -233,7 +311,7 @@ def check_days(spark, settings: Settings, source: Source, days: list[str]) -> No
 
 
 def run(ds: date | None, settings: Settings | None = None, sources: tuple[Source, ...] = SOURCES,
-        quality: bool = True) -> list[Landed]:
+        quality: bool = True, accept_loss: bool = False) -> list[Landed]:
     """Land every source up to the end of ``ds`` (or now, when ``ds`` is None); with ``quality``, check
     every day each source added to (``batch_jobs.quality``)."""
     settings = settings or get_settings()
@@ -241,12 +319,18 @@ def run(ds: date | None, settings: Settings | None = None, sources: tuple[Source
     end_ms = day_bounds(ds)[1] if ds is not None else None
     out = []
     for source in sources:
-        landed = land(spark, settings, source, end_ms)
-        print(f"bronze: {source.table}: {landed.records:,} records landed ({landed.rejected:,} rejected to the "
-              f"dead letters), offsets {landed.start} -> {landed.end}", flush=True)
-        if landed.skipped_by_retention:
-            print(f"bronze: WARNING {source.table}: {landed.skipped_by_retention:,} records were deleted by "
-                  "retention before they were landed", flush=True)
+        landed = land(spark, settings, source, end_ms, accept_loss)
+        span = landed.span
+        if landed.raced:
+            print(f"bronze: {source.table}: offsets {span.start} -> {span.end} were landed by another run "
+                  "meanwhile: nothing written", flush=True)
+        else:
+            print(f"bronze: {source.table}: {landed.records:,} records landed ({landed.rejected:,} rejected to "
+                  f"the dead letters), offsets {span.start} -> {span.end}", flush=True)
+        if span.lost or span.reset:
+            print(f"bronze: DATA LOSS ACCEPTED {source.table}: {sum(span.lost.values()):,} records deleted by "
+                  f"retention before they were landed (per partition {span.lost}), re-created partitions "
+                  f"{span.reset} read from their start", flush=True)
         if quality and landed.days:  # a topic with nothing new (or nothing yet: no table) has no day to check
             check_days(spark, settings, source, landed.days)
         out.append(landed)
@@ -258,8 +342,15 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ds", type=date.fromisoformat, required=True,
                    help="UTC day, YYYY-MM-DD: land what arrived up to its end")
+    p.add_argument("--accept-data-loss", action="store_true",
+                   help="land what is left when records were lost (retention, a re-created topic) instead of "
+                        "failing; the loss is recorded in the commit's metadata")
     a = p.parse_args(argv)
-    landed = run(a.ds)
+    try:
+        landed = run(a.ds, accept_loss=a.accept_data_loss)
+    except DataLossError as err:
+        print(f"bronze: FAILED: {err}", file=sys.stderr, flush=True)
+        return 2
     print(f"bronze: {sum(x.records for x in landed):,} records, {sum(x.rejected for x in landed):,} rejected")
     return 0
 

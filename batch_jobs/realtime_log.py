@@ -52,8 +52,8 @@ def land(spark, settings: Settings, end_ms: int | None) -> dict[str, int]:
     earliest = {p: min(s.get(p, 0) for s in starts.values()) for s in starts.values() for p in s}
     if any(not s for s in starts.values()):
         earliest = {}
-    start, end, _ = offset_range(settings, topic, earliest, end_ms)
-    todo = {p: (start[p], end[p]) for p in start if end[p] > start[p]}
+    span = offset_range(settings, topic, earliest, end_ms)  # raises DataLossError on lost records
+    todo = {p: (span.start[p], span.end[p]) for p in span.start if span.end[p] > span.start[p]}
     out = {t.VIEW: 0 for t in REALTIME_TABLES}
     if not todo:
         return out

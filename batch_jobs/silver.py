@@ -10,8 +10,9 @@ This is the streaming joiner's batch twin: every decision comes from ``label_joi
 definition, applied here to Spark columns): implausible event times are dropped; an event counts only if
 its Kafka record time (its arrival, kept by bronze) is within the lateness of its window's end; among
 several valid clicks (or conversions) the earliest event time, then the smallest id, wins; a conversion
-counts only for the attributed click. Undecodable events are bronze's dead letters; duplicates count once.
-The impression's category comes from the campaign catalog's latest version.
+counts only for the attributed click. Undecodable events are bronze's dead letters; duplicates count once
+(after the arrival rule, so a late copy never hides a copy that arrived in time). The impression's category
+comes from the campaign catalog as it was at the day's end (a backfill sees the catalog of its day, not today's).
 """
 
 from __future__ import annotations
@@ -63,23 +64,23 @@ def labeled_impressions(spark, settings: Settings, start_ms: int, end_ms: int):
     clicks = first(read_events(spark, settings, Click, rules)
                    .select("impression_id", F.col("click_id").alias("id"), F.col("event_time_ms").alias("t"),
                            "arrival")
-                   .dropDuplicates(["id"])
                    .join(imps.select("impression_id", "impression_time_ms"), "impression_id")
                    .where(rules.click_in_window(imp_t, F.col("t"))
                           & rules.click_arrived_in_time(imp_t, F.col("arrival")))
+                   .dropDuplicates(["id"])  # after the arrival rule: a late copy never hides a timely one
                    ).select("impression_id", F.col("id").alias("click_id"), F.col("t").alias("click_time_ms"))
     click_t = F.col("click_time_ms")
     convs = first(read_events(spark, settings, Conversion, rules)
                   .select("impression_id", "click_id", F.col("conversion_id").alias("id"),
                           F.col("event_time_ms").alias("t"), "value", "arrival")
-                  .dropDuplicates(["id"])
                   .join(clicks, ["impression_id", "click_id"])
                   .where(rules.conversion_in_window(click_t, F.col("t"))
                          & rules.conversion_arrived_in_time(click_t, F.col("arrival")))
+                  .dropDuplicates(["id"])
                   ).select("impression_id", F.col("t").alias("conversion_time_ms"),
                            F.col("value").alias("conversion_value"))
     labels = (imps.join(clicks, "impression_id", "left").join(convs, "impression_id", "left")
-              .join(F.broadcast(campaigns_as_of(spark, settings).select("campaign_id", "category_id")),
+              .join(F.broadcast(campaigns_as_of(spark, settings, end_ms).select("campaign_id", "category_id")),
                     "campaign_id", "left")
               .withColumn("clicked", F.col("click_time_ms").isNotNull())
               .withColumn("converted", F.col("conversion_time_ms").isNotNull())

@@ -18,6 +18,7 @@ from label_joiner.rules import Rules
 from label_joiner.worker import start_worker, stop_worker
 from schemas.codec import schema_headers
 from schemas.events import Click, Conversion
+from schemas.features import N_CATEGORIES
 from streams.simulator.config import SimulatorConfig
 from streams.simulator.delivery import iter_messages
 from streams.simulator.run import generate, send_catalog
@@ -45,6 +46,13 @@ def repeats(truth: pd.DataFrame, settings) -> list[tuple]:
                        user_id=row.user_id, ad_id=row.ad_id, event_time_ms=int(row.conversion_time_ms) - 1_000,
                        value=1.0)
         out.append((settings.topics.conversions, v, int(row.conversion_delivery_ms) + 60_000))
+    # Exact copies of timely clicks and conversions delivered again long after their lateness: the stream
+    # counted the first copy, and so must the batch (a late copy must not hide it).
+    lateness_ms = int(settings.windows.allowed_lateness_s * 1000) + 3_600_000
+    for row in t.iloc[40:80].itertuples():
+        click = Click(click_id=row.impression_id.replace("-i", "-c", 1), impression_id=row.impression_id,
+                      user_id=row.user_id, ad_id=row.ad_id, event_time_ms=int(row.click_time_ms))
+        out.append((settings.topics.clicks, click, int(row.click_delivery_ms) + lateness_ms))
     return out
 
 
@@ -72,6 +80,11 @@ def test_batch_equals_stream(fresh_topics, tmp_path):
     send_catalog(gen.campaigns, settings)
     extra = repeats(gen.truth, settings)
     send_in_arrival_order(settings, gen, extra)
+    # The catalog changes after the day (every campaign moves to another category): a backfill of the day
+    # must still label it with the catalog of its day.
+    later = gen.campaigns.assign(category_id=(gen.campaigns["category_id"] + 1) % N_CATEGORIES,
+                                 event_time_ms=int(time.time() * 1000))
+    send_catalog(later, settings)
     want = expected_labels(gen.truth, Rules.from_settings(settings.windows))
     assert gen.truth["impression_late"].sum() > 0 and gen.truth["conversion_late"].sum() > 0
 
