@@ -122,6 +122,10 @@ class OffsetRange:
     lost: dict[int, int] = field(default_factory=dict)
     reset: list[int] = field(default_factory=list)
 
+    def ranges(self) -> dict[int, tuple[int, int]]:
+        """The non-empty ``(start, end)`` per partition."""
+        return {p: (self.start[p], self.end[p]) for p in self.start if self.end[p] > self.start[p]}
+
 
 def offset_range(settings: Settings, topic: str, landed: dict[int, int], end_ms: int | None,
                  accept_loss: bool = False) -> OffsetRange:
@@ -215,7 +219,7 @@ def land(spark, settings: Settings, source: Source, end_ms: int | None, accept_l
     exists = _table_exists(spark, path)
     previous = last_commit(spark, path) if exists else {}
     span = offset_range(settings, topic, landed_offsets(spark, path), end_ms, accept_loss)
-    todo = {p: (span.start[p], span.end[p]) for p in span.start if span.end[p] > span.start[p]}
+    todo = span.ranges()
     if not todo:
         return Landed(source.table, 0, 0, span)
     # Delta's idempotent write skips a txnVersion not above the last one: the sum of the start offsets only
@@ -297,17 +301,35 @@ def dead_letters(spark, settings: Settings):
     return out
 
 
-def check_days(spark, settings: Settings, source: Source, days: list[str]) -> None:
-    """Data quality of each arrival day a run added to (the schema's constraints on the valid rows); a
-    critical failure quarantines the day and raises ``QualityError``."""
+MAX_REJECT_SHARE = 0.05  # more of a run's records rejected than this: a producer is broken, not a record
+
+
+def check_landed(spark, settings: Settings, source: Source, landed: Landed) -> None:
+    """Data quality of what this run landed (its offset ranges, per arrival day), not the whole day again every
+    hour: the schema's expectations on the valid rows, and the share of rejected records (a few malformed
+    records are dead letters; more than ``MAX_REJECT_SHARE`` of a day's landed records is an upstream failure).
+    A critical failure quarantines the day (readers leave it out) and raises ``QualityError``."""
     from pyspark.sql import functions as F
 
-    from batch_jobs.quality import guard
+    from batch_jobs.quality import QualityError, guard, quarantine
 
-    valid = spark.read.format("delta").load(table_path(settings, source)).where("reject_reason IS NULL")
-    for ds in days:
-        result = guard(valid.where(F.col("ds") == ds), source.model, f"bronze/{source.table}", ds, settings)
-        print(f"bronze: quality of {source.table} {ds}: passed, report {result.report_path}", flush=True)
+    mine = F.lit(False)
+    for p, (start, end) in landed.span.ranges().items():
+        mine = mine | ((F.col("kafka_partition") == p) & (F.col("kafka_offset") >= start)
+                       & (F.col("kafka_offset") < end))
+    rows = spark.read.format("delta").load(table_path(settings, source)).where(mine)
+    table = f"bronze/{source.table}"
+    for ds in landed.days:
+        day = rows.where(F.col("ds") == ds)
+        total, rejected = day.agg(F.count("*"), F.count("reject_reason")).first()
+        if total and rejected / total > MAX_REJECT_SHARE:
+            reason = (f"{rejected:,} of the {total:,} records landed were rejected ({rejected / total:.1%} > "
+                      f"{MAX_REJECT_SHARE:.0%}): see the dead letters")
+            where = quarantine(settings, table, ds, [reason])
+            raise QualityError(f"{table} ds={ds}: {reason}\nquarantined: recorded in {where}")
+        result = guard(day.where("reject_reason IS NULL"), source.model, table, ds, settings)
+        print(f"bronze: quality of {source.table} {ds} (this run's records): passed, report "
+              f"{result.report_path}", flush=True)
 
 
 def run(ds: date | None, settings: Settings | None = None, sources: tuple[Source, ...] = SOURCES,
@@ -332,7 +354,7 @@ def run(ds: date | None, settings: Settings | None = None, sources: tuple[Source
                   f"retention before they were landed (per partition {span.lost}), re-created partitions "
                   f"{span.reset} read from their start", flush=True)
         if quality and landed.days:  # a topic with nothing new (or nothing yet: no table) has no day to check
-            check_days(spark, settings, source, landed.days)
+            check_landed(spark, settings, source, landed)
         out.append(landed)
     return out
 

@@ -25,7 +25,7 @@ from datetime import date
 
 from batch_jobs.bronze import campaigns_as_of, read_bronze
 from batch_jobs.days import day_bounds, day_end
-from batch_jobs.quality import guard
+from batch_jobs.quality import guard, previous_counts, volume_check
 from infra.settings import Settings, get_settings
 from infra.spark_session import spark_session
 from label_joiner.rules import Rules
@@ -198,23 +198,33 @@ def compute(spark, settings: Settings, ds: date) -> dict[type[FeatureRow], objec
 
 
 def run(ds: date, settings: Settings | None = None, quality: bool = True) -> dict[str, int]:
-    """Replace the ``ds`` partition of every gold table; return rows written per view. With ``quality``,
-    each partition is checked (``batch_jobs.quality``) before the next table is built."""
+    """Replace the ``ds`` partition of every gold table; return rows written per view. With ``quality``
+    (write-audit-publish), every view's frame is checked first (its schema, and its volume against the
+    previous days') and nothing is written unless all four pass: Feast never loads a failed or half day."""
+    from delta.tables import DeltaTable
     from pyspark.sql import functions as F
 
     settings = settings or get_settings()
     spark = spark_session("gold", settings)
-    written = {}
-    for table, frame in compute(spark, settings, ds).items():
-        out = frame.withColumn("ds", F.lit(ds.isoformat())).cache()
-        (out.write.format("delta").mode("overwrite").partitionBy("ds")
-         .option("replaceWhere", f"ds = '{ds.isoformat()}'").save(gold_path(settings, table)))
-        written[table.VIEW] = out.count()
-        out.unpersist()
+    frames = {table: frame.withColumn("ds", F.lit(ds.isoformat())).cache()
+              for table, frame in compute(spark, settings, ds).items()}
+    try:
         if quality:
-            saved = spark.read.format("delta").load(gold_path(settings, table)).where(F.col("ds") == ds.isoformat())
-            result = guard(saved, table, f"gold/{table.VIEW}", ds.isoformat(), settings)
-            print(f"gold: quality of {table.VIEW} {ds}: passed, report {result.report_path}", flush=True)
+            for table, frame in frames.items():
+                path = gold_path(settings, table)
+                previous = (previous_counts(spark.read.format("delta").load(path), ds.isoformat())
+                            if DeltaTable.isDeltaTable(spark, path) else [])
+                checks = [c for c in [volume_check(previous)] if c is not None]
+                result = guard(frame, table, f"gold/{table.VIEW}", ds.isoformat(), settings, checks)
+                print(f"gold: quality of {table.VIEW} {ds}: passed, report {result.report_path}", flush=True)
+        written = {}
+        for table, frame in frames.items():
+            (frame.write.format("delta").mode("overwrite").partitionBy("ds")
+             .option("replaceWhere", f"ds = '{ds.isoformat()}'").save(gold_path(settings, table)))
+            written[table.VIEW] = frame.count()
+    finally:
+        for frame in frames.values():
+            frame.unpersist()
     return written
 
 

@@ -8,10 +8,14 @@ column of the model must exist, required columns hold no nulls, bounds become be
 string lengths length-expectations. These schema expectations are *critical*. A job may add
 :class:`DistributionCheck` s (label rate, null share, value range, freshness), critical or not.
 
-:func:`guard` is the gate a job calls before it reads a partition downstream: on a critical failure it writes a
-quarantine marker (``<lake>/_quarantine/<table>/<ds>.json``, with the reasons and the report) and raises
-:class:`QualityError`. Nothing is ever deleted from a table; downstream jobs skip quarantined days
-(:func:`is_quarantined`, :func:`quarantined_days`) until a person calls :func:`release`.
+:func:`guard` is the audit of write-audit-publish: silver, gold and the training sets run it on the frame they
+are about to write and publish (write) it only when it passes, so a failed day never reaches a reader (Feast
+included). On a critical failure it records a quarantine (with the reasons and the report) and raises
+:class:`QualityError`. Bronze lands every record whatever the checks say (it is the raw landing); its
+quarantined days are kept and marked, and :func:`batch_jobs.bronze.read_bronze` leaves them out. The quarantine
+state is a Delta table, ``<lake>/_quality/quarantine`` (one row per quarantine or release; the newest decides),
+so it lives with the lake rather than on one machine's disk (:func:`is_quarantined`, :func:`quarantined_days`,
+:func:`release`).
 
 The GX project (suites, validation definitions, checkpoints, results, data docs) lives in
 ``<var>/quality/gx``; suites and checkpoints are named after the table with ``/`` written as ``.``.
@@ -20,8 +24,8 @@ The GX project (suites, validation definitions, checkpoints, results, data docs)
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import statistics
 import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,7 +42,7 @@ from schemas.features import BY_VIEW, TrainingRow
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # before great_expectations is imported (lazily)
 
 DATA_SOURCE = "lake"
-CHECK_KINDS = ("mean_between", "null_share_at_most", "between", "max_at_least")
+CHECK_KINDS = ("mean_between", "null_share_at_most", "between", "max_at_least", "rows_between")
 # Spark types (pyspark.sql.types class names) accepted for each constraint kind.
 SPARK_TYPES: dict[str, list[str]] = {
     "str": ["StringType", "VarcharType", "CharType"],
@@ -68,8 +72,10 @@ class QualityError(RuntimeError):
 class DistributionCheck:
     """A non-schema check on a partition: label rate, null rate, value range or freshness.
 
-    ``mean_between``: min <= mean <= max; ``null_share_at_most``: share of nulls <= max; ``between``: every
-    value within [min, max]; ``max_at_least``: newest value >= min (epoch seconds for a timestamp column).
+    ``mean_between``: min <= mean <= max (a boolean column as 0/1); ``null_share_at_most``: share of nulls <= max;
+    ``between``: every value within [min, max]; ``max_at_least``: newest value >= min (epoch seconds for a
+    timestamp column); ``rows_between``: the partition's row count within [min, max] (``column`` unused: the
+    volume check, see :func:`volume_check`).
     """
 
     column: str
@@ -139,10 +145,16 @@ def _check_expectation(check: DistributionCheck, model: type[BaseModel]):
     """The GX expectation of one :class:`DistributionCheck`."""
     import great_expectations.expectations as gxe
 
-    common = {"column": check.column, "severity": "critical" if check.critical else "warning",
-              "meta": {"check": check.kind}}
+    severity = "critical" if check.critical else "warning"
+    if check.kind == "rows_between":
+        return gxe.ExpectTableRowCountToBeBetween(min_value=check.min, max_value=check.max, severity=severity,
+                                                  meta={"check": check.kind})
+    common = {"column": check.column, "severity": severity, "meta": {"check": check.kind}}
     if check.kind == "mean_between":
-        return gxe.ExpectColumnMeanToBeBetween(min_value=check.min, max_value=check.max, **common)
+        kinds = {c.column: c.kind for c in constraints(model)}
+        column = as_number(check.column) if kinds.get(check.column) == "bool" else check.column
+        return gxe.ExpectColumnMeanToBeBetween(min_value=check.min, max_value=check.max,
+                                               **{**common, "column": column})
     if check.kind == "null_share_at_most":
         return gxe.ExpectColumnProportionOfNonNullValuesToBeBetween(min_value=1.0 - (check.max or 0.0), **common)
     if check.kind == "between":
@@ -152,6 +164,37 @@ def _check_expectation(check: DistributionCheck, model: type[BaseModel]):
     if kinds.get(check.column) == "timestamp" and newest is not None:
         newest = datetime.fromtimestamp(newest, UTC)
     return gxe.ExpectColumnMaxToBeBetween(min_value=newest, **common)
+
+
+def as_number(column: str) -> str:
+    """The 0/1 column :func:`check_partition` adds for a boolean column's mean (GX on Spark cannot average a
+    boolean: the expectation errors, and an error is not a verdict)."""
+    return f"{column}__as_number"
+
+
+def volume_check(counts: list[int], low: float = 0.5, high: float = 2.0,
+                 min_days: int = 3) -> DistributionCheck | None:
+    """A critical row-count check against the previous days' partitions (``counts``, newest last): between
+    ``low`` and ``high`` times their median; None with fewer than ``min_days`` previous days.
+
+    >>> volume_check([100, 120, 80]).min, volume_check([100, 120, 80]).max
+    (50.0, 200.0)
+    >>> volume_check([100]) is None
+    True
+    """
+    counts = [c for c in counts if c > 0]
+    if len(counts) < min_days:
+        return None
+    median = statistics.median(counts)
+    return DistributionCheck("*", "rows_between", low * median, high * median, critical=True)
+
+
+def previous_counts(frame, ds: str, days: int = 7) -> list[int]:
+    """Row counts of the ``days`` partitions (``ds`` column) before ``ds`` in a table's frame, oldest first."""
+    from pyspark.sql import functions as F
+
+    rows = (frame.where(F.col("ds") < ds).groupBy("ds").count().orderBy(F.col("ds").desc()).limit(days).collect())
+    return [int(r["count"]) for r in reversed(rows)]
 
 
 def _context(settings: Settings):
@@ -221,7 +264,12 @@ def check_partition(frame, model: type[BaseModel], table: str, ds: str, settings
     """Validate one partition (a Spark DataFrame) against ``model``'s suite plus ``checks``; build its report."""
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
+    from pyspark.sql import functions as F
 
+    kinds = {c.column: c.kind for c in constraints(model)}
+    for check in checks:
+        if check.kind == "mean_between" and kinds.get(check.column) == "bool":
+            frame = frame.withColumn(as_number(check.column), F.col(check.column).cast("double"))
     context = _context(settings)
     suite = gx.ExpectationSuite(name=gx_name(table), meta={"model": model.__name__})
     for expectation in expectations_for(model) + [_check_expectation(c, model) for c in checks]:
@@ -245,35 +293,58 @@ def check_partition(frame, model: type[BaseModel], table: str, ds: str, settings
                          report_path=_report_path(context, identifier))
 
 
-def _marker(settings: Settings, table: str, ds: str) -> Path:
-    return settings.lake_dir / "_quarantine" / table / f"{ds}.json"
+QUARANTINE_COLUMNS = "table STRING, ds STRING, action STRING, reasons ARRAY<STRING>, report_path STRING, at_ms LONG"
+
+
+def quarantine_path(settings: Settings) -> str:
+    return str(settings.lake_dir / "_quality" / "quarantine")
+
+
+def _spark(settings: Settings):
+    from infra.spark_session import spark_session
+
+    return spark_session("quality", settings)
+
+
+def _record(settings: Settings, table: str, ds: str, action: str, reasons: list[str],
+            report_path: Path | None) -> None:
+    spark = _spark(settings)
+    row = (table, ds, action, list(reasons), str(report_path) if report_path else None,
+           int(datetime.now(UTC).timestamp() * 1000))
+    spark.createDataFrame([row], QUARANTINE_COLUMNS).write.format("delta").mode("append").save(
+        quarantine_path(settings))
 
 
 def quarantine(settings: Settings, table: str, ds: str, reasons: list[str], *,
-               report_path: Path | None = None) -> Path:
-    """Mark ``table``'s day ``ds`` as quarantined (downstream skips it); the data stays where it is."""
-    path = _marker(settings, table, ds)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"table": table, "ds": ds, "reasons": list(reasons),
-                               "report_path": str(report_path) if report_path else None,
-                               "quarantined_at": datetime.now(UTC).isoformat()}, indent=2))
-    tmp.replace(path)
-    return path
-
-
-def is_quarantined(settings: Settings, table: str, ds: str) -> bool:
-    return _marker(settings, table, ds).is_file()
+               report_path: Path | None = None) -> str:
+    """Mark ``table``'s day ``ds`` as quarantined (readers skip it); returns where the state lives."""
+    _record(settings, table, ds, "quarantine", reasons, report_path)
+    return quarantine_path(settings)
 
 
 def quarantined_days(settings: Settings, table: str) -> set[str]:
-    folder = settings.lake_dir / "_quarantine" / table
-    return {p.stem for p in folder.glob("*.json")} if folder.is_dir() else set()
+    """The days of ``table`` whose newest quarantine record is a quarantine (not a release)."""
+    from delta.tables import DeltaTable
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    spark, path = _spark(settings), quarantine_path(settings)
+    if not DeltaTable.isDeltaTable(spark, path):
+        return set()
+    newest = Window.partitionBy("ds").orderBy(F.col("at_ms").desc())
+    rows = (spark.read.format("delta").load(path).where(F.col("table") == table)
+            .withColumn("rank", F.row_number().over(newest)).where("rank = 1 AND action = 'quarantine'")
+            .select("ds").collect())
+    return {r["ds"] for r in rows}
+
+
+def is_quarantined(settings: Settings, table: str, ds: str) -> bool:
+    return ds in quarantined_days(settings, table)
 
 
 def release(settings: Settings, table: str, ds: str) -> None:
     """Lift the quarantine of a day (after a person fixed or accepted it)."""
-    _marker(settings, table, ds).unlink(missing_ok=True)
+    _record(settings, table, ds, "release", [], None)
 
 
 def guard(frame, model: type[BaseModel], table: str, ds: str, settings: Settings,
@@ -285,7 +356,7 @@ def guard(frame, model: type[BaseModel], table: str, ds: str, settings: Settings
         marker = quarantine(settings, table, ds, critical, report_path=result.report_path)
         raise QualityError(f"{table} ds={ds} failed {len(critical)} critical expectation(s):\n"
                            + "\n".join(f"  - {f}" for f in critical)
-                           + f"\nreport: {result.report_path}\nquarantined: {marker}")
+                           + f"\nreport: {result.report_path}\nquarantined: recorded in {marker}")
     return result
 
 

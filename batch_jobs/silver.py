@@ -19,11 +19,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import date
+from datetime import date, timedelta
 
 from batch_jobs.bronze import campaigns_as_of, read_bronze
 from batch_jobs.days import day_bounds
-from batch_jobs.quality import DistributionCheck, QualityError, guard, is_quarantined
+from batch_jobs.quality import (
+    DistributionCheck,
+    QualityError,
+    guard,
+    previous_counts,
+    quarantined_days,
+    volume_check,
+)
 from infra.settings import Settings, get_settings
 from infra.spark_session import spark_session
 from label_joiner.rules import FIRST_ORDER, Rules
@@ -92,32 +99,55 @@ def silver_path(settings: Settings) -> str:
     return str(settings.lake_dir / "silver" / "labeled_impressions")
 
 
-LABEL_CHECKS = (
-    DistributionCheck("clicked", "mean_between", 0.001, 0.3),  # the click rate: a warning, not a block
-    DistributionCheck("conversion_value", "between", 0.0, 100_000.0, critical=True),
-)
+def label_checks(settings: Settings, ds: date, previous: list[int]) -> list[DistributionCheck]:
+    """Silver's checks beyond the schema: the click rate (a warning), conversion values in range, the day's
+    volume against the previous days' (:func:`batch_jobs.quality.volume_check`, critical), and freshness: the
+    day's newest impression within its last hour (a warning: an upstream that stopped mid-day gives a short day)."""
+    checks = [DistributionCheck("clicked", "mean_between", 0.001, 0.3),
+              DistributionCheck("conversion_value", "between", 0.0, 100_000.0, critical=True),
+              DistributionCheck("impression_time_ms", "max_at_least", min=day_bounds(ds)[1] - 3_600_000)]
+    if (volume := volume_check(previous)) is not None:
+        checks.append(volume)
+    return checks
+
+
+def bronze_days_needed(settings: Settings, ds: date) -> list[str]:
+    """The bronze arrival days whose records can label ``ds``'s impressions: the day itself and the days its
+    conversion window and lateness reach into."""
+    w = settings.windows
+    reach_s = w.click_window_s + w.allowed_lateness_s + w.conversion_window_s + w.conversion_lateness_s
+    return [(ds + timedelta(days=k)).isoformat() for k in range(int(reach_s // 86_400) + 2)]
 
 
 def run(ds: date, settings: Settings | None = None, quality: bool = True) -> str:
-    """Compute one day and replace its partition of the Delta table; return the table path. Refuses a day
-    whose bronze impressions are quarantined; with ``quality``, checks the partition it wrote."""
+    """Compute one day and, once it passed its checks (write-audit-publish: audited before it is written, so a
+    failed day never reaches a reader), replace its partition of the Delta table; return the table path.
+    Refuses a day that quarantined bronze days of impressions, clicks or conversions could have labeled
+    (read_bronze leaves those days out: their impressions would come out as negatives)."""
+    from delta.tables import DeltaTable
     from pyspark.sql import functions as F
 
     settings = settings or get_settings()
-    if is_quarantined(settings, "bronze/impressions", ds.isoformat()):
-        raise QualityError(f"silver: bronze/impressions {ds} is quarantined (see "
-                           f"{settings.lake_dir / '_quarantine' / 'bronze' / 'impressions'}): not built")
     spark = spark_session("silver", settings)
+    needed = set(bronze_days_needed(settings, ds))
+    for table in ("bronze/impressions", "bronze/clicks", "bronze/conversions"):
+        if bad := sorted(needed & quarantined_days(settings, table)):
+            raise QualityError(f"silver: {table} {', '.join(bad)} quarantined: {ds} not built (release the "
+                               "days with batch_jobs.quality.release once fixed)")
     start_ms, end_ms = day_bounds(ds)
     path = silver_path(settings)
-    labels = labeled_impressions(spark, settings, start_ms, end_ms).withColumn("ds", F.lit(ds.isoformat()))
-    (labels.write.format("delta").mode("overwrite").partitionBy("ds")
-     .option("replaceWhere", f"ds = '{ds.isoformat()}'").save(path))
-    if quality:
-        written = spark.read.format("delta").load(path).where(F.col("ds") == ds.isoformat())
-        result = guard(written, LabeledImpression, "silver/labeled_impressions", ds.isoformat(), settings,
-                       LABEL_CHECKS)
-        print(f"silver: quality {ds}: passed ({len(result.warnings)} warnings), report {result.report_path}")
+    labels = labeled_impressions(spark, settings, start_ms, end_ms).withColumn("ds", F.lit(ds.isoformat())).cache()
+    try:
+        if quality:
+            table = spark.read.format("delta").load(path) if DeltaTable.isDeltaTable(spark, path) else None
+            previous = previous_counts(table, ds.isoformat()) if table is not None else []
+            result = guard(labels, LabeledImpression, "silver/labeled_impressions", ds.isoformat(), settings,
+                           label_checks(settings, ds, previous))
+            print(f"silver: quality {ds}: passed ({len(result.warnings)} warnings), report {result.report_path}")
+        (labels.write.format("delta").mode("overwrite").partitionBy("ds")
+         .option("replaceWhere", f"ds = '{ds.isoformat()}'").save(path))
+    finally:
+        labels.unpersist()
     return path
 
 
