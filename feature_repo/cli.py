@@ -3,7 +3,8 @@
 Writes ``<var>/feast/feature_store.yaml`` (``feature_repo.store.write_config``: Redis, or a loud error
 when it is down) and runs ``feast -c feature_repo -f <that file> <command ...>`` with the settings in the
 environment, so ``feast apply`` and ``feast materialize-incremental`` work as they do for any Feast repo.
-After a materialization succeeds, it records when the gold views were loaded (``feature_repo.loads``): the
+A materialization whose interval holds a quarantined gold day is refused. After one succeeds, it records when
+the gold views were loaded (``feature_repo.loads``): the
 time their rows became readable online, which the training-set builder joins served impressions on.
 """
 
@@ -15,9 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from feature_repo.loads import loads_path, parse_materialize, record, stamps_present
+from feature_repo.loads import loads_path, parse_materialize, quarantined_in, record, stamps_present
 from feature_repo.store import REPO, OnlineStoreDown, write_config
 from infra.settings import Settings, get_settings
+
+
+class QuarantinedDays(RuntimeError):
+    """A materialization would load a quarantined gold day."""
 
 
 def feast(args: list[str], settings: Settings | None = None, online: str | None = None,
@@ -37,6 +42,10 @@ def feast(args: list[str], settings: Settings | None = None, online: str | None 
         from infra.spark_session import spark_session
 
         present = stamps_present(spark_session("feast-loads", settings), settings, loads)
+        if blocked := quarantined_in(settings, present):
+            raise QuarantinedDays("feature_repo.cli: not materialized: quarantined gold days in the interval: "
+                                  + "; ".join(f"{v}: {', '.join(d)}" for v, d in blocked.items())
+                                  + " (release them with batch_jobs.quality.release, or fix and re-run gold)")
     done = subprocess.run([exe, "-c", str(REPO), "-f", str(config), *args], env=env, check=check)
     if present is not None and done.returncode == 0:
         from infra.spark_session import spark_session
@@ -54,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return feast(args, check=False).returncode
-    except OnlineStoreDown as exc:
+    except (OnlineStoreDown, QuarantinedDays) as exc:
         print(f"feature_repo.cli: {exc}", file=sys.stderr)
         return 1
 

@@ -109,6 +109,20 @@ def stamps_present(spark, settings: Settings, spec: Materialization) -> dict[str
     return out
 
 
+def quarantined_in(settings: Settings, present: dict[str, tuple[int | None, list[int]]]) -> dict[str, list[str]]:
+    """Per view, the quarantined gold days (``batch_jobs.quality``) among the stamps a load would read: a day
+    quarantined after it was published (by a person, or a later check) must not reach the online store."""
+    from batch_jobs.quality import quarantined_days
+
+    out = {}
+    for view, (_, stamps) in present.items():
+        # A gold row of day ds is stamped at the day's end (the next midnight): its day is the stamp's, 1 ms back.
+        days = {datetime.fromtimestamp((t - 1) / 1000, UTC).date().isoformat() for t in stamps}
+        if bad := sorted(days & quarantined_days(settings, f"gold/{view}")):
+            out[view] = bad
+    return out
+
+
 def record(spark, settings: Settings, spec: Materialization, present: dict | None = None,
            loaded_ms: int | None = None) -> int:
     """Append the loads of a materialization that succeeded (``present``: :func:`stamps_present` taken before

@@ -6,9 +6,12 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
+from batch_jobs import quality
 from batch_jobs.gold import gold_path
 from feature_repo import loads
-from feature_repo.cli import feast
+from feature_repo.cli import QuarantinedDays, feast
 from feature_repo.store import feature_store
 from infra.spark_session import spark_session
 from schemas.features import N_CATEGORIES, UserFeatures
@@ -36,6 +39,11 @@ def test_feast_cli_apply_and_materialize_incremental(redis_settings, tmp_path):
 
     assert feast(["apply"], settings, online="redis").returncode == 0
     end = (datetime.now(UTC) + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    # A gold day quarantined after it was written is refused before Feast runs (issue 21, item 1).
+    quality.quarantine(settings, "gold/user_features", rows[0]["ds"], ["test"])
+    with pytest.raises(QuarantinedDays, match=f"user_features: {rows[0]['ds']}"):
+        feast(["materialize-incremental", end], settings, online="redis")
+    quality.release(settings, "gold/user_features", rows[0]["ds"])
     before = int(datetime.now(UTC).timestamp() * 1000)
     assert feast(["materialize-incremental", end], settings, online="redis").returncode == 0
     # The load is recorded once the command succeeded: when the gold rows became readable (issue 19, item 9).
