@@ -37,25 +37,37 @@ logger.state.level = WARN
 
 
 class KafkaBroker:
-    """Start / stop / inspect the local broker described by ``settings``."""
+    """Start / stop / inspect the local broker described by ``settings``: by default the single node on the
+    first bootstrap address; with ``node_id``, ``voters`` and ``cluster_id``, one node of a cluster
+    (``infra.kafka_cluster``), each node both broker and controller, internal topics replicated to
+    ``min(3, len(voters))`` with a minimum ISR one less."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, node_id: int = 1, port: int | None = None,
+                 controller_port: int | None = None, voters: dict[int, tuple[int, int]] | None = None,
+                 home: Path | None = None, cluster_id: str | None = None):
         self.settings = settings
-        self.home = settings.var_dir / "kafka"
+        self.node_id = node_id
+        self.home = home or settings.var_dir / "kafka"
         self.data_dir = self.home / "data"
         self.pidfile = self.home / "kafka.pid"
         self.logfile = self.home / "stdout.log"
-        host, _, port = settings.kafka.bootstrap_servers.split(",")[0].rpartition(":")
-        self.host, self.port = host, int(port)
+        host, _, first = settings.kafka.bootstrap_servers.split(",")[0].rpartition(":")
+        self.host, self.port = host, port or int(first)
+        self.controller_port = controller_port or settings.kafka.controller_port
+        self.voters = voters or {node_id: (self.port, self.controller_port)}  # node -> (port, controller port)
+        self.fixed_cluster_id = cluster_id
 
     # -- files -------------------------------------------------------------------------------------
     def _server_properties(self) -> str:
         k = self.settings.kafka
+        replicas = min(3, len(self.voters))
+        min_isr = max(1, replicas - 1)
+        voters = ",".join(f"{n}@{self.host}:{c}" for n, (_, c) in sorted(self.voters.items()))
         return "\n".join([
             "process.roles=broker,controller",
-            "node.id=1",
-            f"controller.quorum.voters=1@{self.host}:{k.controller_port}",
-            f"listeners=PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{k.controller_port}",
+            f"node.id={self.node_id}",
+            f"controller.quorum.voters={voters}",
+            f"listeners=PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{self.controller_port}",
             f"advertised.listeners=PLAINTEXT://{self.host}:{self.port}",
             "controller.listener.names=CONTROLLER",
             "inter.broker.listener.name=PLAINTEXT",
@@ -63,12 +75,14 @@ class KafkaBroker:
             f"log.dirs={self.data_dir}",
             f"num.partitions={k.default_partitions}",
             "auto.create.topics.enable=true",
-            "offsets.topic.replication.factor=1",
+            f"default.replication.factor={replicas}",
+            f"min.insync.replicas={min_isr}",
+            f"offsets.topic.replication.factor={replicas}",
             "offsets.topic.num.partitions=4",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
-            "share.coordinator.state.topic.replication.factor=1",
-            "share.coordinator.state.topic.min.isr=1",
+            f"transaction.state.log.replication.factor={replicas}",
+            f"transaction.state.log.min.isr={min_isr}",
+            f"share.coordinator.state.topic.replication.factor={replicas}",
+            f"share.coordinator.state.topic.min.isr={min_isr}",
             "group.initial.rebalance.delay.ms=0",
             "log.retention.check.interval.ms=60000",
             "",
@@ -96,6 +110,8 @@ class KafkaBroker:
                                   "--ignore-formatted"), check=True, capture_output=True)
 
     def _cluster_id(self) -> str:
+        if self.fixed_cluster_id:
+            return self.fixed_cluster_id
         # KRaft wants a base64url UUID (22 chars); any random UUID will do. It may start with "-",
         # so it is passed as --cluster-id=<id>, never as a separate argument.
         import base64
@@ -112,8 +128,9 @@ class KafkaBroker:
         from kafka import KafkaAdminClient
         from kafka.errors import KafkaError
 
+        config = {**self.settings.kafka.client_config(), "bootstrap_servers": [f"{self.host}:{self.port}"]}
         try:
-            admin = KafkaAdminClient(**self.settings.kafka.client_config(), request_timeout_ms=3000)
+            admin = KafkaAdminClient(**config, request_timeout_ms=3000)
         except KafkaError:
             return False
         try:
@@ -124,7 +141,9 @@ class KafkaBroker:
         finally:
             admin.close()
 
-    def start(self, timeout_s: float = 90.0) -> None:
+    def start(self, timeout_s: float = 90.0, wait: bool = True) -> None:
+        """Start the node (format its storage first, once); with ``wait``, until it answers (a cluster's nodes
+        are started together, since a node waits for its controller quorum)."""
         if self.pid() is not None:
             process.wait_until(self.ready, timeout_s, "kafka", alive=lambda: self.pid() is not None)
             print(f"kafka: already running (pid {self.pid()}) on {self.host}:{self.port}")
@@ -134,7 +153,9 @@ class KafkaBroker:
         props = self._write_config()
         self._format_if_needed(props)
         pid = process.start_detached(self._java("kafka.Kafka", str(props)), self.pidfile, self.logfile)
-        print(f"kafka: started pid {pid}, waiting for {self.host}:{self.port} ...", flush=True)
+        print(f"kafka: node {self.node_id} started pid {pid} on {self.host}:{self.port}", flush=True)
+        if not wait:
+            return
         try:
             process.wait_until(self.ready, timeout_s, "kafka", interval_s=0.5,
                                alive=lambda: self.pid() is not None)
