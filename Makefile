@@ -166,13 +166,16 @@ test: up
 	  streams/state_dir.py label_joiner/join.py label_joiner/rules.py batch_jobs/days.py trainers/loss.py \
 	  trainers/online.py trainers/served_features.py trainers/warm_start.py trainers/circuit_breaker.py feature_repo/loads.py
 
-# The same code on a 3-node KRaft cluster (replication 3, min ISR 2): two label joiners, one broker killed mid-run.
+# The same code on a 3-node KRaft cluster (replication 3, min ISR 2): two label joiners, one broker killed mid-run;
+# bronze/silver/gold submitted to a Spark standalone master and worker (pyspark's own jars) reading that cluster.
 cluster: install
 	$(PY) -m pytest tests/test_kafka_cluster.py -m cluster -v
 cluster-up: install
 	$(PY) -m infra.kafka_cluster up
+	$(PY) -m infra.spark_standalone up
 cluster-down:
 	$(PY) -m infra.kafka_cluster down
+	$(PY) -m infra.spark_standalone down
 
 # kill -9 the label joiner at random moments, ROUNDS times, then check every label exact and no output twice.
 ROUNDS ?= 20

@@ -12,6 +12,7 @@ import pytest
 
 from infra.kafka_cluster import KafkaCluster
 from infra.settings import get_settings
+from infra.spark_standalone import SparkStandalone
 from infra.topics import with_topic_prefix
 from label_joiner.evaluate import expected_labels
 from label_joiner.rules import Rules
@@ -63,3 +64,55 @@ def test_two_joiners_on_three_brokers_survive_a_killed_broker(cluster, tmp_path)
             stop_worker(proc)
         cluster.restart(killed)
     assert_exactly_once_and_exact(settings, gen, want)
+
+
+@pytest.fixture(scope="module")
+def standalone():
+    spark = SparkStandalone(get_settings())
+    spark.start()
+    yield spark
+    spark.stop()
+
+
+def test_bronze_silver_gold_on_spark_standalone_from_the_cluster(cluster, standalone, tmp_path):
+    """The batch jobs as users run them (``python -m batch_jobs.<job>``), submitted to a standalone master and
+    reading the 3-node cluster: every record landed once, silver's labels equal the simulator's truth."""
+    import os
+    import subprocess
+    import sys
+    from datetime import UTC, datetime
+
+    from batch_jobs import bronze, silver
+    from batch_jobs.gold import gold_path
+    from infra.settings import ROOT
+    from infra.spark_session import spark_session
+    from infra.spark_standalone import standalone_settings
+    from infra.topics import topic_counts
+    from schemas.features import GOLD_TABLES
+
+    topics = with_topic_prefix(cluster.settings, f"s{uuid.uuid4().hex[:8]}")
+    settings, gen = simulated_run(topics, tmp_path, CFG)
+    settings = standalone_settings(settings)
+    env = {**os.environ, **settings.to_env()}
+    ds = CFG.start.date().isoformat()
+    for job, day in (("bronze", datetime.now(UTC).date().isoformat()), ("silver", ds), ("gold", ds)):
+        done = subprocess.run([sys.executable, "-m", f"batch_jobs.{job}", "--ds", day], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{job}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
+    apps = list((standalone.home / "work").glob("app-*"))
+    assert len(apps) >= 3, apps  # the three jobs ran as applications of the standalone master
+
+    local = settings.model_copy(update={"spark": settings.spark.model_copy(update={"master": "local[2]"})})
+    spark = spark_session("test", local)
+    counts = topic_counts(settings, [s.topic(settings) for s in bronze.SOURCES])
+    for source in bronze.SOURCES:
+        frame = spark.read.format("delta").load(bronze.table_path(settings, source))
+        assert frame.count() == counts[source.topic(settings)], source.table
+        assert frame.select("kafka_partition", "kafka_offset").distinct().count() == frame.count()
+    want = expected_labels(gen.truth, Rules.from_settings(settings.windows))
+    got = spark.read.format("delta").load(silver.silver_path(settings)).toPandas().set_index("impression_id")
+    assert sorted(got.index) == sorted(want.index)
+    assert (got.loc[want.index, "clicked"].astype(bool) == want["clicked"].astype(bool)).all()
+    assert (got.loc[want.index, "converted"].astype(bool) == want["converted"].astype(bool)).all()
+    for table in GOLD_TABLES:
+        assert spark.read.format("delta").load(gold_path(settings, table)).count() > 0, table.VIEW
