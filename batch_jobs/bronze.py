@@ -274,7 +274,7 @@ def campaigns_as_of(spark, settings: Settings, end_ms: int | None = None):
 def read_range(spark, settings: Settings, topic: str, todo: dict[int, tuple[int, int]]):
     """The committed records of ``topic`` in the offset ranges ``todo`` (partition -> (start, end)), headers
     included (Spark's Kafka source with explicit offsets)."""
-    return (spark.read.format("kafka").option("kafka.bootstrap.servers", settings.kafka.bootstrap_servers)
+    return (spark.read.format("kafka").options(**settings.kafka.spark_options())
             .option("assign", json.dumps({topic: sorted(todo)})).option("includeHeaders", "true")
             .option("kafka.isolation.level", "read_committed")
             .option("startingOffsets", json.dumps({topic: {str(p): s for p, (s, _) in todo.items()}}))

@@ -271,7 +271,7 @@ def feature_freshness(settings: Settings, log: pd.DataFrame, sample: int) -> tup
         return no_data("the prediction log is empty")
     rows = log.nlargest(sample, "event_time_ms")
     r = settings.redis
-    client = redis.Redis(host=r.host, port=r.port, password=r.password, socket_timeout=10)
+    client = redis.Redis(host=r.host, port=r.port, username=r.username, password=r.password, socket_timeout=10)
     try:
         client.ping()
     except redis.RedisError as err:

@@ -39,10 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     base = get_settings()
     settings = with_topic_prefix(base, run).model_copy(update={"var_dir": base.var_dir / run, "feast_project": run})
     worker = start_worker(settings, run, settings.var_dir / "realtime.log", app_module="streams.realtime_app")
-    import redis
 
     r = settings.redis
-    client = redis.Redis(host=r.host, port=r.port, password=r.password)
+    client = r.client()
     producer = make_producer(settings)
     def send(i: int, user: int) -> int:
         event_ms = int(time.time() * 1000)

@@ -16,12 +16,15 @@ import yaml
 from infra.settings import Settings
 
 REPO = Path(__file__).resolve().parent
+FEAST_REDIS_ENV = "ADS_FEAST_REDIS"
 
 
 def redis_address(settings: Settings) -> str:
-    """Feast's Redis connection string for the configured server."""
+    """Feast's Redis connection string for the configured server (credentials included: it is handed over in
+    the environment as ``ADS_FEAST_REDIS``, never written to a file)."""
     r = settings.redis
-    return f"{r.host}:{r.port}" + (f",password={r.password}" if r.password else "")
+    return (f"{r.host}:{r.port}" + (f",username={r.username}" if r.username else "")
+            + (f",password={r.password}" if r.password else ""))
 
 
 def redis_up(settings: Settings) -> bool:
@@ -44,11 +47,10 @@ def write_config(settings: Settings, online: str | None = None) -> Path:
                               "store the scorer reads. Start it (`make up`); set ADS_ONLINE_STORE=sqlite only for a "
                               "local store that nothing serves from.")
     source = REPO / ("feature_store.redis.yaml" if online == "redis" else "feature_store.yaml")
-    env = {**os.environ, "ADS_FEAST_REDIS": redis_address(settings)}
-    text = source.read_text()
-    for name, value in env.items():
-        text = text.replace("${" + name + "}", value)
-    raw = yaml.safe_load(text)
+    # The connection string (it may hold a password) stays ``${ADS_FEAST_REDIS}`` in the written file: Feast
+    # expands environment variables when it reads it, and this process and the feast CLI's get it from here.
+    os.environ[FEAST_REDIS_ENV] = redis_address(settings)
+    raw = yaml.safe_load(source.read_text())
     out_dir = settings.var_dir / "feast"
     out_dir.mkdir(parents=True, exist_ok=True)
     raw["project"] = settings.feast_project

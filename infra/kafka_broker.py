@@ -63,15 +63,24 @@ class KafkaBroker:
         replicas = min(3, len(self.voters))
         min_isr = max(1, replicas - 1)
         voters = ",".join(f"{n}@{self.host}:{c}" for n, (_, c) in sorted(self.voters.items()))
+        name = "SASL_PLAINTEXT" if self.scram else "PLAINTEXT"
+        sasl = []
+        if self.scram:
+            mechanism = k.sasl_mechanism
+            sasl = [f"sasl.enabled.mechanisms={mechanism}", f"sasl.mechanism.inter.broker.protocol={mechanism}",
+                    f"listener.name.sasl_plaintext.{mechanism.lower()}.sasl.jaas.config="
+                    f"org.apache.kafka.common.security.scram.ScramLoginModule required "
+                    f'username="{k.sasl_username}" password="{k.sasl_password}";']
         return "\n".join([
             "process.roles=broker,controller",
             f"node.id={self.node_id}",
             f"controller.quorum.voters={voters}",
-            f"listeners=PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{self.controller_port}",
-            f"advertised.listeners=PLAINTEXT://{self.host}:{self.port}",
+            f"listeners={name}://{self.host}:{self.port},CONTROLLER://{self.host}:{self.controller_port}",
+            f"advertised.listeners={name}://{self.host}:{self.port}",
             "controller.listener.names=CONTROLLER",
-            "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            f"inter.broker.listener.name={name}",
+            f"listener.security.protocol.map=CONTROLLER:PLAINTEXT,{name}:{name}",
+            *sasl,
             f"log.dirs={self.data_dir}",
             f"num.partitions={k.default_partitions}",
             "auto.create.topics.enable=true",
@@ -88,9 +97,19 @@ class KafkaBroker:
             "",
         ])
 
+    @property
+    def scram(self) -> bool:
+        """Clients and brokers authenticate with SASL/SCRAM (``ADS_KAFKA__SECURITY_PROTOCOL=SASL_PLAINTEXT``,
+        ``ADS_KAFKA__SASL_MECHANISM=SCRAM-SHA-256`` or ``-512``, user and password): the user is created when
+        the storage is formatted, and the controller listener stays on loopback without SASL."""
+        k = self.settings.kafka
+        return k.security_protocol == "SASL_PLAINTEXT" and (k.sasl_mechanism or "").startswith("SCRAM")
+
     def _write_config(self) -> Path:
         self.home.mkdir(parents=True, exist_ok=True)
         props = self.home / "server.properties"
+        props.touch(mode=0o600)
+        props.chmod(0o600)  # it holds the inter-broker SCRAM password
         props.write_text(self._server_properties())
         (self.home / "log4j2.properties").write_text(LOG4J2)
         return props
@@ -106,8 +125,11 @@ class KafkaBroker:
             return
         cluster_id = self._cluster_id()
         print(f"kafka: formatting {self.data_dir} (cluster {cluster_id})", flush=True)
+        k = self.settings.kafka
+        scram = (["--add-scram", f"{k.sasl_mechanism}=[name={k.sasl_username},password={k.sasl_password}]"]
+                 if self.scram else [])
         subprocess.run(self._java("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props),
-                                  "--ignore-formatted"), check=True, capture_output=True)
+                                  "--ignore-formatted", *scram), check=True, capture_output=True)
 
     def _cluster_id(self) -> str:
         if self.fixed_cluster_id:

@@ -1,9 +1,12 @@
 """Redis from Debian's ``redis-server`` package, on 127.0.0.1, with an append-only file so that a
-restart loses nothing that was acknowledged."""
+restart loses nothing that was acknowledged. With ``redis.username`` set, only that ACL user (and its
+password) gets in; with a password alone, the default user needs it."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+from pathlib import Path
 
 from infra import process
 from infra.settings import Settings
@@ -20,6 +23,18 @@ class RedisServer:
         path = shutil.which("redis-server")
         if path is None:
             raise RuntimeError("redis-server not found: run `make install` (apt-get install redis-server)")
+        return path
+
+    def _write_acl(self) -> Path:
+        """The ACL file: the default user off, the configured user on with every command and key. The password
+        is stored as its SHA-256 (Redis' ``#<hash>`` form), never in clear."""
+        r = self.settings.redis
+        if not r.password:
+            raise RuntimeError("redis: an ACL user needs a password (ADS_REDIS__PASSWORD)")
+        digest = hashlib.sha256(r.password.encode()).hexdigest()
+        path = self.home / "users.acl"
+        path.write_text(f"user default off\nuser {r.username} on #{digest} ~* &* +@all\n")
+        path.chmod(0o600)
         return path
 
     def pid(self) -> int | None:
@@ -44,7 +59,9 @@ class RedisServer:
         cmd = [self._binary(), "--bind", r.host, "--port", str(r.port), "--dir", str(self.home),
                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
                "--protected-mode", "no" if r.password else "yes"]
-        if r.password:
+        if r.username:
+            cmd += ["--aclfile", str(self._write_acl())]
+        elif r.password:
             cmd += ["--requirepass", r.password]
         pid = process.start_detached(cmd, self.pidfile, self.logfile)
         process.wait_until(self.ready, timeout_s, "redis", alive=lambda: self.pid() is not None)

@@ -69,6 +69,21 @@ class KafkaSettings(BaseModel):
             cfg["ssl_context"] = context
         return cfg
 
+    def spark_options(self) -> dict[str, str]:
+        """The same servers and SASL settings as options of Spark's Kafka source (``kafka.``-prefixed consumer
+        properties; Spark redacts option values that name a password in its logs and plans)."""
+        opts = {"kafka.bootstrap.servers": self.bootstrap_servers, "kafka.security.protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            module = ("org.apache.kafka.common.security.plain.PlainLoginModule" if self.sasl_mechanism == "PLAIN"
+                      else "org.apache.kafka.common.security.scram.ScramLoginModule")
+            opts["kafka.sasl.mechanism"] = self.sasl_mechanism
+            opts["kafka.sasl.jaas.config"] = (f'{module} required username="{self.sasl_username}" '
+                                              f'password="{self.sasl_password}";')
+        if self.ssl_cafile:
+            opts["kafka.ssl.truststore.type"] = "PEM"
+            opts["kafka.ssl.truststore.location"] = self.ssl_cafile
+        return opts
+
     def faust_credentials(self):
         """The same SASL/TLS settings as faust's ``broker_credentials`` (None for PLAINTEXT)."""
         import faust
@@ -100,6 +115,9 @@ class TopicSettings(BaseModel):
 class RedisSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 16379
+    # An ACL user (Redis 6+): with ``username`` the local server (infra/redis_server.py) turns the default user
+    # off and lets only this one in; without it, ``password`` alone is the default user's (requirepass).
+    username: str | None = None
     password: str | None = None
     # A hung Redis must not stop a worker's heartbeats or a request for long: every call gives up after this.
     socket_timeout_s: float = 5.0
@@ -109,12 +127,16 @@ class RedisSettings(BaseModel):
         """A ``redis.Redis`` client with these settings (the one place clients are made)."""
         import redis
 
-        return redis.Redis(host=self.host, port=self.port, password=self.password,
+        return redis.Redis(host=self.host, port=self.port, username=self.username, password=self.password,
                            socket_timeout=self.socket_timeout_s, socket_connect_timeout=self.socket_connect_timeout_s)
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
+        """The server's URL, credentials included (for clients only: never print it)."""
+        from urllib.parse import quote
+
+        user = quote(self.username or "", safe="")
+        auth = f"{user}:{quote(self.password, safe='')}@" if self.password else ""
         return f"redis://{auth}{self.host}:{self.port}/0"
 
 
