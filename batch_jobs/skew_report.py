@@ -289,9 +289,9 @@ def cache_age(spark, settings: Settings, start: date, end: date) -> dict:
     Redis (a row not written since is not re-read: the training set joins on this time)."""
     from pyspark.sql import functions as F
 
-    from feature_repo.online import REFRESH_S
+    from feature_repo.online import STALENESS_BOUND_S
 
-    out: dict = {"documented_staleness_ms": int(REFRESH_S * 1000)}
+    out: dict = {"documented_staleness_ms": int(STALENESS_BOUND_S * 1000)}
     logged = replay_set.logged_rows(spark, settings, start, end)
     if logged is None:
         return out

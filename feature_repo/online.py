@@ -8,8 +8,8 @@ read it back with ``get_online_features``), so real-time rows are visible to any
 :class:`OnlineReader` serves one ranking request (one user, hundreds of candidate ads) in a few ms:
 
 - per-ad and per-advertiser features are held in memory (decoded once into a table) and re-read from
-  Redis every ``refresh_s`` in a background thread: a value served is at most ``refresh_s`` plus the
-  writer's delay older than the store (``staleness_s``);
+  Redis every ``refresh_s`` in a background thread: a value served is at most ``refresh_s`` plus one refresh
+  cycle older than the store (``staleness_s``: two periods while a cycle stays within one);
 - the user's rows (user views and user x category crosses) are read on every request: one pipeline.
 
 Its answer holds the same values ``get_online_features`` returns for the same keys (``to_feast_dict``). Given the
@@ -156,7 +156,10 @@ AD_VIEWS = ("ad_features", "ad_realtime")
 ADVERTISER_VIEWS = ("advertiser_features", "advertiser_realtime")
 USER_VIEWS = ("user_features", "user_realtime")
 CROSS_VIEW = "user_category_features"
-REFRESH_S = 2.0  # the read path's documented ad-side staleness: how often its cache re-reads written rows
+REFRESH_S = 2.0  # how often the read path's cache re-reads the written ad-side rows (after a cycle ends)
+# The documented ad-side staleness: a row is checked at most one period plus one refresh cycle before the read,
+# and a cycle must itself stay within a period (the reader says so when one does not).
+STALENESS_BOUND_S = 2 * REFRESH_S
 READ_SIDES = ("ad", "advertiser")  # the ad-side rows the read path holds, each with its read time
 
 
@@ -374,9 +377,10 @@ class OnlineReader:
 
     @property
     def staleness_s(self) -> float:
-        """How old an ad-side value may be relative to the store: the refresh period (plus one reload of the
-        changed ads, milliseconds)."""
-        return self.refresh_s
+        """How old an ad-side value may be relative to the store: the refresh period plus one refresh cycle
+        (the cycle waits the period after the previous one ended), at most two periods while a cycle stays
+        within one (the demo measured p99 2.3 s, max 3.1 s against 4 s)."""
+        return 2 * self.refresh_s
 
     def _fill_advertisers(self, values: dict, present: dict, given: np.ndarray, unnamed: np.ndarray,
                           replies: dict[int, list], as_of_ms: int | None) -> None:
@@ -413,8 +417,13 @@ class OnlineReader:
 
         def loop() -> None:
             while not self._stop.wait(self.refresh_s):
+                began = time.monotonic()
                 here.send(self.table.ad_ids.tolist())
                 ids, values, present, stamps, read_ms, checked_ms = here.recv()  # waits without the GIL
+                if (took := time.monotonic() - began) > self.refresh_s:
+                    print(f"online reader: a cache refresh took {took:.1f} s, over its {self.refresh_s:g} s "
+                          f"period: ad-side rows may be staler than the documented {self.staleness_s:g} s",
+                          flush=True)
                 if len(ids):
                     self._add(AdTable(ids, values, present, stamps, read_ms))  # only the ads whose rows were written
                 self.checked_ms = checked_ms
