@@ -111,7 +111,7 @@ def test_batch_equals_stream(fresh_topics, tmp_path):
     b = batch.set_index("impression_id").sort_index()[COLUMNS]
     pd.testing.assert_frame_equal(s, b, check_dtype=False)
     truth = gen.truth.set_index("impression_id")  # silver carries the impression's context and category
-    assert (batch.set_index("impression_id")["category_id"] == truth.loc[b.index, "category_id"]).all()
+    assert (batch.set_index("impression_id").loc[b.index, "category_id"] == truth.loc[b.index, "category_id"]).all()
     # The repeated, earlier clicks and conversions won in both (earliest event time, then id).
     won_clicks = {e.impression_id: e.event_time_ms for topic, e, _ in extra if isinstance(e, Click)}
     assert (s.loc[list(won_clicks), "click_time_ms"] == pd.Series(won_clicks)).all()
