@@ -10,7 +10,6 @@ against it (``make cluster`` runs the label joiner on it with one node killed mi
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -78,18 +77,9 @@ class KafkaCluster:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m infra.kafka_cluster", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["up", "down", "status"])
-    cmd = p.parse_args(argv).command
-    cluster = KafkaCluster()
-    if cmd == "up":
-        cluster.start()
-    elif cmd == "down":
-        cluster.stop()
-    else:
-        print("\n".join(cluster.status()))
-    return 0
+    service = KafkaCluster()
+    return process.service_main(argv, "python -m infra.kafka_cluster", __doc__, service.start, service.stop,
+                                service.status)
 
 
 if __name__ == "__main__":

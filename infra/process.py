@@ -73,3 +73,18 @@ def stop(pidfile: Path, name: str, timeout_s: float = 30.0) -> bool:
         print(f"{name}: still running after {sig.name}, escalating")
     pidfile.unlink(missing_ok=True)
     return True
+
+
+def service_main(argv: list[str] | None, prog: str, doc: str | None, start, stop, status) -> int:
+    """The ``up|down|status`` command line of a local service: ``start()``, ``stop()``, or print ``status()``
+    (a list of lines)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["up", "down", "status"])
+    cmd = p.parse_args(argv).command
+    if cmd == "status":
+        print("\n".join(status()))
+    else:
+        (start if cmd == "up" else stop)()
+    return 0

@@ -8,7 +8,6 @@ under ``<var>/spark-standalone``. The batch jobs run on it unchanged with ``ADS_
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -78,18 +77,9 @@ class SparkStandalone:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m infra.spark_standalone", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["up", "down", "status"])
-    cmd = p.parse_args(argv).command
-    spark = SparkStandalone()
-    if cmd == "up":
-        spark.start()
-    elif cmd == "down":
-        spark.stop()
-    else:
-        print("\n".join(spark.status()))
-    return 0
+    service = SparkStandalone()
+    return process.service_main(argv, "python -m infra.spark_standalone", __doc__, service.start, service.stop,
+                                service.status)
 
 
 if __name__ == "__main__":
