@@ -332,3 +332,36 @@ def test_a_child_that_corrects_a_miscalibrated_parent_is_not_drift():
     # A parent within the threshold still sets the yardstick (the winner's curse every model shares).
     near = {"baseline": {"ctr": 0.3, "cvr": None}}
     assert "against the parent's +0.300" in judge("child", near, healthy, labels, cfg).reason
+
+
+def test_a_shift_that_corrects_a_miscalibrated_parent_is_not_rolled_back():
+    """The demo's case after the calibration fix: the full retrain under-predicted its served winners by e^-0.7;
+    the warm start, re-calibrated on served data, serves higher scores (PSI far beyond 0.25) that lie closer to
+    the observed rate. Not rolled back on PSI; its own labels decide. A child shifted away from the observed rate
+    (a broken model) is still rolled back on PSI alone, before any label."""
+    from infra.settings import ServingSettings
+    from trainers.circuit_breaker import judge, served_reference
+
+    cfg = ServingSettings(min_breaker_impressions=300)
+    rng = np.random.default_rng(3)
+
+    def frame(p_true: np.ndarray, p_served: np.ndarray, tag: str, labelled: bool = True):
+        ids = [f"{tag}{i}" for i in range(len(p_true))]
+        log = pd.DataFrame({"impression_id": ids, "pctr": p_served, "pcvr": 0.1, "explored": False})
+        clicked = (rng.random(len(ids)) < p_true).astype(float) if labelled else np.nan
+        return log, pd.DataFrame({"impression_id": ids, "clicked": clicked, "converted": np.nan})
+
+    p_parent = rng.uniform(0.03, 0.12, 3_000)
+    reference = served_reference(*frame(p_parent, p_parent * np.exp(-0.7), "p"))
+    assert reference["baseline"]["ctr"] < -0.4  # the parent under-predicted what it served
+
+    p_child = rng.uniform(0.03, 0.12, 600)
+    healthy, healthy_labels = frame(p_child, p_child, "h")
+    verdict = judge("warm", reference, healthy, healthy_labels, cfg)
+    assert verdict.psi["ctr"] > 0.25 and verdict.decision == "ok", verdict.reason
+    assert "not acted on" in verdict.reason and verdict.calibration["ctr"].status == "ok"
+    # Before its labels arrive, too: the shift alone is no evidence of harm.
+    unlabelled, no_labels = frame(p_child, p_child, "u", labelled=False)
+    assert judge("warm", reference, unlabelled, no_labels, cfg).decision == "ok"
+    broken, broken_labels = frame(p_child, np.minimum(p_child * np.exp(1.5), 1.0), "b", labelled=False)
+    assert judge("broken", reference, broken, broken_labels, cfg).decision == "rollback"

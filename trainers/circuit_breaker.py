@@ -12,7 +12,9 @@ version of its line (``meta["line"]``) that served: a version lives for seconds,
   chance (:func:`psi_noise`). What a model serves is selected by the auction, so a held-out training sample
   is no yardstick for it; the parent's served records went through the same selection. Not compared when the
   parent served fewer than ``MIN_REFERENCE_ROWS`` records, or when one side serves calibrated scores and the
-  other raw ones (an online line serves its raw, stream-scale scores; its batch root a calibrated one);
+  other raw ones (an online line serves its raw, stream-scale scores; its batch root a calibrated one). A
+  shift is not acted on when the parent was itself miscalibrated on what it served and the shift moves the
+  mean prediction toward the rate the parent observed (:func:`shift_toward_observed`): that corrects it;
 * **calibration** per task, ``log(mean predicted / observed rate)``: CTR over impressions whose click label is
   known (a matured label, or any training example: the joiner emits one when the click window closes), CVR over
   clicked impressions whose label matured (a conversion window still open would bias it).
@@ -233,6 +235,7 @@ def served_reference(served: pd.DataFrame, labels: pd.DataFrame | None = None,
     zeros = np.zeros(len(shown))
     out = reference_distribution({"ctr": shown["pctr"].to_numpy(), "cvr": shown["pcvr"].to_numpy()}, zeros, zeros)
     out["baseline"] = {"ctr": None, "cvr": None}
+    out["observed"] = {"ctr": None, "cvr": None}
     if labels is not None:
         joined = shown[["impression_id", "pctr", "pcvr"]].merge(labels, on="impression_id", how="inner")
         rows = {"ctr": joined[joined["clicked"].notna()],
@@ -242,6 +245,7 @@ def served_reference(served: pd.DataFrame, labels: pd.DataFrame | None = None,
             need = min_n if task == "ctr" else max(1, min_n // CVR_CLICK_SHARE)
             if len(r) >= need and max(r[column].sum(), r[label].sum()) >= MIN_EXPECTED_POSITIVES:
                 out["baseline"][task] = math.log((r[column].sum() + 0.5) / (r[label].sum() + 0.5))
+                out["observed"][task] = float(r[label].mean())
     return out
 
 
@@ -254,6 +258,30 @@ def usable_baselines(baseline: dict, threshold: float) -> dict:
     {'ctr': -0.05, 'cvr': None}
     """
     return {task: b if b is not None and abs(b) <= threshold else None for task, b in baseline.items()}
+
+
+def shift_toward_observed(reference: dict, served_pctr: np.ndarray, threshold: float) -> str | None:
+    """Why a prediction shift is no evidence of harm, or None. The parent was itself miscalibrated on what it
+    served (its log ratio beyond ``threshold``: e.g. a weak model under-predicting the auction's winners), so
+    its served distribution is no yardstick; and the child's mean prediction lies closer to the rate the
+    parent observed than the parent's did: the shift corrects the parent. Calibration on the child's own
+    labels then decides. A shift away from the observed rate (a broken model) is still acted on.
+
+    >>> ref = {"baseline": {"ctr": -0.7}, "observed": {"ctr": 0.075}}
+    >>> shift_toward_observed(ref, np.full(100, 0.06), 0.4) is not None
+    True
+    >>> shift_toward_observed(ref, np.full(100, 0.3), 0.4) is None
+    True
+    """
+    gap = ((reference or {}).get("baseline") or {}).get("ctr")
+    rate = ((reference or {}).get("observed") or {}).get("ctr")
+    if gap is None or not rate or abs(gap) <= threshold or len(served_pctr) == 0:
+        return None
+    child = math.log(max(float(np.mean(served_pctr)), 1e-9) / rate)
+    if abs(child) >= abs(gap):
+        return None
+    return (f"the parent was miscalibrated on what it served (log ratio {gap:+.3f}) and this shift moves the mean "
+            f"prediction toward the rate it observed ({rate:.4f}: log ratio {child:+.3f})")
 
 
 def judge(version: str, reference: dict | None, served: pd.DataFrame, labels: pd.DataFrame,
@@ -280,7 +308,11 @@ def judge(version: str, reference: dict | None, served: pd.DataFrame, labels: pd
         text = (f"PSI of served pCTR {psis['ctr']:.3f} less its sampling noise {noise:.3f} = {excess:.3f} "
                 f"{'>' if excess > cfg.psi_threshold else '<='} {cfg.psi_threshold:g} ({n:,} impressions vs "
                 f"{m:,} the parent served)")
-        (crossed if excess > cfg.psi_threshold else notes).append(text)
+        correction = shift_toward_observed(reference, shown["pctr"].to_numpy(), cfg.calibration_threshold)
+        if excess > cfg.psi_threshold and correction:
+            notes.append(f"{text}, not acted on: {correction}")
+        else:
+            (crossed if excess > cfg.psi_threshold else notes).append(text)
     else:
         notes.append(no_reference)
     joined = shown[["impression_id", "pctr", "pcvr"]].merge(labels, on="impression_id", how="inner")
