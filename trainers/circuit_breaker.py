@@ -16,8 +16,9 @@ version of its line (``meta["line"]``) that served: a version lives for seconds,
   shift is not acted on when the parent was itself miscalibrated on what it served and the shift moves the
   mean prediction toward the rate the parent observed (:func:`shift_toward_observed`): that corrects it;
 * **calibration** per task, ``log(mean predicted / observed rate)``: CTR over impressions whose click label is
-  known (a matured label, or any training example: the joiner emits one when the click window closes), CVR over
-  clicked impressions whose label matured (a conversion window still open would bias it).
+  final (a matured label, or any training example), up to the label horizon (:func:`click_labels`: the joiner
+  emits a click at once but a non-click only when its window closes, so the newest impressions' clicks are
+  known first), CVR over clicked impressions whose label matured (a conversion window still open would bias it).
 
 A signal decides only with enough data: ``settings.serving.min_breaker_impressions`` served records (below it,
 no decision at all), as many labeled impressions for CTR, a twentieth of it in matured clicks for CVR, and a
@@ -60,6 +61,7 @@ Z_MIN = 3.0  # a calibration gap must also be this many standard errors wide
 MIN_EXPECTED_POSITIVES = 10  # fewer (predicted or observed) positives than this: not enough data
 CVR_CLICK_SHARE = 20  # CVR needs min_breaker_impressions / CVR_CLICK_SHARE matured clicks
 NOT_ENOUGH = "not enough data"
+LOG_COLUMNS = ("impression_id", "pctr", "pcvr", "event_time_ms")  # what a verdict reads of a served record
 VERSION_RE = re.compile(r"^v(\d+)-")
 
 
@@ -226,6 +228,24 @@ def psi_noise(bins: int, n: int, m: int) -> float:
     return (bins - 1) * (1.0 / max(n, 1) + 1.0 / max(m, 1))
 
 
+def click_labels(joined: pd.DataFrame) -> pd.DataFrame:
+    """The served impressions whose click label is final, for a CTR calibration. The joiner emits a clicked
+    example at the click but a non-click only when its click window closes on the joiner's clock, so the newest
+    impressions' clicks are known before their non-clicks: counting them would read as under-prediction. Kept:
+    impressions no newer than the newest one labeled *not* clicked (the label horizon), when event times are
+    known (``event_time_ms``).
+
+    >>> j = pd.DataFrame({"event_time_ms": [1, 2, 3, 4], "clicked": [0.0, 1.0, 0.0, 1.0]})
+    >>> click_labels(j)["event_time_ms"].tolist()
+    [1, 2, 3]
+    """
+    known = joined[joined["clicked"].notna()]
+    if "event_time_ms" not in known or known["event_time_ms"].isna().all():
+        return known
+    negatives = known.loc[known["clicked"] == 0, "event_time_ms"]
+    return known[known["event_time_ms"] <= negatives.max()] if len(negatives) else known.iloc[0:0]
+
+
 def served_reference(served: pd.DataFrame, labels: pd.DataFrame | None = None,
                      min_n: int = 200) -> dict:
     """What a version served (explored records left out, repeats once): quantile bins of ``pctr`` and ``pcvr``,
@@ -237,8 +257,8 @@ def served_reference(served: pd.DataFrame, labels: pd.DataFrame | None = None,
     out["baseline"] = {"ctr": None, "cvr": None}
     out["observed"] = {"ctr": None, "cvr": None}
     if labels is not None:
-        joined = shown[["impression_id", "pctr", "pcvr"]].merge(labels, on="impression_id", how="inner")
-        rows = {"ctr": joined[joined["clicked"].notna()],
+        joined = shown[[c for c in LOG_COLUMNS if c in shown]].merge(labels, on="impression_id", how="inner")
+        rows = {"ctr": click_labels(joined),
                 "cvr": joined[(joined["clicked"] == 1) & joined["converted"].notna()]}
         for task, column, label in (("ctr", "pctr", "clicked"), ("cvr", "pcvr", "converted")):
             r = rows[task]
@@ -315,8 +335,8 @@ def judge(version: str, reference: dict | None, served: pd.DataFrame, labels: pd
             (crossed if excess > cfg.psi_threshold else notes).append(text)
     else:
         notes.append(no_reference)
-    joined = shown[["impression_id", "pctr", "pcvr"]].merge(labels, on="impression_id", how="inner")
-    ctr_rows = joined[joined["clicked"].notna()]
+    joined = shown[[c for c in LOG_COLUMNS if c in shown]].merge(labels, on="impression_id", how="inner")
+    ctr_rows = click_labels(joined)
     cvr_rows = joined[(joined["clicked"] == 1) & joined["converted"].notna()]
     baseline = usable_baselines((reference or {}).get("baseline") or {}, cfg.calibration_threshold)
     cal = {
@@ -458,10 +478,11 @@ class ServedLog:
             version = v["model_version"]
             if version_seq(version) < floor:
                 return None
-            return version, v["impression_id"], float(v["pctr"]), float(v["pcvr"]), bool(v.get("explored", False))
+            return (version, v["impression_id"], float(v["pctr"]), float(v["pcvr"]), bool(v.get("explored", False)),
+                    int(v["event_time_ms"]))
 
-        for version, imp, pctr, pcvr, explored in decoded(self.tails["log"].read(), "prediction_log", pick_log):
-            self.served.setdefault(version, []).append((imp, pctr, pcvr, explored))
+        for version, imp, pctr, pcvr, explored, t in decoded(self.tails["log"].read(), "prediction_log", pick_log):
+            self.served.setdefault(version, []).append((imp, pctr, pcvr, explored, t))
         for version in [v for v in self.served if version_seq(v) < floor]:
             del self.served[version]
         fresh: set[str] = set()
@@ -477,7 +498,7 @@ class ServedLog:
 
     def frame(self, version: str) -> pd.DataFrame:
         rows = self.served.get(version, [])
-        return pd.DataFrame(rows, columns=["impression_id", "pctr", "pcvr", "explored"])
+        return pd.DataFrame(rows, columns=["impression_id", "pctr", "pcvr", "explored", "event_time_ms"])
 
     def label_frame(self) -> pd.DataFrame:
         return pd.DataFrame([(k, *v) for k, v in self.labels.items()],
