@@ -113,17 +113,18 @@ def test_bronze_silver_gold_on_spark_standalone_from_the_cluster(cluster, standa
     settings = standalone_settings(settings)
     env = {**os.environ, **settings.to_env()}
     ds = CFG.start.date().isoformat()
+    before = set((standalone.home / "work").glob("app-*"))
     for job, day in (("bronze", datetime.now(UTC).date().isoformat()), ("silver", ds), ("gold", ds)):
         done = subprocess.run([sys.executable, "-m", f"batch_jobs.{job}", "--ds", day], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{job}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
-    apps = list((standalone.home / "work").glob("app-*"))
+    apps = set((standalone.home / "work").glob("app-*")) - before
     assert len(apps) >= 3, apps  # the three jobs ran as applications of the standalone master
 
     local = settings.model_copy(update={"spark": settings.spark.model_copy(update={"master": "local[2]"})})
     spark = spark_session("test", local)
     counts = topic_counts(settings, [s.topic(settings) for s in bronze.SOURCES])
-    for source in bronze.SOURCES:
+    for source in [s for s in bronze.SOURCES if counts[s.topic(settings)] > 0]:  # (no prediction log here)
         frame = spark.read.format("delta").load(bronze.table_path(settings, source))
         assert frame.count() == counts[source.topic(settings)], source.table
         assert frame.select("kafka_partition", "kafka_offset").distinct().count() == frame.count()
