@@ -10,7 +10,7 @@ HOURS  ?= 3
 .PHONY: install system-deps jars up down status topics demo simulate joiner realtime bronze silver batch-labels gold \
 	realtime-log training-set quality feast-apply materialize serve replay-set skew-report monitor breaker breaker-watch \
 	ab-report bench-scoring full-retrain warm-start online registry registry-gc promote rollback evaluate evaluate-spread delay-curve delay-report test kill-loop lint flink bench-produce \
-	bench-joiner bench-restart bench-decode bench-train bench-online-freshness bench-online bench-materialize bench-freshness cluster cluster-up cluster-down clean
+	bench-joiner bench-restart bench-decode bench-train bench-online-freshness bench-online bench-materialize bench-freshness chaos cluster cluster-up cluster-down clean
 
 install: system-deps $(VENV)/.installed jars
 
@@ -165,6 +165,12 @@ test: up
 	$(PY) -m pytest tests -m "not cluster" --durations=15 --doctest-modules schemas streams/dead_letter.py streams/state.py streams/event_clock.py infra/settings.py \
 	  streams/state_dir.py label_joiner/join.py label_joiner/rules.py batch_jobs/days.py trainers/loss.py \
 	  trainers/online.py trainers/served_features.py trainers/warm_start.py trainers/circuit_breaker.py feature_repo/loads.py
+
+# Two simulated days while every always-on process is killed (kill -9), the broker and Redis restart and Spark jobs
+# are killed mid-run; then every record, label, Delta row, online row and the registry are checked (a table).
+# CI runs a reduced form (tests/test_chaos.py).
+chaos: up
+	$(PY) -m infra.chaos
 
 # The same code on a 3-node KRaft cluster (replication 3, min ISR 2): two label joiners, one broker killed mid-run;
 # bronze/silver/gold submitted to a Spark standalone master and worker (pyspark's own jars) reading that cluster.

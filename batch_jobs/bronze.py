@@ -95,21 +95,24 @@ def last_commit(spark, path: str) -> dict:
     return {}
 
 
-def recorded_end(spark, path: str) -> dict[int, int]:
-    """The end offsets the newest bronze commit of the table recorded."""
-    return {int(p): int(o) for p, o in last_commit(spark, path).get("end", {}).items()}
+def recorded_end(commit: dict) -> dict[int, int]:
+    """The end offsets a bronze commit's metadata recorded (every partition of the topic it read)."""
+    return {int(p): int(o) for p, o in commit.get("end", {}).items()}
 
 
-def landed_offsets(spark, path: str) -> dict[int, int]:
-    """Per partition, the next offset to read: the end the newest bronze commit recorded; for a partition it
-    does not name (tables written before commits recorded their end), one past its largest landed offset."""
+def landed_offsets(spark, path: str, previous: dict | None = None) -> dict[int, int]:
+    """Per partition, the next offset to read: the end the newest bronze commit (``previous``, read from the
+    table's history when not given) recorded. Only a table whose commits recorded no end (written before they
+    did) is scanned: one past each partition's largest landed offset."""
     if not _table_exists(spark, path):
         return {}
+    recorded = recorded_end(last_commit(spark, path) if previous is None else previous)
+    if recorded:
+        return recorded
     frame = spark.read.format("delta").load(path)
     if "kafka_partition" not in frame.columns:  # created empty (feature_repo.store.ensure_offline_tables)
         return {}
-    out = {int(r[0]): int(r[1]) + 1 for r in frame.groupBy("kafka_partition").max("kafka_offset").collect()}
-    return {**out, **recorded_end(spark, path)}
+    return {int(r[0]): int(r[1]) + 1 for r in frame.groupBy("kafka_partition").max("kafka_offset").collect()}
 
 
 @dataclass
@@ -218,7 +221,7 @@ def land(spark, settings: Settings, source: Source, end_ms: int | None, accept_l
     path, topic = table_path(settings, source), source.topic(settings)
     exists = _table_exists(spark, path)
     previous = last_commit(spark, path) if exists else {}
-    span = offset_range(settings, topic, landed_offsets(spark, path), end_ms, accept_loss)
+    span = offset_range(settings, topic, landed_offsets(spark, path, previous), end_ms, accept_loss)
     todo = span.ranges()
     if not todo:
         return Landed(source.table, 0, 0, span)

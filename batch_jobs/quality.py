@@ -322,20 +322,29 @@ def quarantine(settings: Settings, table: str, ds: str, reasons: list[str], *,
     return quarantine_path(settings)
 
 
-def quarantined_days(settings: Settings, table: str) -> set[str]:
-    """The days of ``table`` whose newest quarantine record is a quarantine (not a release)."""
+def quarantine_state(settings: Settings, spark=None) -> dict[str, set[str]]:
+    """Per table, the days whose newest quarantine record is a quarantine (not a release): one read of the
+    state, for a job that checks several tables."""
     from delta.tables import DeltaTable
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    spark, path = _spark(settings), quarantine_path(settings)
+    spark, path = spark or _spark(settings), quarantine_path(settings)
     if not DeltaTable.isDeltaTable(spark, path):
-        return set()
-    newest = Window.partitionBy("ds").orderBy(F.col("at_ms").desc())
-    rows = (spark.read.format("delta").load(path).where(F.col("table") == table)
+        return {}
+    newest = Window.partitionBy("table", "ds").orderBy(F.col("at_ms").desc())
+    rows = (spark.read.format("delta").load(path)
             .withColumn("rank", F.row_number().over(newest)).where("rank = 1 AND action = 'quarantine'")
-            .select("ds").collect())
-    return {r["ds"] for r in rows}
+            .select("table", "ds").collect())
+    out: dict[str, set[str]] = {}
+    for r in rows:
+        out.setdefault(r["table"], set()).add(r["ds"])
+    return out
+
+
+def quarantined_days(settings: Settings, table: str, spark=None) -> set[str]:
+    """The days of ``table`` whose newest quarantine record is a quarantine (not a release)."""
+    return quarantine_state(settings, spark).get(table, set())
 
 
 def is_quarantined(settings: Settings, table: str, ds: str) -> bool:

@@ -23,7 +23,7 @@ from batch_jobs.bronze import landed_offsets, offset_range, read_range
 from batch_jobs.days import day_bounds
 from infra.settings import Settings, get_settings
 from infra.spark_session import spark_session
-from schemas.features import REALTIME_TABLES, FeatureRow
+from schemas.features import LOG_ORDER, REALTIME_TABLES, FeatureRow
 from schemas.spark import spark_schema
 
 WRITTEN = "written_ms"  # when the row became readable: its log record's Kafka timestamp (after the online write)
@@ -72,6 +72,10 @@ def land(spark, settings: Settings, end_ms: int | None) -> dict[str, int]:
                         WRITTEN)
                 .select("r.*", "kafka_partition", "kafka_offset", WRITTEN)
                 .withColumn("event_timestamp", F.timestamp_millis("event_timestamp"))
+                # Several rows of one entity share an event time (a late event rewrites the row without moving
+                # it; so do a request's impressions): Feast takes the one with the largest LOG_ORDER, the row
+                # written last (an entity's rows are in one partition, in write order). Deterministic on replay.
+                .withColumn(LOG_ORDER, F.timestamp_micros("kafka_offset"))
                 .withColumn("ds", F.to_date("event_timestamp").cast("string")))
         n = rows.count()
         if n:

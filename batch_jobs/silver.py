@@ -28,7 +28,7 @@ from batch_jobs.quality import (
     QualityError,
     guard,
     previous_counts,
-    quarantined_days,
+    quarantine_state,
     volume_check,
 )
 from infra.settings import Settings, get_settings
@@ -130,8 +130,9 @@ def run(ds: date, settings: Settings | None = None, quality: bool = True) -> str
     settings = settings or get_settings()
     spark = spark_session("silver", settings)
     needed = set(bronze_days_needed(settings, ds))
+    quarantined = quarantine_state(settings, spark)
     for table in ("bronze/impressions", "bronze/clicks", "bronze/conversions"):
-        if bad := sorted(needed & quarantined_days(settings, table)):
+        if bad := sorted(needed & quarantined.get(table, set())):
             raise QualityError(f"silver: {table} {', '.join(bad)} quarantined: {ds} not built (release the "
                                "days with batch_jobs.quality.release once fixed)")
     start_ms, end_ms = day_bounds(ds)

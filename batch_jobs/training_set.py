@@ -38,7 +38,7 @@ from datetime import date, timedelta
 
 from batch_jobs.days import day_bounds, days
 from batch_jobs.gold import gold_path
-from batch_jobs.quality import DistributionCheck, guard, quarantined_days
+from batch_jobs.quality import DistributionCheck, guard, quarantine_state, quarantined_days
 from batch_jobs.realtime_log import WRITTEN
 from batch_jobs.silver import silver_path
 from feature_repo import loads
@@ -96,7 +96,7 @@ def silver_days(spark, settings: Settings, start: date, end: date) -> list[str]:
         return []
     wanted = [d.isoformat() for d in days(start, end)]
     present = {r["ds"] for r in silver.where(F.col("ds").isin(wanted)).select("ds").distinct().collect()}
-    bad = quarantined_days(settings, SILVER_TABLE)
+    bad = quarantined_days(settings, SILVER_TABLE, spark)
     skipped = sorted(present & bad)
     if skipped:
         print(f"training_set: skipping quarantined silver days {', '.join(skipped)}")
@@ -198,6 +198,7 @@ def build(spark, settings: Settings, start: date, end: date, negative_rate: floa
     first_ms, _ = day_bounds(date.fromisoformat(kept_days[0]))
     _, last_ms = day_bounds(date.fromisoformat(kept_days[-1]))
     out_cols = list(base_cols)
+    quarantined = quarantine_state(settings, spark)  # one read for every view
     for table in GOLD_TABLES + REALTIME_TABLES:
         ttl = view_ttl(table)
         cols = feature_columns(table)
@@ -208,7 +209,7 @@ def build(spark, settings: Settings, start: date, end: date, negative_rate: floa
             frame = frame.select("*", *[F.lit(None).cast(spark_schema(table)[n].dataType).alias(c)
                                         for n, c in zip(table.feature_names(), cols, strict=True)])
             continue
-        bad = quarantined_days(settings, f"gold/{table.VIEW}")
+        bad = quarantined.get(f"gold/{table.VIEW}", set())
         if bad:
             print(f"training_set: {table.VIEW}: skipping quarantined gold days {', '.join(sorted(bad))}")
             gold = gold.where(~F.col("ds").isin(sorted(bad)))

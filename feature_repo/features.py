@@ -15,7 +15,7 @@ from feast.value_type import ValueType
 
 from feature_repo.online import TTL_S
 from infra.settings import get_settings
-from schemas.features import ALL_TABLES, FeatureRow
+from schemas.features import ALL_TABLES, LOG_ORDER, FeatureRow
 
 FEAST_TYPES = {int: Int64, float: Float64, list[int]: Array(Int64), list[float]: Array(Float64)}
 # How long a value stays valid when nothing newer came: gold is rebuilt daily, real-time rows on every event.
@@ -32,8 +32,12 @@ ENTITIES = {e.join_key: e for e in (user, ad, advertiser, category)}
 def source(table: type[FeatureRow]):
     """Gold views read their Delta table; real-time views are pushed, with their logged rows as batch source."""
     folder = "realtime" if table.REALTIME else "gold"
+    # A real-time view has several rows of one event time per entity (a late event rewrites the row): the one
+    # written last is the row as of that time (``log_order``, batch_jobs.realtime_log).
+    created = {"created_timestamp_column": LOG_ORDER} if table.REALTIME else {}
     batch = SparkSource(name=f"{table.VIEW}_source", path=str(get_settings().lake_dir / folder / table.VIEW),
-                        file_format="parquet", table_format=DeltaFormat(), timestamp_field="event_timestamp")
+                        file_format="parquet", table_format=DeltaFormat(), timestamp_field="event_timestamp",
+                        **created)
     return PushSource(name=f"{table.VIEW}_push", batch_source=batch) if table.REALTIME else batch
 
 

@@ -74,7 +74,7 @@ def ensure_offline_tables(spark, settings: Settings) -> list[str]:
     from delta.tables import DeltaTable
     from pyspark.sql import types as T
 
-    from schemas.features import ALL_TABLES
+    from schemas.features import ALL_TABLES, LOG_ORDER
     from schemas.spark import spark_schema
 
     made = []
@@ -82,6 +82,8 @@ def ensure_offline_tables(spark, settings: Settings) -> list[str]:
         path = str(settings.lake_dir / ("realtime" if table.REALTIME else "gold") / table.VIEW)
         if not DeltaTable.isDeltaTable(spark, path):
             schema = spark_schema(table).add("ds", T.StringType())
+            if table.REALTIME:  # the landed log's columns Feast reads (batch_jobs.realtime_log)
+                schema = schema.add(LOG_ORDER, T.TimestampType())
             spark.createDataFrame([], schema).write.format("delta").partitionBy("ds").mode("ignore").save(path)
             made.append(path)
     return made

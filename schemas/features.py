@@ -169,3 +169,7 @@ class TrainingRow(LabeledImpression):
     NAME: ClassVar[str] = "training_row"
 
     sample_rate: float = Field(gt=0.0, le=1.0)
+
+# A landed real-time row's place in the log, as a timestamp (one microsecond per offset; batch_jobs.realtime_log):
+# the real-time views' ``created_timestamp_column`` in Feast, which orders rows of one entity and one event time.
+LOG_ORDER = "log_order"

@@ -169,3 +169,42 @@ def test_broker_restart_loses_nothing(fresh_topics, tmp_path):
     got = read_back(fresh_topics, want, timeout_s=60)
     ids = [r.impression_id for r in got]
     assert set(ids) == want, f"missing {len(want - set(ids))}, duplicates {len(ids) - len(set(ids))}"
+
+
+KILLED_AFTER_LOGGING = """
+import os, signal, sys
+from tests.test_prediction_logger import make_records
+from infra.settings import get_settings
+from streams.serving.prediction_log import PredictionLogger
+
+logger = PredictionLogger(get_settings(), sys.argv[1])  # its sender never runs: everything is only queued
+logger.log(make_records(2500, tag=sys.argv[2]))  # a request answered; then the process is killed
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_records_logged_before_a_kill_9_are_sent_by_the_next_start(fresh_topics, tmp_path):
+    """``log()`` returned (the response went out), then ``kill -9`` before the sender ran: the journal keeps the
+    records and the next start on the same spool sends every one of them."""
+    import os
+    import subprocess
+    import sys
+
+    spool, tag = tmp_path / "spool", uuid.uuid4().hex[:6]
+    child = subprocess.run([sys.executable, "-c", KILLED_AFTER_LOGGING, str(spool), tag], timeout=120,
+                           env={**os.environ, **fresh_topics.to_env()})
+    assert child.returncode == -9, child
+    assert list((spool / "journal").glob("wal-*.jsonl")), "nothing was journaled"
+
+    logger = PredictionLogger(fresh_topics, spool).start()
+    try:
+        assert logger.stats()["recovered"] == 2500
+        assert logger.flush(30), logger.stats()
+        stats = logger.stats()
+    finally:
+        logger.close()
+    assert stats["sent"] == 2500 and stats["dropped"] == 0 and stats["spooled"] == 0, stats
+    assert not list((spool / "journal").glob("wal-*.jsonl")) and not list(spool.glob("seg-*.jsonl"))
+    want = make_records(2500, tag=tag)
+    got = read_back(fresh_topics, {r.impression_id for r in want})
+    assert {r.impression_id for r in got} == {r.impression_id for r in want}

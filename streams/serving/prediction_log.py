@@ -3,12 +3,16 @@ blocking or failing a scoring request.
 
 Design
 ------
-- ``log()`` (request threads) only appends the records to a bounded in-memory deque under a lock and
-  wakes the sender: no encoding, no I/O, no logging. When the deque is full (``serving.log_queue_records``)
-  the records are dropped and counted (``dropped_queue_full``).
-- One background thread encodes the records (``schemas.codec.encode``, key = impression id, Kafka
-  timestamp = the record's event time, never later than now) and sends them in batches with a
-  kafka-python producer (``acks="all"``, idempotent). It waits for every batch to be acknowledged.
+- ``log()`` (request threads) encodes the records (``schemas.codec.encode``, key = impression id, Kafka
+  timestamp = the record's event time, never later than now), writes them to the journal and appends them to
+  a bounded in-memory deque, then wakes the sender: no network I/O, no logging. When the deque is full
+  (``serving.log_queue_records``) the records are dropped and counted (``dropped_queue_full``).
+- The journal (``<spool_dir>/journal/wal-<n>.jsonl``) is a write-ahead log of what was queued: one ``write``
+  per request, no fsync (the page cache outlives the process, so a ``kill -9`` after the response loses
+  nothing; a machine crash may lose its last seconds). A segment is deleted once every record in it is done
+  (acknowledged, spooled or dropped); the next start moves what an earlier process left in it into the spool.
+- One background thread sends the queued records in batches with a kafka-python producer (``acks="all"``,
+  idempotent). It waits for every batch to be acknowledged.
   The producer is created lazily, with short timeouts so that a down broker is noticed in seconds, and
   recreated after any failure.
 - What Kafka did not acknowledge goes to an append-only spool on disk (``<spool_dir>/seg-<n>.jsonl``, one
@@ -35,7 +39,8 @@ again, and a spool segment that failed half way is sent again in full. Readers d
 where ``recovered`` counts the records found in the spool at start and ``sent`` counts distinct records
 (exact at rest; while the sender moves a batch, a concurrent ``stats()`` may see it in two places or none).
 ``flush()`` waits for ``sent + dropped`` to reach what was logged before it: records leave in log order
-(batch by batch, the spool oldest first), so that means every one of them.
+(batch by batch, the spool oldest first), so that means every one of them. ``recovered`` includes the journal
+of a killed process: those records may have been sent already (at least once).
 """
 
 from __future__ import annotations
@@ -47,7 +52,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from itertools import islice
 from pathlib import Path
 
 import orjson
@@ -59,6 +63,7 @@ from schemas.events import PredictionLog
 log = logging.getLogger(__name__)
 
 BATCH_RECORDS = 2_000
+JOURNAL_SEGMENT_RECORDS = 2_000
 SEGMENT_BYTES = 4 * 1024 * 1024
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.25, 5.0
 REPORT_EVERY_S = 10.0
@@ -214,6 +219,59 @@ class Spool:
                 self._lockfd = None
 
 
+class Journal:
+    """The write-ahead journal of queued records: segments of ``JOURNAL_SEGMENT_RECORDS`` JSON lines, written
+    without fsync (a killed process loses nothing; see the module docstring). Callers hold the logger's lock."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.written = 0  # records written, ever (this process)
+        self.closed: list[tuple[int, Path]] = []  # (number of the last record, path), oldest first
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._in_current = 0
+
+    def recover(self) -> tuple[list[bytes], int]:
+        """The lines an earlier process left (its torn last lines cut off) and the number of torn lines; call
+        :meth:`clear` once they are safe elsewhere."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        lines, torn = [], 0
+        for path in sorted(self.dir.glob("wal-*.jsonl")):
+            data = path.read_bytes()
+            cut = data.rfind(b"\n") + 1
+            torn += int(cut < len(data))
+            lines += data[:cut].splitlines(keepends=True)
+        return lines, torn
+
+    def clear(self) -> None:
+        """Delete every segment (everything journaled is done)."""
+        self._close_current()
+        for path in self.dir.glob("wal-*.jsonl"):
+            path.unlink(missing_ok=True)
+        self.closed = []
+
+    def append(self, lines: list[bytes]) -> None:
+        if self._fd is None or self._in_current >= JOURNAL_SEGMENT_RECORDS:
+            self._close_current()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._path = self.dir / f"wal-{self.written:015d}.jsonl"
+            self._fd = os.open(self._path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
+        os.write(self._fd, b"".join(lines))
+        self.written += len(lines)
+        self._in_current += len(lines)
+
+    def release(self, done: int) -> None:
+        """Delete the closed segments whose every record is done (``done`` records, in log order)."""
+        while self.closed and self.closed[0][0] <= done:
+            self.closed.pop(0)[1].unlink(missing_ok=True)
+
+    def _close_current(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self.closed.append((self.written, self._path))
+        self._fd, self._path, self._in_current = None, None, 0
+
+
 class PredictionLogger:
     """Log scored candidates to Kafka in the background; see the module docstring."""
 
@@ -223,7 +281,9 @@ class PredictionLogger:
         self.spool = Spool(spool_dir or settings.var_dir / settings.serving.log_spool_subdir,
                            settings.serving.log_spool_bytes)
         self._cap = settings.serving.log_queue_records
-        self._queue: deque[PredictionLog] = deque()
+        self.journal = Journal(self.spool.dir / "journal")
+        self._queue: deque[Item] = deque()
+        self._done_records = 0  # queued records done (sent, spooled or dropped), in log order
         self._lock = threading.Lock()
         self._wake, self._nudge, self._stop = threading.Event(), threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
@@ -238,15 +298,19 @@ class PredictionLogger:
 
     # -- request side ------------------------------------------------------------------------------
     def log(self, records: Sequence[PredictionLog]) -> None:
-        """Queue ``records`` for sending; never blocks on I/O, never raises. Over the queue bound the
-        records are dropped and counted."""
+        """Encode ``records``, journal them and queue them for sending; never blocks on the network, never
+        raises. Over the queue bound the records are dropped and counted."""
         try:
-            n = len(records)
+            items, bad = self._encode(records)
+            lines = [to_line(i) for i in items]
             with self._lock:
-                take = max(0, min(n, self._cap - len(self._queue) - self._in_flight))
-                self._queue.extend(records if take == n else islice(records, take))
-                self._c["logged"] += n
-                self._c["dropped_queue_full"] += n - take
+                take = max(0, min(len(items), self._cap - len(self._queue) - self._in_flight))
+                if take:
+                    self.journal.append(lines[:take])  # under the lock: the journal's order is the queue's
+                    self._queue.extend(items[:take])
+                self._c["logged"] += len(records)
+                self._c["dropped_queue_full"] += len(items) - take
+                self._c["dropped_rejected"] += bad
             if take:
                 self._wake.set()
         except Exception:  # noqa: BLE001 - logging must never fail a request
@@ -271,12 +335,16 @@ class PredictionLogger:
         if self._thread is not None:
             return self
         torn = self.spool.open()
+        lines, torn_journal = self.journal.recover()  # what a killed process had queued: into the spool first
+        written = self.spool.append(lines) if lines else 0
+        self.journal.clear()
         with self._lock:
-            self._c["recovered"] += self.spool.records
-            self._c["dropped_corrupt"] += torn
-        if self.spool.records or torn:
-            log.warning("prediction log: %d records in the spool %s from an earlier run (%d torn lines dropped)",
-                        self.spool.records, self.spool.dir, torn)
+            self._c["recovered"] += self.spool.records + len(lines) - written
+            self._c["dropped_corrupt"] += torn + torn_journal
+            self._c["dropped_spool_full"] += len(lines) - written
+        if self.spool.records or torn or torn_journal:
+            log.warning("prediction log: %d records in the spool %s from an earlier run, %d of them from its journal "
+                        "(%d torn lines dropped)", self.spool.records, self.spool.dir, len(lines), torn + torn_journal)
         self._thread = threading.Thread(target=self._run, name="prediction-logger", daemon=True)
         self._thread.start()
         return self
@@ -306,10 +374,12 @@ class PredictionLogger:
         self._stop.set()
         self._wake.set()
         self._thread.join(max(0.0, deadline - time.monotonic()))
-        if self._thread.is_alive():
+        if self._thread.is_alive():  # the journal stays: the next start sends what the sender still holds
             log.warning("prediction log: sender still busy at close; spooling the queue from the caller")
             self._queue_to_spool()
         else:
+            with self._lock:
+                self.journal.clear()  # every record is sent, spooled or dropped
             self.spool.close()
         self._thread = None
         self._report_drops(force=True)
@@ -388,19 +458,22 @@ class PredictionLogger:
                         ", ".join(f"{k[8:]} {v}" for k, v in s.items() if k.startswith("dropped_") and v))
             self._reported_drops, self._reported_at = s["dropped"], now
 
-    def _take(self, n: int) -> list[PredictionLog]:
+    def _take(self, n: int) -> list[Item]:
         with self._lock:
             batch = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
             self._in_flight += len(batch)
         return batch
 
     def _done(self, n: int, **counts: int) -> None:
+        """``n`` records taken from the queue are done (sent, spooled or dropped): their journal can go."""
         with self._lock:
             self._in_flight -= n
+            self._done_records += n
             for k, v in counts.items():
                 self._c[k] += v
+            self.journal.release(self._done_records)
 
-    def _encode(self, batch: list[PredictionLog]) -> tuple[list[Item], int]:
+    def _encode(self, batch: Sequence[PredictionLog]) -> tuple[list[Item], int]:
         """Encoded records and the number that could not be encoded or are too large for the broker."""
         items, bad = [], 0
         now_ms, limit = int(time.time() * 1000), self.settings.kafka.max_record_bytes
@@ -416,18 +489,16 @@ class PredictionLogger:
         return items, bad
 
     def _queue_to_spool(self) -> None:
-        while batch := self._take(BATCH_RECORDS):
-            items, bad = self._encode(batch)
-            written = self.spool.append([to_line(i) for i in items]) if items else 0
-            self._done(len(batch), dropped_rejected=bad, dropped_spool_full=len(items) - written)
+        while items := self._take(BATCH_RECORDS):
+            written = self.spool.append([to_line(i) for i in items])
+            self._done(len(items), dropped_spool_full=len(items) - written)
 
     def _send_queue_batch(self) -> bool:
-        batch = self._take(BATCH_RECORDS)
-        items, bad = self._encode(batch)
+        items = self._take(BATCH_RECORDS)
         status = self._send(items)
         failed = [i for i, s in zip(items, status, strict=True) if s == FAILED]
         written = self.spool.append([to_line(i) for i in failed]) if failed else 0
-        self._done(len(batch), sent=status.count(ACKED), dropped_rejected=bad + status.count(REJECTED),
+        self._done(len(items), sent=status.count(ACKED), dropped_rejected=status.count(REJECTED),
                    dropped_spool_full=len(failed) - written)
         return not failed
 

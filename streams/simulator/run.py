@@ -55,11 +55,13 @@ def send_catalog(campaigns: pd.DataFrame, settings: Settings) -> int:
 
 
 def make_producer(settings: Settings):
+    """The simulator's producer (the ad server's event logger): idempotent, and retrying for up to five minutes,
+    so that a broker restart neither drops nor repeats a record."""
     from kafka import KafkaProducer
 
     return KafkaProducer(**settings.kafka.client_config(), acks="all", linger_ms=20,
                          batch_size=512 * 1024, max_request_size=4 * 1024 * 1024,
-                         retries=10)
+                         enable_idempotence=True, delivery_timeout_ms=300_000)
 
 
 def send(schedule: Schedule, settings: Settings, speed: float, start_ms: int,
