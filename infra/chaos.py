@@ -240,24 +240,25 @@ def send_closing_traffic(settings: Settings, producer) -> int:
     return len(partitions)
 
 
-def restart_broker(pause_s: float = 3.0) -> str:
-    from infra.kafka_broker import KafkaBroker
-
-    broker, t0 = KafkaBroker(get_settings()), time.monotonic()
-    broker.stop()
-    time.sleep(pause_s)
-    broker.start()
-    return f"down {time.monotonic() - t0:.1f} s"
-
-
-def restart_redis(pause_s: float = 2.0) -> str:
-    from infra.redis_server import RedisServer
-
-    server, t0 = RedisServer(get_settings()), time.monotonic()
+def restart(server, pause_s: float) -> str:
+    """Stop a local server (``infra.kafka_broker.KafkaBroker``, ``infra.redis_server.RedisServer``), wait, start it."""
+    t0 = time.monotonic()
     server.stop()
     time.sleep(pause_s)
     server.start()
     return f"down {time.monotonic() - t0:.1f} s"
+
+
+def restart_broker() -> str:
+    from infra.kafka_broker import KafkaBroker
+
+    return restart(KafkaBroker(get_settings()), pause_s=3.0)
+
+
+def restart_redis() -> str:
+    from infra.redis_server import RedisServer
+
+    return restart(RedisServer(get_settings()), pause_s=2.0)
 
 
 def run(hours: int = 24, impressions_per_hour: float = 200.0, speed: float = 2880.0, seed: int = 7,
