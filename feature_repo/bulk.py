@@ -100,11 +100,13 @@ def send(settings: Settings, commands, chunk: int = 4096, replies_each: int = 2)
         else commands
     r = settings.redis
     sent = 0
-    with socket.create_connection((r.host, r.port)) as sock:
-        if r.password:
-            sock.sendall(b"*2\r\n$4\r\nAUTH\r\n" + _bulk(r.password.encode()))
+    with socket.create_connection((r.host, r.port), timeout=r.socket_connect_timeout_s) as sock:
+        sock.settimeout(r.socket_timeout_s)  # a hung Redis fails the load instead of stopping it for good
+        if r.password:  # as the ACL user when there is one (redis-py does the same)
+            auth = [b"AUTH", *([r.username.encode()] if r.username else []), r.password.encode()]
+            sock.sendall(b"*%d\r\n" % len(auth) + b"".join(map(_bulk, auth)))
             if not sock.recv(64).startswith(b"+OK"):
-                raise ConnectionError("Redis refused the password")
+                raise ConnectionError("Redis refused the credentials")
         pending, buf, window = 0, b"", 0
         for batch in batches:
             sock.sendall(b"".join(batch))

@@ -109,6 +109,19 @@ def test_the_pipeline_runs_on_sasl_scram_kafka_and_acl_redis(secured, tmp_path):
     row = store.get_online_features(features=["user_realtime:user_impressions_24h"],
                                     entity_rows=[{"user_id": user}]).to_dict()
     assert row["user_id"] == [user] and "user_impressions_24h" in row  # Feast got in as the ACL user
+    # The bulk loader logs in as the ACL user too; Feast reads back what it wrote.
+    import random
+
+    import pandas as pd
+
+    from feature_repo.bulk import bulk_write
+    from schemas.features import AdFeatures
+    from tests.test_online_store import random_row
+
+    ad = random_row(AdFeatures, {"ad_id": 987_654}, random.Random(3), datetime.now(UTC))
+    assert bulk_write(run, AdFeatures, pd.DataFrame([ad]), processes=1) == 1
+    got = store.get_online_features(features=["ad_features:ad_ctr_7d"], entity_rows=[{"ad_id": 987_654}]).to_dict()
+    assert got["ad_ctr_7d"] == [pytest.approx(ad["ad_ctr_7d"])]
 
     env = {**os.environ, **run.to_env()}
     done = subprocess.run([sys.executable, "-m", "batch_jobs.bronze", "--ds", datetime.now(UTC).date().isoformat()],
