@@ -122,3 +122,34 @@ def test_run_lands_in_kafka_with_ground_truth(fresh_topics, tmp_path):
             assert ids == truth_ids
         else:
             assert ids <= set(gen.truth["impression_id"])
+
+
+def test_batched_path_lands_what_the_plain_producer_does(fresh_topics):
+    """The load-test path (aiokafka record batches) lands what ``send`` (kafka-python) does with the same
+    schedule: each record in the same partition, a partition's records in the same order, the timestamps kept."""
+    from infra.topics import with_topic_prefix
+    from streams.simulator.batched import send_batched
+
+    cfg = SimulatorConfig(hours=1, users=5_000, ads=1_000, impressions_per_hour=5_000, speed=0, run_id="t-batch")
+    plain = with_topic_prefix(fresh_topics, "plain")
+    gen = generate(cfg, fresh_topics)
+    counts = send_batched(gen.schedule, fresh_topics, speed=0, start_ms=cfg.start_ms)
+    plain_counts = send(generate(cfg, plain).schedule, plain, speed=0, start_ms=cfg.start_ms)
+    assert sum(counts.values()) == len(gen.schedule)
+    t, tp = fresh_topics.topics, plain.topics
+    for topic, plain_topic in ((t.impressions, tp.impressions), (t.clicks, tp.clicks),
+                               (t.conversions, tp.conversions), (t.prediction_log, tp.prediction_log)):
+        assert counts[topic] == plain_counts[plain_topic] > 0
+
+        def by_partition(records):
+            out: dict[int, list] = {}
+            for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+                out.setdefault(r.partition, []).append((r.key, r.value, r.timestamp))
+            return out
+
+        got = by_partition(consume_all(fresh_topics, topic, counts[topic]))
+        want = by_partition(consume_all(plain, plain_topic, counts[topic]))
+        assert sum(map(len, got.values())) == counts[topic]  # nothing twice
+        assert got == want
+        if topic == t.impressions:
+            assert len(got) == fresh_topics.kafka.default_partitions
