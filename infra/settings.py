@@ -170,6 +170,11 @@ class WindowSettings(BaseModel):
     # later one.
     elapsed_windows_s: list[float] = [3600.0, 6 * 3600.0, 24 * 3600.0, 3 * 24 * 3600.0]
 
+    def open_for_s(self) -> float:
+        """The longest event time after an impression that the joiner may still emit an example of it (its click
+        and conversion windows with their lateness); state about an impression is useless after that."""
+        return self.click_window_s + self.allowed_lateness_s + self.conversion_window_s + self.conversion_lateness_s
+
 
 class SparkSettings(BaseModel):
     master: str = "local[2]"
@@ -212,6 +217,9 @@ class TrainerSettings(BaseModel):
     online_delta_chain: int = 30
     # Served features kept by impression (from the prediction log) for this many days of event time.
     online_log_retention_days: int = 10
+    # The online trainer's per-example state (repeat dropping, superseded labels) is kept this long past the last
+    # time the joiner may emit an example of an impression (``WindowSettings.open_for_s``), then deleted.
+    example_state_margin_s: float = 24 * 3600.0
     # Delay correction the online trainer applies to what the joiner emits: naive, fnw or delay_curve.
     label_scheme: str = "fnw"
     device: str = "auto"  # auto (CUDA when present), cpu or cuda

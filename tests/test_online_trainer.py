@@ -111,3 +111,45 @@ def test_fnw_conversion_rows_do_not_count_their_click_twice_and_corrections_supe
     again = to_rows([((0, 0), click), ((0, 1), fnw_conv), ((0, 7), click)], state, "fnw")
     assert again.counts["learned"] == 2 and again.counts["repeats"] == 1
     assert [r["ctr_weight"] for r in again.rows] == [1.0, 0.0]
+
+
+def _day_examples(day: int, n: int, partition: int) -> list[tuple[tuple[int, int], TrainingExample]]:
+    """n no-click examples of impressions on simulated day ``day``, at offsets of ``partition``."""
+    out = []
+    for i in range(n):
+        b = {**_base(i), "impression_id": f"d{day}p{partition}i{i}",
+             "impression_time_ms": 1_700_000_000_000 + day * 86_400_000 + i * 1000}
+        ex = TrainingExample(**example(b, "fnw", "noclick", clicked=False, converted=False, label_ctcvr=0.0,
+                                       as_of_ms=b["impression_time_ms"] + 30_000))
+        out.append(((partition, day * 1000 + i), ex))
+    return out
+
+
+def test_example_state_is_bounded_by_the_windows_and_not_moved_by_one_partition(tmp_path):
+    """30 days of examples: the RocksDB state keeps only the days an example may still come for; a repeat inside
+    that span is still dropped; a partition far ahead does not expire what the others still need."""
+    retention_ms = 3 * 86_400_000
+    state = ExampleState(tmp_path / "state", retention_ms=retention_ms)
+    sizes = []
+    for day in range(30):
+        batch = _day_examples(day, 50, 0) + _day_examples(day, 50, 1)
+        to_rows(batch, state, "fnw")
+        state.expire([(p, o, ex.impression_time_ms) for (p, o), ex in batch])
+        sizes.append(state.live_keys())
+    # Two keys per impression (e: and i:); days d-3..d survive (a day goes once it ended retention before the clock).
+    assert max(sizes) == sizes[-1] == sizes[10] == 2 * 100 * 4, sizes
+    assert state.expired == 2 * 100 * 30 - sizes[-1]
+    # A replay of yesterday's examples at other offsets: repeats, not learned twice.
+    replay = [((p, o + 10**6), ex) for (p, o), ex in _day_examples(28, 50, 0)]
+    assert to_rows(replay, state, "fnw").counts["repeats"] == 50
+    state.close()
+
+    # Reopened: the clock and the index survive a restart.
+    state = ExampleState(tmp_path / "state", retention_ms=retention_ms)
+    assert state.live_keys() == sizes[-1]
+    # One partition jumps 100 days ahead (a skewed producer upstream): the clock is the slowest partition's.
+    skewed = _day_examples(130, 5, 0)
+    to_rows(skewed, state, "fnw")
+    assert state.expire([(p, o, ex.impression_time_ms) for (p, o), ex in skewed]) == 0
+    assert to_rows([((1, 5 * 10**6), ex) for _, ex in _day_examples(29, 50, 1)], state, "fnw").counts["repeats"] == 50
+    state.close()

@@ -75,9 +75,16 @@ class ExampleState:
     partition the first offset of each UTC impression day (where a line off a batch model starts).
 
     Backed by a dict (tests) or a RocksDB folder (the worker), keys ``e:<example_id>``, ``i:<impression>``,
-    ``o:<partition>`` (day -> first offset) and ``n:<partition>`` (the next offset not yet indexed)."""
+    ``o:<partition>`` (day -> first offset) and ``n:<partition>`` (the next offset not yet indexed).
 
-    def __init__(self, path: Path | None = None):
+    **Bounded.** Each ``e:``/``i:`` key is indexed under its impression's UTC day (``x:<day>:<key>``). The joiner
+    emits no example for an impression later than its windows and lateness after it (it dead-letters what comes
+    later), so once the state's clock is ``retention_ms`` past a day, that day's keys are deleted. The clock is
+    the minimum over partitions of the newest impression time read: one record with a skewed time cannot expire
+    the other partitions' state, and a quiet partition holds the clock (state is kept, never lost early). Keys
+    written before this index existed are never expired."""
+
+    def __init__(self, path: Path | None = None, retention_ms: int | None = None):
         if path is None:
             self.db: dict = {}
         else:
@@ -85,13 +92,26 @@ class ExampleState:
 
             path.mkdir(parents=True, exist_ok=True)
             self.db = Rdict(str(path))
+        self.retention_ms = retention_ms
+        self.newest: dict[str, int] = json.loads(self.db.get("x:newest") or "{}")  # partition -> impression ms
+        self.days: set[int] = set(json.loads(self.db.get("x:days") or "[]"))
+        self.expired = 0
 
-    def first_seen(self, example_id: str, pos: Position) -> bool:
+    def _put(self, key: str, value: str, impression_time_ms: int) -> None:
+        if key not in self.db:
+            day = impression_time_ms // DAY_MS
+            self.db[f"x:{day:08d}:{key}"] = ""
+            if day not in self.days:
+                self.days.add(day)
+                self.db["x:days"] = json.dumps(sorted(self.days))
+        self.db[key] = value
+
+    def first_seen(self, ex: TrainingExample, pos: Position) -> bool:
         """True when this position is the example's first (or the same record read again after a restart)."""
-        key = f"e:{example_id}"
+        key = f"e:{ex.example_id}"
         first = self.db.get(key)
         if first is None:
-            self.db[key] = json.dumps(pos)
+            self._put(key, json.dumps(pos), ex.impression_time_ms)
             return True
         return tuple(json.loads(first)) == pos
 
@@ -101,12 +121,50 @@ class ExampleState:
         history = [h for h in json.loads(raw) if tuple(h["pos"]) < pos] if raw else []
         return history[-1] if history else None
 
-    def record(self, impression_id: str, pos: Position, labels: dict) -> None:
-        key = f"i:{impression_id}"
+    def record(self, ex: TrainingExample, pos: Position, labels: dict) -> None:
+        key = f"i:{ex.impression_id}"
         raw = self.db.get(key)
         history = [h for h in json.loads(raw) if tuple(h["pos"]) < pos] if raw else []
         history.append({"pos": list(pos), **labels})
-        self.db[key] = json.dumps(history[-4:])
+        self._put(key, json.dumps(history[-4:]), ex.impression_time_ms)
+
+    def expire(self, seen: list[tuple[int, int, int]]) -> int:
+        """Move the clock by ``(partition, offset, impression_time_ms)`` read, and delete the keys of every day
+        ``retention_ms`` behind it; returns how many keys were deleted."""
+        if self.retention_ms is None or not seen:
+            return 0
+        for partition, _offset, t in seen:
+            self.newest[str(partition)] = max(self.newest.get(str(partition), t), t)
+        self.db["x:newest"] = json.dumps(self.newest)
+        now = min(self.newest.values())
+        old = sorted(d for d in self.days if (d + 1) * DAY_MS <= now - self.retention_ms)
+        deleted = 0
+        for day in old:
+            prefix = f"x:{day:08d}:"
+            for index_key in self._keys_from(prefix):
+                del self.db[index_key[len(prefix):]]
+                del self.db[index_key]
+                deleted += 1
+            self.days.discard(day)
+        if old:
+            self.db["x:days"] = json.dumps(sorted(self.days))
+        self.expired += deleted
+        return deleted
+
+    def _keys_from(self, prefix: str) -> list[str]:
+        if isinstance(self.db, dict):
+            return [k for k in self.db if k.startswith(prefix)]
+        out = []
+        for key in self.db.keys(from_key=prefix):
+            if not key.startswith(prefix):
+                break
+            out.append(key)
+        return out
+
+    def live_keys(self) -> int:
+        """Live ``e:``/``i:`` keys (it walks the store: for tests and reports)."""
+        keys = self.db if isinstance(self.db, dict) else self.db.keys()
+        return sum(1 for k in keys if k[:2] in ("e:", "i:"))
 
     def index(self, seen: list[tuple[int, int, int]]) -> None:
         """Note ``(partition, offset, impression_time_ms)`` of examples read: the first offset of each day."""
@@ -165,7 +223,7 @@ def to_rows(examples: list[tuple[Position, TrainingExample]], state: ExampleStat
     out = Rows()
     pending: dict[str, int] = {}  # impression -> index of its row in this call
     for pos, ex in examples:
-        if not state.first_seen(ex.example_id, pos):
+        if not state.first_seen(ex, pos):
             out.counts["repeats"] += 1
             continue
         base = {"impression_id": ex.impression_id, "user_id": ex.user_id, "ad_id": ex.ad_id,
@@ -186,7 +244,7 @@ def to_rows(examples: list[tuple[Position, TrainingExample]], state: ExampleStat
             else:
                 out.rows.append({**base, **previous, "weight": -previous["weight"],
                                  "ctr_weight": previous["ctr_weight"]})
-        state.record(ex.impression_id, pos, labels)
+        state.record(ex, pos, labels)
         pending[ex.impression_id] = len(out.rows)
         out.rows.append({**base, **labels})
         out.counts["learned"] += 1
@@ -423,7 +481,8 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
     spec = InputSpec.from_schemas(cfg.id_buckets, cfg.small_buckets)
     device = pick_device(cfg.device)
     state_dir = settings.var_dir / "trainers"
-    state = ExampleState(state_dir / "online-state")
+    state = ExampleState(state_dir / "online-state",
+                         retention_ms=int((settings.windows.open_for_s() + cfg.example_state_margin_s) * 1000))
     checkpoint = Checkpoint(state_dir / "online-checkpoint.pt")
     dead = DeadLetterSink(settings, stage="online_trainer")
     served = ServedFeatures(settings, state_dir / "served-features", dead=dead) if features else None
@@ -520,6 +579,7 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
                     stamps.append(record.timestamp)
             if seen:
                 state.index(seen)
+                counts["state_expired"] += state.expire(seen)
             if batch and served is not None:
                 served.catch_up()
                 logged = {}
