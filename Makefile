@@ -10,7 +10,7 @@ HOURS  ?= 3
 .PHONY: install system-deps jars up down status topics demo simulate joiner realtime bronze silver batch-labels gold \
 	realtime-log training-set quality feast-apply materialize serve replay-set skew-report monitor breaker breaker-watch \
 	ab-report bench-scoring full-retrain warm-start online registry registry-gc promote rollback evaluate evaluate-spread delay-curve delay-report test kill-loop lint flink bench-produce \
-	bench-joiner bench-restart bench-decode bench-train bench-online-freshness bench-online bench-materialize bench-freshness chaos cluster cluster-up cluster-down clean
+	bench-joiner bench-restart bench-decode bench-train bench-online-freshness bench-online bench-materialize bench-freshness chaos soak cluster cluster-up cluster-down clean
 
 install: system-deps $(VENV)/.installed jars
 
@@ -171,6 +171,12 @@ test: up
 # CI runs a reduced form (tests/test_chaos.py).
 chaos: up
 	$(PY) -m infra.chaos
+
+# 30 simulated days through the joiner, the real-time worker and the online trainer, compressed into one run (about
+# 15 min); plots RSS, consumer lag, state bytes and registry bytes (var/soak<time>/soak.png) and says whether each
+# stayed bounded.
+soak: up
+	$(PY) -m infra.soak
 
 # The same code on a 3-node KRaft cluster (replication 3, min ISR 2): two label joiners, one broker killed mid-run;
 # bronze/silver/gold submitted to a Spark standalone master and worker (pyspark's own jars) reading that cluster.

@@ -100,8 +100,7 @@ def send(settings: Settings, commands, chunk: int = 4096, replies_each: int = 2)
         else commands
     r = settings.redis
     sent = 0
-    with socket.create_connection((r.host, r.port), timeout=r.socket_connect_timeout_s) as sock:
-        sock.settimeout(r.socket_timeout_s)  # a hung Redis fails the load instead of stopping it for good
+    with _connect(r) as sock:
         if r.password:  # as the ACL user when there is one (redis-py does the same)
             auth = [b"AUTH", *([r.username.encode()] if r.username else []), r.password.encode()]
             sock.sendall(b"*%d\r\n" % len(auth) + b"".join(map(_bulk, auth)))
@@ -117,6 +116,20 @@ def send(settings: Settings, commands, chunk: int = 4096, replies_each: int = 2)
         while pending:
             buf, pending = _read_replies(sock, buf, pending)
     return sent
+
+
+def _connect(r) -> socket.socket:
+    """A connection to the configured Redis (TLS with its CA and host check when ``r.tls``), with timeouts: a
+    hung Redis fails the load instead of stopping it for good."""
+    sock = socket.create_connection((r.host, r.port), timeout=r.socket_connect_timeout_s)
+    if (context := r.ssl_context()) is not None:
+        try:
+            sock = context.wrap_socket(sock, server_hostname=r.host)
+        except OSError:
+            sock.close()
+            raise
+    sock.settimeout(r.socket_timeout_s)
+    return sock
 
 
 def _read_replies(sock: socket.socket, buf: bytes, pending: int) -> tuple[bytes, int]:

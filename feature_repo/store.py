@@ -23,8 +23,9 @@ def redis_address(settings: Settings) -> str:
     """Feast's Redis connection string for the configured server (credentials included: it is handed over in
     the environment as ``ADS_FEAST_REDIS``, never written to a file)."""
     r = settings.redis
+    tls = ",ssl=true" + (f",ssl_ca_certs={r.tls_ca_file}" if r.tls_ca_file else "") if r.tls else ""
     return (f"{r.host}:{r.port}" + (f",username={r.username}" if r.username else "")
-            + (f",password={r.password}" if r.password else ""))
+            + (f",password={r.password}" if r.password else "") + tls)
 
 
 def redis_up(settings: Settings) -> bool:

@@ -1,6 +1,6 @@
 """Redis from Debian's ``redis-server`` package, on 127.0.0.1, with an append-only file so that a
 restart loses nothing that was acknowledged. With ``redis.username`` set, only that ACL user (and its
-password) gets in; with a password alone, the default user needs it."""
+password) gets in; with a password alone, the default user needs it. With ``redis.tls`` it serves TLS only."""
 
 from __future__ import annotations
 
@@ -37,6 +37,26 @@ class RedisServer:
         path.chmod(0o600)
         return path
 
+    def _write_config(self) -> Path:
+        """``redis.conf``: the default user's password (``requirepass``) when there is no ACL user, else empty."""
+        r = self.settings.redis
+        path = self.home / "redis.conf"
+        path.write_text(f"requirepass {r.password}\n" if r.password and not r.username else "")
+        path.chmod(0o600)
+        return path
+
+    def _listener_args(self) -> list[str]:
+        """Plain TCP on ``port``, or with ``redis.tls`` TLS only on it (the plain port closed)."""
+        r = self.settings.redis
+        if not r.tls:
+            return ["--port", str(r.port)]
+        if not (r.tls_cert_file and r.tls_key_file):
+            raise RuntimeError("redis: TLS needs a certificate and key "
+                               "(ADS_REDIS__TLS_CERT_FILE, ADS_REDIS__TLS_KEY_FILE)")
+        args = ["--port", "0", "--tls-port", str(r.port), "--tls-cert-file", r.tls_cert_file,
+                "--tls-key-file", r.tls_key_file, "--tls-auth-clients", "no"]
+        return args + (["--tls-ca-cert-file", r.tls_ca_file] if r.tls_ca_file else [])
+
     def pid(self) -> int | None:
         return process.pid_of(self.pidfile)
 
@@ -56,13 +76,12 @@ class RedisServer:
         if process.port_open(r.host, r.port):
             raise RuntimeError(f"redis: port {r.port} is taken by a process this project did not start")
         self.home.mkdir(parents=True, exist_ok=True)
-        cmd = [self._binary(), "--bind", r.host, "--port", str(r.port), "--dir", str(self.home),
+        # Secrets go into files only this user reads, never onto the command line (``ps`` shows it to everyone).
+        cmd = [self._binary(), str(self._write_config()), "--bind", r.host, "--dir", str(self.home),
                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
-               "--protected-mode", "no" if r.password else "yes"]
+               "--protected-mode", "no" if r.password else "yes", *self._listener_args()]
         if r.username:
             cmd += ["--aclfile", str(self._write_acl())]
-        elif r.password:
-            cmd += ["--requirepass", r.password]
         pid = process.start_detached(cmd, self.pidfile, self.logfile)
         process.wait_until(self.ready, timeout_s, "redis", alive=lambda: self.pid() is not None)
         print(f"redis: started pid {pid} on {r.host}:{r.port}")

@@ -122,13 +122,30 @@ class RedisSettings(BaseModel):
     # A hung Redis must not stop a worker's heartbeats or a request for long: every call gives up after this.
     socket_timeout_s: float = 5.0
     socket_connect_timeout_s: float = 5.0
+    # TLS: clients connect with TLS and verify the server's certificate against ``tls_ca_file`` (the system's CAs
+    # when unset) and its name or IP against ``host``. The local server (infra/redis_server.py) then serves TLS
+    # only, on ``port``, with ``tls_cert_file`` and ``tls_key_file``.
+    tls: bool = False
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
     def client(self):
         """A ``redis.Redis`` client with these settings (the one place clients are made)."""
         import redis
 
+        tls = {"ssl": True, "ssl_ca_certs": self.tls_ca_file} if self.tls else {}
         return redis.Redis(host=self.host, port=self.port, username=self.username, password=self.password,
-                           socket_timeout=self.socket_timeout_s, socket_connect_timeout=self.socket_connect_timeout_s)
+                           socket_timeout=self.socket_timeout_s, socket_connect_timeout=self.socket_connect_timeout_s,
+                           **tls)
+
+    def ssl_context(self):
+        """The TLS context a raw socket client uses (``feature_repo/bulk.py``), or None without TLS."""
+        if not self.tls:
+            return None
+        import ssl
+
+        return ssl.create_default_context(cafile=self.tls_ca_file)
 
     @property
     def url(self) -> str:
@@ -137,7 +154,10 @@ class RedisSettings(BaseModel):
 
         user = quote(self.username or "", safe="")
         auth = f"{user}:{quote(self.password, safe='')}@" if self.password else ""
-        return f"redis://{auth}{self.host}:{self.port}/0"
+        if not self.tls:
+            return f"redis://{auth}{self.host}:{self.port}/0"
+        ca = f"?ssl_ca_certs={quote(self.tls_ca_file, safe='/')}" if self.tls_ca_file else ""
+        return f"rediss://{auth}{self.host}:{self.port}/0{ca}"
 
 
 class WindowSettings(BaseModel):
@@ -220,6 +240,8 @@ class TrainerSettings(BaseModel):
     # The online trainer's per-example state (repeat dropping, superseded labels) is kept this long past the last
     # time the joiner may emit an example of an impression (``WindowSettings.open_for_s``), then deleted.
     example_state_margin_s: float = 24 * 3600.0
+    # The consumer group the online trainer commits its checkpointed positions to, for lag monitoring only.
+    online_group_id: str = "online-trainer"
     # Delay correction the online trainer applies to what the joiner emits: naive, fnw or delay_curve.
     label_scheme: str = "fnw"
     device: str = "auto"  # auto (CUDA when present), cpu or cuda

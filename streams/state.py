@@ -31,6 +31,21 @@ META = "\x00meta/"  # keys of the processor's own bookkeeping (clocks), changelo
 _NO_DUE = -1
 
 
+def rocksdb_options(raw_mode: bool = False):
+    """RocksDB options for every local store of the project (state, the trainer's stores), sized as Kafka Streams
+    sizes its stores: 16 MB write buffers, at most 3 (the default, 64 MB, holds up to 128 MB of memtables per
+    store: a worker has one store per task); and files with many deletions (state expires) are compacted soon,
+    so deleted records do not stay on disk until size-triggered compaction reaches them (``make soak``)."""
+    from rocksdict import Options
+
+    opts = Options(raw_mode=raw_mode)
+    opts.create_if_missing(True)
+    opts.set_write_buffer_size(16 << 20)
+    opts.set_max_write_buffer_number(3)
+    opts.add_compact_on_deletion_collector_factory(10_000, 5_000, 0.5)
+    return opts
+
+
 def _due_of(record: dict | None) -> int:
     return _NO_DUE if record is None else record.get("d", _NO_DUE)
 
@@ -161,14 +176,12 @@ class RocksStore(Store):
     them (see :meth:`Store.due`)."""
 
     def __init__(self, path: Path):
-        from rocksdict import Options, Rdict
+        from rocksdict import Rdict
 
         super().__init__()
         path.mkdir(parents=True, exist_ok=True)
-        opts = Options(raw_mode=True)
-        opts.create_if_missing(True)
         self.path = path
-        self.db = Rdict(str(path), options=opts)
+        self.db = Rdict(str(path), options=rocksdb_options(raw_mode=True))
         self._low = 0  # the due index holds nothing committed before this (see _committed_due)
         self._resolved: list[bytes] = []  # due keys handed out since the last commit
 

@@ -45,7 +45,7 @@ def fresh_topics(kafka_settings) -> Settings:
 def redis_settings() -> Settings:
     base = get_settings()
     if not RedisServer(base).ready():
-        pytest.fail(f"Redis is not reachable at {base.redis.url}: run `make up`")
+        pytest.fail(f"Redis is not reachable at {base.redis.host}:{base.redis.port}: run `make up`")
     return base
 
 

@@ -66,6 +66,10 @@ def test_online_trainer_publishes_offsets_drops_repeats_and_resumes(fresh_topics
     total = len(first) + len(repeats) + 1
     assert sum(meta["kafka_offsets"].values()) == total, meta["kafka_offsets"]
     assert meta["examples"] > 0 and meta["freshness_s"]["n"] > 0
+    # The checkpointed positions are also committed to the monitoring group: its lag is 0.
+    from infra.topics import group_lag
+
+    assert group_lag(settings, settings.trainer.online_group_id, [settings.topics.training_examples]) == (total, total)
 
     # A restart with no new input: resumes at the stored offsets, learns nothing, publishes nothing.
     assert run(settings, scheme="fnw", publish_every_s=1.0, idle_exit_s=4.0, features=False) == []

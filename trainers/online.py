@@ -90,8 +90,10 @@ class ExampleState:
         else:
             from rocksdict import Rdict
 
+            from streams.state import rocksdb_options
+
             path.mkdir(parents=True, exist_ok=True)
-            self.db = Rdict(str(path))
+            self.db = Rdict(str(path), options=rocksdb_options())
         self.retention_ms = retention_ms
         self.newest: dict[str, int] = json.loads(self.db.get("x:newest") or "{}")  # partition -> impression ms
         self.days: set[int] = set(json.loads(self.db.get("x:days") or "[]"))
@@ -465,6 +467,19 @@ def incumbent_of(registry: Registry) -> tuple[Ranker | None, str | None]:
     return stream_scale(load(registry, version)), version
 
 
+def report_position(consumer, topic: str, position: dict[int, int]) -> None:
+    """Commit the positions checkpointed to the monitoring group; a failure is printed, never fatal (the
+    checkpoint, not the group, is what a restart resumes from)."""
+    from kafka import TopicPartition
+    from kafka.errors import KafkaError
+    from kafka.structs import OffsetAndMetadata
+
+    try:
+        consumer.commit({TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in position.items()})
+    except KafkaError as err:
+        print(f"online: could not report the position to the monitoring group: {err!r}", flush=True)
+
+
 def run(settings: Settings, scheme: str | None = None, publish_every_s: float | None = None,
         max_seconds: float | None = None, features: bool = True, idle_exit_s: float | None = None) -> list[str]:
     """Learn until stopped (or ``max_seconds``, or ``idle_exit_s`` without input); returns the versions published.
@@ -487,7 +502,9 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
     dead = DeadLetterSink(settings, stage="online_trainer")
     served = ServedFeatures(settings, state_dir / "served-features", dead=dead) if features else None
     topic = settings.topics.training_examples
-    consumer = KafkaConsumer(**settings.kafka.client_config(), group_id=None, enable_auto_commit=False,
+    # The checkpoint holds the offsets a line resumes at; the group's committed offsets only show the trainer's
+    # lag to the usual tools (kafka-consumer-groups.sh, the soak's plot). Partitions are assigned, never balanced.
+    consumer = KafkaConsumer(**settings.kafka.client_config(), group_id=cfg.online_group_id, enable_auto_commit=False,
                              isolation_level="read_committed", max_poll_records=cfg.online_batch_size * 8)
     parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
     consumer.assign(parts)
@@ -545,6 +562,7 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
             published.append(version)
             learner.set_incumbent(copy.deepcopy(learner.model), version)
         checkpoint.save(line, learner, position)
+        report_position(consumer, topic, position)
         print(f"online: {'published and promoted ' + version if version else 'checkpointed, not promoted'} "
               f"({gate.get('why')}); {dict(counts)}", flush=True)
         arrivals.clear()

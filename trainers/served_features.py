@@ -59,8 +59,10 @@ class ServedFeatures:
         else:
             from rocksdict import Rdict
 
+            from streams.state import rocksdb_options
+
             path.mkdir(parents=True, exist_ok=True)
-            self.db = Rdict(str(path))
+            self.db = Rdict(str(path), options=rocksdb_options())
         self.settings = settings
         self.retention_ms = settings.trainer.online_log_retention_days * DAY_MS
         self.dead = dead

@@ -24,15 +24,16 @@ BATCH_BYTES = 1 << 20
 PACE_EVERY = 4096  # records between two pacing checks
 
 
-def send_batched(schedule: Schedule, settings: Settings, speed: float, start_ms: int,
-                 log_every_s: float = 5.0) -> dict[str, int]:
-    """Send every delivery in batches; with ``speed`` > 0, simulated time advances ``speed`` times wall-clock.
-    Returns the records acknowledged per topic (the same contract as :func:`streams.simulator.run.send`)."""
-    return asyncio.run(_send(schedule, settings, speed, start_ms, log_every_s))
+def send_batched(schedule: Schedule, settings: Settings, speed: float, start_ms: int, log_every_s: float = 5.0,
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
+    """Send every delivery in batches; with ``speed`` > 0, simulated time advances ``speed`` times wall-clock;
+    ``progress(sent, delivery_ms)`` is called every few thousand records. Returns the records acknowledged per
+    topic (the same contract as :func:`streams.simulator.run.send`)."""
+    return asyncio.run(_send(schedule, settings, speed, start_ms, log_every_s, progress))
 
 
-async def _send(schedule: Schedule, settings: Settings, speed: float, start_ms: int,
-                log_every_s: float) -> dict[str, int]:
+async def _send(schedule: Schedule, settings: Settings, speed: float, start_ms: int, log_every_s: float,
+                progress: Callable[[int, int], None] | None) -> dict[str, int]:
     from aiokafka import AIOKafkaProducer
     from aiokafka.partitioner import DefaultPartitioner
 
@@ -76,6 +77,8 @@ async def _send(schedule: Schedule, settings: Settings, speed: float, start_ms: 
                         await flush(k)
                     await asyncio.sleep(ahead)
                 await settle(lambda f: f.done())
+                if progress is not None:
+                    progress(sent, when)
                 if time.monotonic() - last_log >= log_every_s:
                     last_log = time.monotonic()
                     print(f"simulator (batched): {sent:,}/{len(schedule):,} sent, simulated "
