@@ -89,3 +89,30 @@ def test_click_examples_carry_the_features_served_before_the_click(fresh_topics,
     assert counts["learned"] == 2 and counts["unlogged"] == 2, counts
     dead = [DeadLetter.model_validate_json(r.value) for r in consume_all(settings, settings.topics.dead_letters, 1)]
     assert len(dead) == 1 and dead[0].reason.startswith("no prediction log record: impression D"), dead
+
+
+def test_retention_follows_the_slowest_partition_not_one_skewed_record():
+    """Served features are kept ``online_log_retention_days`` before the clock, the minimum over the log's
+    partitions of their newest day: a record 100 days ahead on one partition deletes nothing the others need."""
+    from types import SimpleNamespace
+
+    from infra.settings import get_settings
+
+    settings = get_settings()
+    store = ServedFeatures(settings)  # dict-backed: the retention logic alone
+    day = 86_400_000
+    retention = settings.trainer.online_log_retention_days
+
+    def keep(imp: str, at: int, partition: int) -> None:
+        key, value, headers = encode_event(logged(imp, "v1", 1.0, at))
+        assert store._keep(SimpleNamespace(value=value, headers=headers, partition=partition)) == 1
+
+    for d in range(20):  # both partitions log every day
+        keep(f"a{d}", T + d * day, 0)
+        keep(f"b{d}", T + d * day, 1)
+    kept = [d for d in range(20) if store.get(f"a{d}") is not None]
+    assert kept == list(range(19 - retention, 20))  # whole days before the clock's retention are gone
+    keep("skewed", T + 120 * day, 0)  # a producer clock 100 days ahead
+    assert store.get("b19") is not None and store.get(f"a{19 - retention}") is not None  # nothing more deleted
+    keep("b-next", T + 20 * day, 1)  # partition 1 moves on: the clock is day 20, one more day goes
+    assert store.get(f"a{19 - retention}") is None and store.get(f"a{20 - retention}") is not None

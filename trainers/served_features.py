@@ -14,7 +14,8 @@ that needs them, and keeping them beside its own state means one store to size a
 :meth:`ServedFeatures.catch_up` reads the topic up to its end offsets as of the call. The trainer calls it after
 polling a batch of examples: serving logs before the impression exists and the joiner emits after the impression,
 so a served impression's record is normally in. Records of the simulator's uniform baseline (no model, no
-features) are not kept. Entries older than ``retention_days`` before the newest logged event time are deleted.
+features) are not kept. Entries older than ``retention_days`` before the clock (the minimum over the log's
+partitions of their newest event day) are deleted.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class ServedFeatures:
         self.consumer = None
         self.read = 0
         self._days: set[int] | None = None  # the days indexed, as in the "days" key (read once)
+        self._newest: dict[str, int] = {}  # partition -> newest day logged, as in the "newest" key
 
     def _consumer(self):
         if self.consumer is None:
@@ -121,17 +123,22 @@ class ServedFeatures:
         self.db[key] = orjson.dumps(served_row(log))
         day = log.event_time_ms // DAY_MS
         self.db[f"x:{day:08d}:{log.impression_id}"] = b""  # the retention index: one empty key per record
-        self._prune(day)
+        self._prune(day, record.partition)
         return 1
 
-    def _prune(self, newest_day: int) -> None:
-        """Delete whole days older than the retention (the list of days is one small key, held in memory)."""
+    def _prune(self, day: int, partition: int) -> None:
+        """Delete whole days older than the retention before the clock: the minimum over partitions of the newest
+        day logged (one record with a skewed time cannot delete what the other partitions still need). The list
+        of days and the clock are small keys, held in memory."""
         if self._days is None:
             self._days = set(json.loads(self.db.get("days") or "[]"))
-        if newest_day in self._days:
-            return  # pruning runs when a new day appears
-        days = sorted({*self._days, newest_day})
-        keep_from = days[-1] - self.retention_ms // DAY_MS
+            self._newest = json.loads(self.db.get("newest") or "{}")
+        if day <= self._newest.get(str(partition), -1) and day in self._days:
+            return  # pruning runs when a partition reaches a new day
+        self._newest[str(partition)] = max(day, self._newest.get(str(partition), day))
+        self.db["newest"] = json.dumps(self._newest)
+        days = sorted({*self._days, day})
+        keep_from = min(self._newest.values()) - self.retention_ms // DAY_MS
         for day in [d for d in days if d < keep_from]:
             prefix = f"x:{day:08d}:"
             for key in self._keys_from(prefix):
