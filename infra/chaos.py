@@ -392,28 +392,21 @@ def run(hours: int = 24, impressions_per_hour: float = 200.0, speed: float = 288
 
 
 def batch(settings: Settings, ds: date, out: ChaosRun, rng: random.Random, logs: Path) -> None:
-    """Day ``ds``'s batch side, a bronze and a gold run killed with ``kill -9`` mid-run and re-run."""
-    from batch_jobs import bronze, gold, realtime_log, silver
-    from batch_jobs import training_set as ts
-    from feature_repo.cli import feast
+    """Day ``ds``'s batch side (the demo's steps), with its bronze and gold runs first killed with ``kill -9``
+    mid-run, then re-run."""
+    from infra.demo import day_batch
 
-    py = sys.executable
-    killed = kill_mid_run([py, "-m", "batch_jobs.bronze", "--ds", ds.isoformat()], settings, "records landed",
-                          logs / "bronze-killed.log", rng)
-    out.faults.append(Fault(-1, "kill -9 Spark job", str(killed)))
-    print(f"chaos: {killed}; re-running", flush=True)
-    bronze.run(None, settings)
-    realtime_log.run(None, settings)
-    silver.run(ds, settings)
-    killed = kill_mid_run([py, "-m", "batch_jobs.gold", "--ds", ds.isoformat()], settings, "gold: quality of",
-                          logs / "gold-killed.log", rng)
-    out.faults.append(Fault(-1, "kill -9 Spark job", str(killed)))
-    print(f"chaos: {killed}; re-running", flush=True)
-    print(f"chaos: gold {ds}: {gold.run(ds, settings)}", flush=True)
-    feast(["apply"], settings)
-    feast(["materialize", (datetime.combine(ds, datetime.min.time()) - timedelta(days=1)).isoformat(),
-           (datetime.combine(ds, datetime.min.time()) + timedelta(days=2)).isoformat()], settings)
-    print(f"chaos: training set {ts.run(ds, ds, settings)}", flush=True)
+    markers = {"bronze": "records landed", "gold": "gold: quality of"}  # printed while it lands / writes
+
+    def kill_first(step: str) -> None:
+        if step not in markers:
+            return
+        killed = kill_mid_run([sys.executable, "-m", f"batch_jobs.{step}", "--ds", ds.isoformat()], settings,
+                              markers[step], logs / f"{step}-killed.log", rng)
+        out.faults.append(Fault(-1, "kill -9 Spark job", str(killed)))
+        print(f"chaos: {killed}; re-running", flush=True)
+
+    day_batch(settings, ds, training_set=True, replay=False, before=kill_first)
 
 
 def service_health(url: str) -> dict:
@@ -507,17 +500,24 @@ def uninterrupted_labels(run: ChaosRun):
     return matured(clean)
 
 
+def compare_labels(labels, clean):
+    """``labels`` against the uninterrupted run's: (labels by impression, reference by impression, impressions
+    repeated in ``labels``, impressions in both, how many of those differ in ``clicked`` or ``converted``). The
+    closing traffic is left out of the reference: its windows close only with the next traffic after it."""
+    dup = int(labels["impression_id"].duplicated().sum())
+    a = labels.drop_duplicates("impression_id").set_index("impression_id")
+    u = clean.drop_duplicates("impression_id").set_index("impression_id")
+    u = u[~u.index.str.startswith(CLOSING)]
+    common = a.index.intersection(u.index)
+    differ = int(((a.loc[common, "clicked"] != u.loc[common, "clicked"])
+                  | (a.loc[common, "converted"] != u.loc[common, "converted"])).sum())
+    return a, u, dup, common, differ
+
+
 def check_labels(run: ChaosRun, clean) -> list[Check]:
     """The chaos joiner's labels: each impression once, the same impressions as the uninterrupted run, with the
     same labels (the closing traffic closed every window of the data in both)."""
-    chaos = matured(run.settings)
-    dup = int(chaos["impression_id"].duplicated().sum())
-    c = chaos.drop_duplicates("impression_id").set_index("impression_id")
-    u = clean.drop_duplicates("impression_id").set_index("impression_id")
-    u = u[~u.index.str.startswith(CLOSING)]  # their windows close only with the next traffic after them
-    common = c.index.intersection(u.index)
-    differ = int(((c.loc[common, "clicked"] != u.loc[common, "clicked"])
-                  | (c.loc[common, "converted"] != u.loc[common, "converted"])).sum())
+    c, u, dup, common, differ = compare_labels(matured(run.settings), clean)
     return [Check("label joiner: matured labels", len(u), lost=len(u.index.difference(c.index)), duplicated=dup,
                   detail=f"{len(c.index.difference(u.index))} matured only here; {int(u['clicked'].sum()):,} "
                          f"clicked, {int(u['converted'].sum()):,} converted"),
@@ -531,13 +531,7 @@ def check_silver(spark, run: ChaosRun, clean) -> Check:
 
     s = spark.read.format("delta").load(silver_path(run.settings)).select(
         "impression_id", "clicked", "converted").toPandas()
-    dup = int(s["impression_id"].duplicated().sum())
-    s = s.drop_duplicates("impression_id").set_index("impression_id")
-    u = clean.drop_duplicates("impression_id").set_index("impression_id")
-    u = u[~u.index.str.startswith(CLOSING)]  # the closing traffic is after the two days
-    common = u.index.intersection(s.index)
-    differ = int(((s.loc[common, "clicked"] != u.loc[common, "clicked"])
-                  | (s.loc[common, "converted"] != u.loc[common, "converted"])).sum())
+    s, u, dup, _common, differ = compare_labels(s, clean)
     return Check("silver labeled impressions", len(u), lost=len(u.index.difference(s.index)) + differ,
                  duplicated=dup, detail=f"{differ} labels differ from the stream's; "
                                         f"{len(s.index.difference(u.index))} only in silver")

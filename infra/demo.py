@@ -61,15 +61,22 @@ def wait_until_still(settings, group: str, topics: list[str], timeout_s: float =
     print(f"demo: {group} did not settle in time; see its log")
 
 
-def day_batch(settings, ds, *, training_set: bool, replay: bool) -> None:
+def day_batch(settings, ds, *, training_set: bool, replay: bool, before=None) -> None:
     """One day of the batch side: bronze (every topic, incrementally), the real-time log, silver, gold (each
-    checked by its data-quality suite), the online store, and the day's training data."""
+    checked by its data-quality suite), the online store, and the day's training data. ``before(step)``, when
+    given, runs before each of ``bronze``, ``realtime_log``, ``silver`` and ``gold`` (the chaos run kills a run
+    of it there)."""
     from batch_jobs import bronze, gold, realtime_log, silver
     from feature_repo.cli import feast
 
+    before = before or (lambda _step: None)
+    before("bronze")
     bronze.run(None, settings)
+    before("realtime_log")
     realtime_log.run(None, settings)
+    before("silver")
     silver.run(ds, settings)
+    before("gold")
     print(f"demo: gold {ds}: {gold.run(ds, settings)}", flush=True)
     feast(["apply"], settings)
     feast(["materialize", (datetime.combine(ds, datetime.min.time()) - timedelta(days=1)).isoformat(),
