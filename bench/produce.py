@@ -41,19 +41,12 @@ def bare_producer(cfg: SimulatorConfig) -> tuple[int, float]:
     return len(messages), elapsed
 
 
-def simulator(cfg: SimulatorConfig) -> tuple[int, float]:
-    settings = fresh_settings(f"sim-{uuid.uuid4().hex[:6]}")
+def simulator(cfg: SimulatorConfig, sender=send, tag: str = "sim") -> tuple[int, float]:
+    """The simulator's own send path (``send`` or ``send_batched``) for a run generated beforehand."""
+    settings = fresh_settings(f"{tag}-{uuid.uuid4().hex[:6]}")
     gen = generate(cfg, settings)
     t0 = time.perf_counter()
-    counts = send(gen.schedule, settings, speed=0, start_ms=cfg.start_ms, log_every_s=1e9)
-    return sum(counts.values()), time.perf_counter() - t0
-
-
-def simulator_batched(cfg: SimulatorConfig) -> tuple[int, float]:
-    settings = fresh_settings(f"simb-{uuid.uuid4().hex[:6]}")
-    gen = generate(cfg, settings)
-    t0 = time.perf_counter()
-    counts = send_batched(gen.schedule, settings, speed=0, start_ms=cfg.start_ms, log_every_s=1e9)
+    counts = sender(gen.schedule, settings, speed=0, start_ms=cfg.start_ms, log_every_s=1e9)
     return sum(counts.values()), time.perf_counter() - t0
 
 
@@ -66,7 +59,7 @@ def main() -> None:
     rows = []
     for i in range(a.repeat):
         for name, fn in (("bare kafka-python producer", bare_producer), ("simulator, send()", simulator),
-                         ("simulator, batched", simulator_batched)):
+                         ("simulator, batched", lambda c: simulator(c, send_batched, "simb"))):
             n, s = fn(cfg)
             rows.append((i, name, n, s, n / s))
             print(f"run {i}: {name}: {n:,} events in {s:.2f}s", flush=True)

@@ -46,6 +46,18 @@ def rocksdb_options(raw_mode: bool = False):
     return opts
 
 
+def keys_with_prefix(db, prefix: str) -> list[str]:
+    """The keys of a dict or a (non-raw) ``Rdict`` that start with ``prefix``, in order (a range scan on RocksDB)."""
+    if isinstance(db, dict):
+        return sorted(k for k in db if k.startswith(prefix))
+    out = []
+    for key in db.keys(from_key=prefix):
+        if not key.startswith(prefix):
+            break
+        out.append(key)
+    return out
+
+
 def _due_of(record: dict | None) -> int:
     return _NO_DUE if record is None else record.get("d", _NO_DUE)
 

@@ -58,6 +58,7 @@ import torch
 
 from infra.settings import Settings, TrainerSettings, get_settings
 from schemas.events import BASELINE_MODEL_VERSION, TrainingExample
+from streams.state import keys_with_prefix
 from trainers.data import Batch, InputSpec, encode
 from trainers.model import Ranker, pick_device
 from trainers.registry import Registry
@@ -143,7 +144,7 @@ class ExampleState:
         deleted = 0
         for day in old:
             prefix = f"x:{day:08d}:"
-            for index_key in self._keys_from(prefix):
+            for index_key in keys_with_prefix(self.db, prefix):
                 del self.db[index_key[len(prefix):]]
                 del self.db[index_key]
                 deleted += 1
@@ -152,16 +153,6 @@ class ExampleState:
             self.db["x:days"] = json.dumps(sorted(self.days))
         self.expired += deleted
         return deleted
-
-    def _keys_from(self, prefix: str) -> list[str]:
-        if isinstance(self.db, dict):
-            return [k for k in self.db if k.startswith(prefix)]
-        out = []
-        for key in self.db.keys(from_key=prefix):
-            if not key.startswith(prefix):
-                break
-            out.append(key)
-        return out
 
     def live_keys(self) -> int:
         """Live ``e:``/``i:`` keys (it walks the store: for tests and reports)."""

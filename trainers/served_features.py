@@ -27,6 +27,7 @@ import orjson
 
 from infra.settings import Settings
 from schemas.events import BASELINE_MODEL_VERSION, PredictionLog
+from streams.state import keys_with_prefix
 
 DAY_MS = 86_400_000
 # The context the model saw, taken from the log rather than from the example.
@@ -141,21 +142,11 @@ class ServedFeatures:
         keep_from = min(self._newest.values()) - self.retention_ms // DAY_MS
         for day in [d for d in days if d < keep_from]:
             prefix = f"x:{day:08d}:"
-            for key in self._keys_from(prefix):
+            for key in keys_with_prefix(self.db, prefix):
                 del self.db[f"l:{key[len(prefix):]}"]
                 del self.db[key]
         self._days = {d for d in days if d >= keep_from}
         self.db["days"] = json.dumps(sorted(self._days))
-
-    def _keys_from(self, prefix: str) -> list[str]:
-        if isinstance(self.db, dict):
-            return [k for k in self.db if k.startswith(prefix)]
-        out = []
-        for key in self.db.keys(from_key=prefix):
-            if not key.startswith(prefix):
-                break
-            out.append(key)
-        return out
 
     def get(self, impression_id: str) -> dict | None:
         """The logged row of one impression, or None when serving logged none (or it is past retention)."""
