@@ -136,6 +136,7 @@ class Sampler:
                      "sent": self.progress.sent}
         for name, pid in self.pids.items():
             row[f"rss_mb:{name}"] = round(group_rss_mb(pid()), 1)
+        # The local servers' pid files are under the base settings' var dir, not this run's.
         row["rss_mb:kafka broker"] = round(group_rss_mb(KafkaBroker(get_settings()).pid()), 1)
         row["rss_mb:redis"] = round(group_rss_mb(RedisServer(get_settings()).pid()), 1)
         for name, (group, topics) in self.groups.items():
@@ -148,7 +149,7 @@ class Sampler:
         for name, path in self.states.items():
             row[f"state_mb:{name}"] = round(folder_mb(path), 2)
         try:
-            info = redis.Redis.from_url(self.settings.redis.url).info("memory")
+            info = self.settings.redis.client().info("memory")
             row["state_mb:redis used"] = round(info["used_memory"] / 1e6, 2)
         except redis.RedisError:
             row["state_mb:redis used"] = None
@@ -225,7 +226,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run(days: int = 30, impressions_per_hour: float = 3000.0, rate: float = 5000.0, sample_every_s: float = 5.0,
+def run(days: int = 30, impressions_per_hour: float = 1500.0, rate: float = 4000.0, sample_every_s: float = 5.0,
         gc_every_s: float = 60.0, keep_topics: bool = False, seed: int = 7, drain_timeout_s: float = 900.0) -> Path:
     """The soak; returns its folder (CSV, plot, report, logs)."""
     from infra.chaos import Supervised, launch
@@ -371,8 +372,8 @@ def report_from(folder: Path) -> list:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m infra.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--days", type=int, default=30)
-    p.add_argument("--impressions-per-hour", type=float, default=3000.0)
-    p.add_argument("--rate", type=float, default=5000.0, help="events a second the simulator sends")
+    p.add_argument("--impressions-per-hour", type=float, default=1500.0)
+    p.add_argument("--rate", type=float, default=4000.0, help="events a second the simulator sends")
     p.add_argument("--sample-every", type=float, default=5.0, help="seconds between two samples")
     p.add_argument("--keep-topics", action="store_true", help="keep this run's topics (deleted by default)")
     p.add_argument("--report", type=Path, help="only write the report and plot again from this run folder's CSV")
