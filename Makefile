@@ -111,10 +111,15 @@ rollback: install
 	$(PY) -m trainers.registry rollback --reason "$(or $(REASON),by hand)"
 
 # The ranker against the simulator's truth: oracle, full retrain, warm start, online after a drift, frozen,
-# River baseline, and delay correction for CVR (HTML report in var/evaluation). SCALE=small|full.
+# River and LightGBM peers, and delay correction for CVR (HTML report in var/evaluation), over WORLDS worlds
+# (DELAY_WORLDS for the delay table) with 95 % intervals. SCALE=ci|small|full; EFFECTS=realistic turns on the
+# simulator's feature-visible effects.
 SCALE ?= full
+WORLDS ?= 3
+DELAY_WORLDS ?= 5
+EFFECTS ?= off
 evaluate: install
-	$(PY) -m trainers.evaluate --scale $(SCALE)
+	$(PY) -m trainers.evaluate --scale $(SCALE) --worlds $(WORLDS) --delay-worlds $(DELAY_WORLDS) --effects $(EFFECTS)
 
 # How far noise moves each claim of the evaluation: SEEDS runs at SCALE=ci, new initial weights on the CI world
 # (VARY=training, what another machine's float rounding does) or new worlds (VARY=data); a table per claim.
@@ -164,7 +169,8 @@ test: up
 	$(PY) -m ruff check .
 	$(PY) -m pytest tests -m "not cluster" --durations=15 --doctest-modules schemas streams/dead_letter.py streams/state.py streams/event_clock.py infra/settings.py \
 	  streams/state_dir.py label_joiner/join.py label_joiner/rules.py batch_jobs/days.py trainers/loss.py \
-	  trainers/online.py trainers/served_features.py trainers/warm_start.py trainers/circuit_breaker.py feature_repo/loads.py
+	  trainers/online.py trainers/served_features.py trainers/warm_start.py trainers/circuit_breaker.py feature_repo/loads.py \
+	  streams/simulator/behaviour.py
 
 # Two simulated days while every always-on process is killed (kill -9), the broker and Redis restart and Spark jobs
 # are killed mid-run; then every record, label, Delta row, online row and the registry are checked (a table).

@@ -40,12 +40,13 @@ import pandas as pd
 import torch
 
 from infra.settings import Settings, get_settings
-from streams.simulator.config import SimulatorConfig
+from streams.simulator.config import Effects, SimulatorConfig
 from streams.simulator.run import generate
 from trainers.cadence import calibrate
 from trainers.calibration import reliability_plot
 from trainers.data import InputSpec, encode
 from trainers.datasets import holdout_mask
+from trainers.lightgbm_baseline import LightGBMBaseline
 from trainers.metrics import log_loss, summary
 from trainers.model import Ranker
 from trainers.online import ExampleState, OnlineLearner, to_rows
@@ -131,6 +132,17 @@ def train_batch(frame: pd.DataFrame, spec: InputSpec, settings: Settings, scale:
     return scoring
 
 
+def train_lightgbm(frame: pd.DataFrame, spec: InputSpec, settings: Settings, rate: float,
+                   seed: int) -> LightGBMBaseline:
+    """The LightGBM peer on exactly what :func:`train_batch` gives the ranker: the same downsampled rows, the same
+    encoded inputs, the same held-out rows and rules for its calibrators."""
+    rows = downsample(frame, rate)
+    held = holdout_mask(rows["impression_id"], settings.trainer.calibration_share)
+    peer = LightGBMBaseline(negative_rate=rate, seed=seed).fit(encode(rows[~held], spec))
+    calibrate(peer, rows[held].reset_index(drop=True), spec, torch.device("cpu"))
+    return peer
+
+
 def copy_model(scoring: ScoringModel) -> Ranker:
     """A trainable copy of a scoring model's network."""
     model = Ranker.from_config(scoring.model.config)
@@ -150,12 +162,13 @@ def hourly(frame: pd.DataFrame, start_ms: int) -> np.ndarray:
     return ((frame["impression_time_ms"].to_numpy() - start_ms) // HOUR_MS).astype(int)
 
 
-def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float) -> dict:
+def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float, effects: Effects | None = None) -> dict:
     """(a)-(f) on the held-out day and the drift day; the hourly drift curve."""
     h = scale.history_days
     cfg = SimulatorConfig(seed=seed, start=START, hours=24 * (h + 2), users=scale.users, ads=scale.ads,
                           impressions_per_hour=scale.impressions_per_hour, ctr=0.05, cvr=0.1,
-                          drift_logit_per_day=0.0, shock_hour=24 * (h + 1), speed=0, prediction_log=False)
+                          drift_logit_per_day=0.0, shock_hour=24 * (h + 1), speed=0, prediction_log=False,
+                          effects=effects or Effects())
     truth = generate(cfg, settings).truth
     share = float(truth["converted_in_window"].sum() / max(truth["converts"].sum(), 1))
     frame = _frame(truth, share)
@@ -175,11 +188,14 @@ def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float) ->
     river_p = {"ctr": river_pred["ctr"].to_numpy(), "ctcvr": river_pred["ctcvr"].to_numpy()}
     river_p["cvr"] = np.clip(river_p["ctcvr"] / np.maximum(river_p["ctr"], 1e-6), 0, 1)
 
+    peer = train_lightgbm(history, spec, settings, rate, seed)
+
     held_batch = encode(held_day, spec)
     rows = {"(a) oracle": task_metrics(held_day, oracle(held_day)),
             "(b) full retrain": task_metrics(held_day, full.score(held_batch)),
             "(c) warm start": task_metrics(held_day, warm.score(held_batch)),
-            "(f) river baseline": task_metrics(held_day, river_p)}
+            "(f) river baseline": task_metrics(held_day, river_p),
+            "(g) lightgbm": task_metrics(held_day, peer.score(held_batch))}
 
     # The drift day: the online ranker learns the held-out and drift days in event-time order.
     warm_daily = train_batch(held_day, spec, settings, scale, rate, model=copy_model(full), lr_factor=0.3,
@@ -220,8 +236,11 @@ def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float) ->
     labels = {"ctr": held_day["clicked"].to_numpy(float), "ctcvr": held_day["converted"].to_numpy(float),
               "cvr": held_day["converted"].to_numpy(float)[clicked]}
     rows_of = {"ctr": slice(None), "ctcvr": slice(None), "cvr": clicked}
+    peer_p = peer.score(held_batch)
     reliability = {task: {"full retrain, downsampling undone": (y, full_raw[task][rows_of[task]]),
                           "full retrain, calibrated": (y, full_p[task][rows_of[task]]),
+                          "lightgbm, calibrated": (y, peer_p[task][rows_of[task]]),
+                          "river": (y, river_p[task][rows_of[task]]),
                           "oracle": (y, truth_p[task][rows_of[task]])} for task, y in labels.items()}
     return {"rows": rows, "curve": curve, "reliability": reliability, "drift_detected": learner.drift.drift_points,
             "impressions": len(frame)}
@@ -378,6 +397,82 @@ CLAIMS = (
 )
 
 
+def interval(values: list[float]) -> dict:
+    """Mean and 95 % t-interval of per-seed values (``half`` is NaN with one seed)."""
+    from scipy.stats import t
+
+    v = np.asarray(values, dtype=np.float64)
+    half = float(t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
+    return {"mean": float(v.mean()), "low": float(v.mean() - half), "high": float(v.mean() + half), "half": half,
+            "seeds": len(v), "values": [float(x) for x in v]}
+
+
+def headline(per_seed: list[dict]) -> list[dict]:
+    """Per model, task and metric (AUC, log loss, ECE): the mean over worlds and its 95 % interval."""
+    out = []
+    for model, tasks in per_seed[0].items():
+        for task in tasks:
+            for metric in ("auc", "nll", "ece"):
+                out.append({"model": model, "task": task, "metric": metric,
+                            **interval([rows[model][task][metric] for rows in per_seed])})
+    return out
+
+
+OURS, RIVER, LIGHTGBM, ORACLE = "(b) full retrain", "(f) river baseline", "(g) lightgbm", "(a) oracle"
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A goal of the issue, on per-seed values: met when the whole 95 % interval is on the right side of ``bar``
+    (with one seed: the value)."""
+
+    name: str
+    value: Callable[[dict], float]
+    bar: float
+    lower: bool = False
+
+    def check(self, per_seed: list[dict]) -> dict:
+        ci = interval([self.value(rows) for rows in per_seed])
+        edge = ci["high"] if self.lower else ci["low"]
+        edge = ci["mean"] if math.isnan(edge) else edge
+        met = edge < self.bar if self.lower else edge > self.bar
+        return {"goal": self.name, "op": "<" if self.lower else ">", "bar": self.bar, **ci, "met": bool(met)}
+
+
+def _m(model: str, task: str, metric: str) -> Callable[[dict], float]:
+    return lambda rows: rows[model][task][metric]
+
+
+def _beats(peer: str, task: str, metric: str) -> Callable[[dict], float]:
+    """Ours minus the peer (AUC: higher is better) or the peer minus ours (log loss), per seed."""
+    sign = -1.0 if metric == "nll" else 1.0
+    return lambda rows: sign * (rows[OURS][task][metric] - rows[peer][task][metric])
+
+
+def _gap_closed(task: str) -> Callable[[dict], float]:
+    return lambda rows: ((rows[OURS][task]["auc"] - rows[RIVER][task]["auc"])
+                         / (rows[ORACLE][task]["auc"] - rows[RIVER][task]["auc"]))
+
+
+GOALS = tuple(
+    [Goal(f"{task.upper()} {'AUC' if metric == 'auc' else 'log loss'}: full retrain beats {name}",
+          _beats(peer, task, metric), 0.0)
+     for task in ("ctr", "cvr") for metric in ("auc", "nll") for peer, name in ((RIVER, "River"),
+                                                                                (LIGHTGBM, "LightGBM"))]
+    + [Goal("CTR AUC: share of the River-to-oracle gap closed", _gap_closed("ctr"), 0.6),
+       Goal("CVR AUC: share of the River-to-oracle gap closed", _gap_closed("cvr"), 0.4),
+       Goal("pCTR ECE: full retrain", _m(OURS, "ctr", "ece"), 0.005, True),
+       Goal("pCTCVR ECE: full retrain", _m(OURS, "ctcvr", "ece"), 0.005, True),
+       Goal("pCVR ECE on clicks: full retrain", _m(OURS, "cvr", "ece"), 0.01, True)])
+
+
+def goals_table(goals: list[dict]) -> str:
+    lines = [f"{'goal':<58} {'mean':>8} {'95 % interval':>19}   {'bar':>6}  met"]
+    lines += [f"{g['goal']:<58} {g['mean']:>8.4f} [{g['low']:>8.4f}, {g['high']:>8.4f}] {g['op']} {g['bar']:>6.3f}  "
+              f"{'yes' if g['met'] else 'no'}" for g in goals]
+    return "\n".join(lines)
+
+
 def judge(result: dict) -> list[dict]:
     """Each claim of ``CLAIMS`` checked on one evaluation's result."""
     return [claim.check(result) for claim in CLAIMS]
@@ -415,15 +510,28 @@ def write_report(result: dict, out_dir: Path) -> Path:
     plots = [reliability_plot(curves, out_dir / f"reliability_{task}.png", f"{task.upper()}, held-out day")
              for task, curves in result["models"]["reliability"].items()]
     delay = pd.DataFrame(result["delay"]).T.drop(columns="cvr_logloss per learner").infer_objects()
+    delay_ci = pd.DataFrame({(name, key): {k: ci[k] for k in ("mean", "low", "high", "seeds")}
+                             for name, keys in result["delay_intervals"].items()
+                             for key, ci in keys.items()}).T
+    head = pd.DataFrame(result["headline"]).drop(columns="values").pivot_table(
+        index=["model", "task"], columns="metric", values=["mean", "half"], sort=False)
+    goals = pd.DataFrame(result["goals"]).drop(columns="values")
     images = "".join(f"<img src='{p.name}'/>" for p in plots)
     claims = pd.DataFrame(result["claims"]).to_html(float_format=lambda v: f"{v:.4f}", index=False)
     html = (f"<html><head><title>Ranker evaluation</title></head><body><h1>Ranker vs the simulator's truth</h1>"
             f"<p>scale {result['scale']}, {result['seconds']:.0f} s</p>"
-            f"<h2>The README's claims</h2>{claims}"
+            f"<h2>Goals over {result['seeds']} worlds (mean, 95 % t-interval)</h2>"
+            f"{goals.to_html(float_format=lambda v: f'{v:.4f}', index=False)}"
+            f"<h2>Every model over {result['seeds']} worlds, held-out day (mean and 95 % half-width)</h2>"
+            f"{head.to_html(float_format='%.4f')}"
+            f"<h2>The README's claims (first world)</h2>{claims}"
             f"<h2>Per task, held-out day and drift day</h2>{table.to_html(float_format='%.4f')}"
             f"<h2>Drift: CTR log loss by hour</h2><img src='data:image/png;base64,{curve_img}'/>"
             f"<p>ADWIN on the online loss flagged drift at examples {result['models']['drift_detected'][:10]}</p>"
-            f"<h2>Delay correction (CVR on the last day's clicks)</h2>{delay.to_html(float_format='%.4f')}"
+            f"<h2>Delay correction (CVR on the last day's clicks), first world</h2>"
+            f"{delay.to_html(float_format='%.4f')}"
+            f"<h2>Delay correction over {result['delay_seeds']} worlds (mean, 95 % t-interval)</h2>"
+            f"{delay_ci.to_html(float_format='%.4f')}"
             f"<h2>Reliability per task (held-out day)</h2>{images}</body></html>")
     path = out_dir / "report.html"
     path.write_text(html)
@@ -439,28 +547,50 @@ def _json_default(value):
     raise TypeError(type(value))
 
 
+def delay_intervals(per_seed: list[dict]) -> dict:
+    """Per label scheme: CVR log loss, mean pCVR and gap closed, mean and 95 % interval over worlds."""
+    return {name: {key: interval([d[name][key] for d in per_seed])
+                   for key in ("cvr_logloss", "mean_pcvr", "gap closed")} for name in per_seed[0]}
+
+
 def run(settings: Settings, scale_name: str = "small", seed: int = SEED, negative_rate: float = 0.25,
         out_dir: Path | None = None, threads: int = THREADS, training_seed: int | None = None,
-        learners: int | None = None) -> dict:
+        learners: int | None = None, seeds: int = 1, delay_seeds: int = 1, effects: Effects | None = None) -> dict:
     """The whole evaluation under ``threads`` torch threads (the caller's count is restored afterwards).
 
     ``seed`` draws the simulated worlds; ``training_seed`` (default ``seed``) the models' initial weights, so the
     spread due to training alone can be measured on the same data; ``learners`` overrides the scale's
-    ``delay_learners``."""
+    ``delay_learners``. ``seeds`` (``delay_seeds``) worlds ``seed``, ``seed + 1``, ... give the headline table
+    and the goals (the delay table) their 95 % intervals; the claims, plots and drift curve are the first
+    world's. ``effects``: the models' worlds with the simulator's feature-visible effects (default: none)."""
     scale = SCALES[scale_name]
     began = time.monotonic()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         training_seed = seed if training_seed is None else training_seed
-        torch.manual_seed(training_seed)
+        models, delays = [], []
+        for i in range(max(seeds, 1)):
+            torch.manual_seed(training_seed + i)
+            models.append(evaluate_models(settings, scale, seed + i, negative_rate, effects))
+            print(f"evaluate: world {i + 1} of {seeds} done ({time.monotonic() - began:.0f} s)", flush=True)
+        for i in range(max(delay_seeds, 1)):
+            delays.append(evaluate_delay(settings, scale, seed + i, training_seed + i * 1000,
+                                         learners or scale.delay_learners))
+            print(f"evaluate: delay world {i + 1} of {delay_seeds} done ({time.monotonic() - began:.0f} s)",
+                  flush=True)
         result = {"scale": {"name": scale_name, **asdict(scale)}, "seed": seed, "training_seed": training_seed,
-                  "threads": threads, "models": evaluate_models(settings, scale, seed, negative_rate),
-                  "delay": evaluate_delay(settings, scale, seed, training_seed, learners or scale.delay_learners)}
+                  "threads": threads, "effects": (effects or Effects()).model_dump(), "models": models[0],
+                  "delay": delays[0], "seeds": len(models),
+                  "per_seed_rows": [m["rows"] for m in models], "delay_seeds": len(delays),
+                  "delay_intervals": delay_intervals(delays)}
     finally:
         torch.set_num_threads(previous)
     result["seconds"] = time.monotonic() - began
     result["claims"] = judge(result)
+    result["headline"] = headline(result["per_seed_rows"])
+    result["goals"] = [g.check(result["per_seed_rows"]) for g in GOALS]
+    print(goals_table(result["goals"]), flush=True)
     path = write_report(result, out_dir or settings.var_dir / "evaluation")
     print(claims_table(result["claims"]), flush=True)
     print(f"evaluate: report {path}", flush=True)
@@ -517,6 +647,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vary", choices=("data", "training"), default="data",
                    help="with --seeds: new worlds per seed, or the default world and new initial weights")
     p.add_argument("--learners", type=int, help="online learners per label scheme (default: the scale's)")
+    p.add_argument("--worlds", type=int, default=3, help="worlds behind the headline table and the goals")
+    p.add_argument("--delay-worlds", type=int, default=5, help="worlds behind the delay table")
+    p.add_argument("--effects", choices=("off", "realistic"), default="off",
+                   help="the models' worlds with the simulator's feature-visible effects (Effects.realistic)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     settings = get_settings()
@@ -526,7 +660,9 @@ def main(argv: list[str] | None = None) -> int:
                        args.out or settings.var_dir / "evaluation" / "spread", args.vary, args.learners)
         print(table.to_string(float_format=lambda v: f"{v:.4f}"), flush=True)
         return 0 if table["failures"].sum() == 0 else 1
-    run(settings, args.scale, args.seed, out_dir=args.out, threads=threads[0], learners=args.learners)
+    run(settings, args.scale, args.seed, out_dir=args.out, threads=threads[0], learners=args.learners,
+        seeds=args.worlds, delay_seeds=args.delay_worlds,
+        effects=Effects.realistic() if args.effects == "realistic" else None)
     return 0
 
 

@@ -53,13 +53,18 @@ class ScoringModel:
         return self.calibrate(out)
 
     def calibrate(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = dict(out)
-        for task in ("ctr", "ctcvr"):
-            if task in self.calibrators:
-                out[task] = np.clip(self.calibrators[task].transform(out[task]), EPS, 1 - EPS)
-        out["ctcvr"] = np.minimum(out["ctcvr"], out["ctr"])
-        out["cvr"] = out["ctcvr"] / np.maximum(out["ctr"], EPS)
-        return out
+        return apply_calibrators(self.calibrators, out)
+
+
+def apply_calibrators(calibrators: dict, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """pCTR and pCTCVR through their calibrators (where fitted); pCVR follows as pCTCVR / pCTR."""
+    out = dict(out)
+    for task in ("ctr", "ctcvr"):
+        if task in calibrators:
+            out[task] = np.clip(calibrators[task].transform(out[task]), EPS, 1 - EPS)
+    out["ctcvr"] = np.minimum(out["ctcvr"], out["ctr"])
+    out["cvr"] = out["ctcvr"] / np.maximum(out["ctr"], EPS)
+    return out
 
 
 def reference_of(scoring: ScoringModel, frame: pd.DataFrame) -> dict:

@@ -30,6 +30,7 @@ import pandas as pd
 from scipy.special import expit
 
 from infra.settings import Settings
+from streams.simulator.behaviour import Behaviour
 from streams.simulator.config import SimulatorConfig
 from streams.simulator.delivery import build_schedule, iter_messages
 from streams.simulator.traffic import (
@@ -170,6 +171,7 @@ class ClosedLoop:
         self.world: World = build_world(cfg, np.random.default_rng(cfg.seed))
         self.pacer = Pacer(self.world.campaign_daily_budget * budget_scale)
         self.ctr_offset, self.cvr_offset = self._offsets()
+        self.behaviour = Behaviour(cfg, len(self.world.user_p))  # the sequential effects' state (cfg.effects)
         self.pending: list[tuple[int, str, bytes, bytes, list]] = []  # deliveries not due yet
         self.charges: list[tuple[int, int, float]] = []  # (conversion time, campaign, price) not billed yet
         self.hours_done = 0
@@ -197,8 +199,10 @@ class ClosedLoop:
         return np.clip((t_ms - self.cfg.start_ms) // 3_600_000, 0, self.world.generation.shape[0] - 1)
 
     def truth_probabilities(self, user, slot, placement: str | np.ndarray, device: str | np.ndarray,
-                            position, t_ms) -> tuple[np.ndarray, np.ndarray]:
-        """True pCTR (at ``position``) and pCVR of showing the ads in ``slot`` to ``user`` at ``t_ms``."""
+                            position, t_ms, shown: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """True pCTR (at ``position``) and pCVR of showing the ads in ``slot`` to ``user`` at ``t_ms``, given what
+        the users saw, clicked and converted before; ``shown``: the rows are shown in this order (a row's
+        earlier rows count as views)."""
         place = np.searchsorted(PLACEMENTS, placement) if isinstance(placement, str) else placement
         dev = np.flatnonzero(DEVICES == device)[0] if isinstance(device, str) else device
         t_ms = np.asarray(t_ms, dtype=np.int64)
@@ -208,6 +212,11 @@ class ClosedLoop:
         dev = np.broadcast_to(dev, n)
         ctr = true_ctr_logit(self.cfg, self.world, user, slot, gen, place, dev, position, t_ms)
         cvr = true_cvr_logit(self.cfg, self.world, user, slot, gen, t_ms)
+        if self.cfg.effects.sequential:
+            user = np.broadcast_to(user, n)
+            ctr = ctr + self.behaviour.ctr_logit(user, self.world.ad_id(gen, slot), self.world.category_of(slot),
+                                                 np.broadcast_to(t_ms, n), within=shown)
+            cvr = cvr + self.behaviour.cvr_logit(user)
         return expit(ctr + self.ctr_offset), expit(cvr + self.cvr_offset)
 
     # -- one simulated hour ------------------------------------------------------------------------------------
@@ -266,8 +275,10 @@ class ClosedLoop:
         n = len(shown)
         place = np.searchsorted(PLACEMENTS, shown["placement"].to_numpy())
         dev = np.array([np.flatnonzero(DEVICES == d)[0] for d in shown["device"]])
+        self.behaviour.advance(self.cfg.start_ms + hour * 3_600_000)
         pctr, pcvr = self.truth_probabilities(shown["user_id"].to_numpy(), shown["slot"].to_numpy(), place, dev,
-                                              shown["position"].to_numpy(), shown["event_time_ms"].to_numpy())
+                                              shown["position"].to_numpy(), shown["event_time_ms"].to_numpy(),
+                                              shown=True)
         clicked = rng.random(n) < pctr
         converts = clicked & (rng.random(n) < pcvr)
         windows = self.settings.windows
@@ -284,6 +295,11 @@ class ClosedLoop:
             conversion_time_ms=np.where(converts, conv_ms, -1),
             converted_in_window=converts & (conv_delay <= windows.conversion_window_s),
             conversion_value=np.where(converts, value, 0.0), feature_ref=shown["impression_id"])
+        if self.cfg.effects.sequential:
+            slots = shown["slot"].to_numpy()
+            gen = self.world.generation[self._hour_index(t), slots]
+            self.behaviour.observe(shown["user_id"].to_numpy(), self.world.ad_id(gen, slots),
+                                   self.world.category_of(slots), t, clicked, click_ms, converts, conv_ms)
         billed = out[out["converted_in_window"]]
         self.charges += list(zip(billed["conversion_time_ms"].tolist(), billed["campaign_id"].tolist(),
                                  billed["price"].tolist(), strict=True))

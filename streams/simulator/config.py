@@ -14,6 +14,40 @@ def recent_start(days_back: int = 9) -> datetime:
     return today - timedelta(days=days_back)
 
 
+class Effects(BaseModel):
+    """Effects in the truth that the feature service is built to see (all off by default, so a seed's world and
+    traffic stay as they were; :meth:`realistic` turns them on). Each is a logit added to the hidden truth, on
+    top of the latent user x ad part:
+
+    - fatigue: CTR falls by ``fatigue_logit`` x log(1 + earlier views of the same ad by the user that UTC day);
+    - recency: CTR rises by ``recency_logit`` x 2^(-hours since the user's last click in the ad's category /
+      ``recency_half_life_h``), counting the clicks on impressions of earlier hours;
+    - novelty: a new ad's CTR rises by ``novelty_logit`` x 2^(-ad age / ``novelty_half_life_h``);
+    - hour of day: CTR moves by ``hour_logit`` x cos(2 pi (hour - 20) / 24) (peak at 20:00 UTC);
+    - advertiser: each advertiser's CVR logit moves by a draw of sd ``advertiser_cvr_sd``;
+    - converters: CVR rises by ``converter_logit`` x log(1 + the user's conversions before the hour).
+    """
+
+    fatigue_logit: float = Field(default=0.0, ge=0)
+    recency_logit: float = Field(default=0.0, ge=0)
+    recency_half_life_h: float = Field(default=6.0, gt=0)
+    novelty_logit: float = Field(default=0.0, ge=0)
+    novelty_half_life_h: float = Field(default=48.0, gt=0)
+    hour_logit: float = Field(default=0.0, ge=0)
+    advertiser_cvr_sd: float = Field(default=0.0, ge=0)
+    converter_logit: float = Field(default=0.0, ge=0)
+
+    @classmethod
+    def realistic(cls) -> Effects:
+        return cls(fatigue_logit=0.6, recency_logit=1.0, novelty_logit=0.8, hour_logit=0.3, advertiser_cvr_sd=0.8,
+                   converter_logit=0.5)
+
+    @property
+    def sequential(self) -> bool:
+        """Whether the truth depends on earlier impressions and outcomes (drawn hour by hour)."""
+        return bool(self.fatigue_logit or self.recency_logit or self.converter_logit)
+
+
 class SimulatorConfig(BaseModel):
     seed: int = 7
     run_id: str | None = Field(default=None, description="prefix of every id; default sim<seed>")
@@ -55,6 +89,7 @@ class SimulatorConfig(BaseModel):
     shock_hour: float | None = Field(default=None, ge=0)
     shock_logit: float = 1.0
     shock_categories: int = Field(default=8, ge=0)
+    effects: Effects = Field(default_factory=Effects)
     prediction_log: bool = True
     # Pacing: simulated seconds per wall-clock second; 0 sends as fast as the producer can.
     speed: float = Field(default=720.0, ge=0)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import expit
 
+from streams.simulator.behaviour import Behaviour
 from streams.simulator.config import SimulatorConfig
 from streams.simulator.world import (
     DEVICE_LOGIT,
@@ -69,6 +70,13 @@ def true_ctr_logit(cfg: SimulatorConfig, world: World, user: np.ndarray, slot: n
         shocked = t_ms >= cfg.start_ms + int(cfg.shock_hour * 3_600_000)
         up = world.category_of(slot) < cfg.shock_categories
         logit = logit + np.where(shocked, np.where(up, cfg.shock_logit, -cfg.shock_logit), 0.0)
+    e = cfg.effects
+    if e.novelty_logit:
+        age_h = np.maximum((t_ms - cfg.start_ms) / 3_600_000 - world.ad_birth_hour[gen, slot], 0.0)
+        logit = logit + e.novelty_logit * np.exp2(-age_h / e.novelty_half_life_h)
+    if e.hour_logit:
+        hour_of_day = (t_ms / 3_600_000) % 24
+        logit = logit + e.hour_logit * np.cos(2 * np.pi * (hour_of_day - 20) / 24)
     return logit
 
 
@@ -76,8 +84,35 @@ def true_cvr_logit(cfg: SimulatorConfig, world: World, user: np.ndarray, slot: n
                    t_ms: np.ndarray) -> np.ndarray:
     """The conversion logit (given a click) of each impression before the run's offset."""
     days = (t_ms - cfg.start_ms) / 86_400_000.0
-    return (4.0 * np.einsum("ij,ij->i", world.user_cvr_f[user], world.ad_cvr_f[gen, slot])
-            + world.ad_cvr_bias[gen, slot] + cfg.drift_logit_per_day * days)
+    logit = (4.0 * np.einsum("ij,ij->i", world.user_cvr_f[user], world.ad_cvr_f[gen, slot])
+             + world.ad_cvr_bias[gen, slot] + cfg.drift_logit_per_day * days)
+    if cfg.effects.advertiser_cvr_sd:
+        logit = logit + cfg.effects.advertiser_cvr_sd * world.advertiser_cvr_z[world.advertiser_of(slot)]
+    return logit
+
+
+def sequential_outcomes(cfg: SimulatorConfig, world: World, user: np.ndarray, ad_id: np.ndarray,
+                        category: np.ndarray, t_ms: np.ndarray, ctr_logit: np.ndarray, cvr_logit: np.ndarray,
+                        u_click: np.ndarray, u_conv: np.ndarray, click_ms: np.ndarray, conversion_ms: np.ndarray,
+                        offsets: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The click and conversion logits (before the offsets) and clicks with the sequential effects, drawn an hour
+    at a time in time order (``t_ms`` sorted) with the given uniforms, each hour seeing the outcomes before it."""
+    behaviour = Behaviour(cfg, len(world.user_p))
+    ctr, cvr, clicked = ctr_logit.copy(), cvr_logit.copy(), np.zeros(len(t_ms), dtype=bool)
+    hour_starts = cfg.start_ms + 3_600_000 * np.arange(int(np.ceil(cfg.hours)) + 1)
+    bounds = np.searchsorted(t_ms, hour_starts, side="left").tolist() + [len(t_ms)]
+    for h, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        if a == b:
+            continue
+        behaviour.advance(int(hour_starts[h]))
+        rows = slice(a, b)
+        ctr[rows] += behaviour.ctr_logit(user[rows], ad_id[rows], category[rows], t_ms[rows])
+        cvr[rows] += behaviour.cvr_logit(user[rows])
+        clicked[rows] = u_click[rows] < expit(ctr[rows] + offsets[0])
+        converts = clicked[rows] & (u_conv[rows] < expit(cvr[rows] + offsets[1]))
+        behaviour.observe(user[rows], ad_id[rows], category[rows], t_ms[rows], clicked[rows], click_ms[rows],
+                          converts, conversion_ms[rows])
+    return ctr, cvr, clicked
 
 
 def simulate_traffic(cfg: SimulatorConfig, world: World, rng: np.random.Generator,
@@ -103,18 +138,33 @@ def simulate_traffic(cfg: SimulatorConfig, world: World, rng: np.random.Generato
     gen = world.generation[hour, slot]
 
     ctr_logit = true_ctr_logit(cfg, world, user, slot, gen, place, device, position, t_ms)
-    true_pctr = expit(ctr_logit + solve_offset(ctr_logit, cfg.ctr))
-    clicked = rng.random(n) < true_pctr
-
     cvr_logit = true_cvr_logit(cfg, world, user, slot, gen, t_ms)
-    true_pcvr = expit(cvr_logit + solve_offset(cvr_logit[clicked], cfg.cvr))
-    converts = clicked & (rng.random(n) < true_pcvr)
-
+    # The uniforms and delays are drawn in the same order whether or not the truth is sequential.
+    u_click, u_conv = rng.random(n), rng.random(n)
     click_delay = np.minimum(rng.lognormal(np.log(cfg.click_delay_median_s), cfg.click_delay_sigma, n),
                              0.95 * click_window_s)
     conv_delay = conversion_delays(cfg, rng, n)
+    click_ms = t_ms + (click_delay * 1000).astype(np.int64)
+    conversion_ms = click_ms + (conv_delay * 1000).astype(np.int64)
+    if cfg.effects.sequential:
+        # Two passes: the offsets of the first are solved without the sequential part; the second's on the first's
+        # logits, so the run's rates land near the targets.
+        ad_id, category = world.ad_id(gen, slot), world.category_of(slot)
+        draw = (cfg, world, user, ad_id, category, t_ms, ctr_logit, cvr_logit, u_click, u_conv, click_ms,
+                conversion_ms)
+        ctr1, cvr1, clicked1 = sequential_outcomes(*draw, (solve_offset(ctr_logit, cfg.ctr),
+                                                           solve_offset(cvr_logit, cfg.cvr)))
+        offsets = solve_offset(ctr1, cfg.ctr), solve_offset(cvr1[clicked1], cfg.cvr)
+        ctr_logit, cvr_logit, clicked = sequential_outcomes(*draw, offsets)
+    else:
+        offsets = (solve_offset(ctr_logit, cfg.ctr), 0.0)
+        clicked = u_click < expit(ctr_logit + offsets[0])
+        offsets = (offsets[0], solve_offset(cvr_logit[clicked], cfg.cvr))
+    true_pctr = expit(ctr_logit + offsets[0])
+    true_pcvr = expit(cvr_logit + offsets[1])
+    converts = clicked & (u_conv < true_pcvr)
     # What serving believed: the truth seen through a noisy model.
-    served_pctr = expit(ctr_logit + solve_offset(ctr_logit, cfg.ctr) + rng.normal(0, 0.3, n))
+    served_pctr = expit(ctr_logit + offsets[0] + rng.normal(0, 0.3, n))
     served_pcvr = expit(cvr_logit + rng.normal(0, 0.3, n) + solve_offset(cvr_logit, cfg.cvr))
 
     p = cfg.prefix
@@ -138,11 +188,10 @@ def simulate_traffic(cfg: SimulatorConfig, world: World, rng: np.random.Generato
         "true_pctr": true_pctr,
         "true_pcvr": true_pcvr,
         "clicked": clicked,
-        "click_time_ms": np.where(clicked, t_ms + (click_delay * 1000).astype(np.int64), -1),
+        "click_time_ms": np.where(clicked, click_ms, -1),
         "converts": converts,
         "conversion_delay_s": np.where(converts, conv_delay, np.nan),
-        "conversion_time_ms": np.where(
-            converts, t_ms + (click_delay * 1000).astype(np.int64) + (conv_delay * 1000).astype(np.int64), -1),
+        "conversion_time_ms": np.where(converts, conversion_ms, -1),
         "converted_in_window": converts & (conv_delay <= conversion_window_s),
         "conversion_value": np.where(converts, np.round(rng.lognormal(np.log(40), 0.8, n), 2), 0.0),
     })

@@ -49,6 +49,10 @@ class World:
     user_category_affinity: np.ndarray  # (U, N_CATEGORIES) click logit a user adds for each category
     campaign_daily_budget: np.ndarray  # (C,)
     campaign_age_days: np.ndarray  # (C,) days the campaign has run at the simulated start
+    # Effects (their own generator too): the hour each ad went live (hours from the start; ads live at the start
+    # were born before it), and a standard normal per advertiser for its own CVR.
+    ad_birth_hour: np.ndarray     # (G, S)
+    advertiser_cvr_z: np.ndarray  # (A,)
 
     @property
     def n_slots(self) -> int:
@@ -95,6 +99,12 @@ def build_world(cfg: SimulatorConfig, rng: np.random.Generator) -> World:
     n_campaigns = cfg.ads // ADS_PER_CAMPAIGN + 1
     n_advertisers = n_campaigns // CAMPAIGNS_PER_ADVERTISER + 1
     catalog_rng = np.random.default_rng([cfg.seed, 1])
+    effects_rng = np.random.default_rng([cfg.seed, 2])
+    birth = np.full((g, cfg.ads), np.inf)
+    for k in range(g):
+        live = generation == k
+        birth[k] = np.where(live.any(axis=0), live.argmax(axis=0), np.inf)
+    birth[0] = -effects_rng.uniform(0, 30 * 24, cfg.ads)
     return World(
         user_p=zipf_weights(cfg.users, cfg.user_zipf, rng),
         user_ctr_f=user_ctr_f,
@@ -110,4 +120,6 @@ def build_world(cfg: SimulatorConfig, rng: np.random.Generator) -> World:
         user_category_affinity=catalog_rng.normal(0, 0.6, (cfg.users, N_CATEGORIES)),
         campaign_daily_budget=catalog_rng.lognormal(np.log(300), 0.8, n_campaigns),
         campaign_age_days=catalog_rng.integers(0, 120, n_campaigns),
+        ad_birth_hour=birth,
+        advertiser_cvr_z=effects_rng.normal(0, 1, n_advertisers),
     )

@@ -1,0 +1,106 @@
+"""The simulator's effects that features can see (``SimulatorConfig.effects``): each one is in the truth with
+its configured size, the sequential ones agree with the outcomes the run recorded, and a world without effects
+is drawn exactly as before. Pure logic: the truth is generated in process."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+from scipy.special import logit
+
+from infra.settings import get_settings
+from streams.simulator.behaviour import Behaviour
+from streams.simulator.config import Effects, SimulatorConfig
+from streams.simulator.run import generate
+from streams.simulator.world import build_world
+
+START = datetime.fromisoformat("2026-10-01T00:00:00+00:00")
+HOUR_MS, DAY_MS = 3_600_000, 86_400_000
+BASE = SimulatorConfig(seed=5, start=START, hours=50, users=1_500, ads=200, impressions_per_hour=2_000, ctr=0.05,
+                       cvr=0.2, speed=0, prediction_log=False)
+
+
+def truth(effects: Effects) -> pd.DataFrame:
+    return generate(BASE.model_copy(update={"effects": effects}), get_settings()).truth
+
+
+def constant(values: np.ndarray) -> bool:
+    """The values differ by a constant (the run's offset moves with the effects) and nothing else."""
+    return float(np.ptp(values)) < 1e-6
+
+
+def test_effects_off_is_the_latent_truth_and_each_effect_adds_its_term():
+    off = truth(Effects())
+    fatigue = truth(Effects(fatigue_logit=0.6))
+    hour = truth(Effects(hour_logit=0.3))
+    advertiser = truth(Effects(advertiser_cvr_sd=0.8))
+    # Fatigue and the hour change probabilities only; the impressions themselves are the same draws.
+    for run in (fatigue, hour, advertiser):
+        assert run[["impression_id", "user_id", "ad_id", "event_time_ms"]].equals(
+            off[["impression_id", "user_id", "ad_id", "event_time_ms"]])
+
+    day = (off["event_time_ms"] - BASE.start_ms) // DAY_MS
+    views_before = off.groupby([day, off["user_id"], off["ad_id"]]).cumcount().to_numpy()
+    assert (views_before > 0).mean() > 0.1  # repeat views are common enough to matter
+    diff = logit(fatigue["true_pctr"]) - logit(off["true_pctr"])
+    assert constant(diff + 0.6 * np.log1p(views_before))
+
+    hour_of_day = (off["event_time_ms"] / HOUR_MS) % 24
+    diff = logit(hour["true_pctr"]) - logit(off["true_pctr"])
+    assert constant(diff - 0.3 * np.cos(2 * np.pi * (hour_of_day - 20) / 24))
+
+    world = build_world(BASE, np.random.default_rng(BASE.seed))
+    diff = logit(advertiser["true_pcvr"]) - logit(off["true_pcvr"])
+    assert constant(diff - 0.8 * world.advertiser_cvr_z[off["advertiser_id"]])
+    # The rates stay near their targets with every effect on.
+    real = truth(Effects.realistic())
+    assert abs(real["clicked"].mean() / BASE.ctr - 1) < 0.1
+    assert abs(real.loc[real["clicked"], "converts"].mean() / BASE.cvr - 1) < 0.1
+
+
+def test_sequential_effects_agree_with_the_recorded_outcomes():
+    """Recency and converters are recomputed from the clicks and conversions the run recorded (as of each
+    impression's hour): the truth used exactly the outcomes it reports."""
+    off = truth(Effects())
+    on = truth(Effects(recency_logit=1.0, converter_logit=0.5))
+    assert not on["clicked"].equals(off["clicked"])  # the effects changed who clicked
+    hour_start = (on["event_time_ms"] - BASE.start_ms) // HOUR_MS * HOUR_MS + BASE.start_ms
+    clicks = on[on["clicked"]]
+    conversions = on[on["converts"]]
+    recency = np.zeros(len(on))
+    converter = np.zeros(len(on))
+    for (user, category), rows in on.groupby(["user_id", "category_id"]).groups.items():
+        mine = clicks[(clicks["user_id"] == user) & (clicks["category_id"] == category)]
+        if len(mine) == 0:
+            continue
+        # The newest click on an impression of an earlier hour.
+        shown, last_click = mine["event_time_ms"].to_numpy(), np.maximum.accumulate(mine["click_time_ms"].to_numpy())
+        k = np.searchsorted(shown, hour_start[rows].to_numpy(), side="left")
+        last = last_click[np.maximum(k - 1, 0)]
+        since_h = np.maximum(on.loc[rows, "event_time_ms"].to_numpy() - last, 0) / HOUR_MS
+        recency[on.index.get_indexer(rows)] = np.where(k > 0, np.exp2(-since_h / 6.0), 0.0)
+    for user, rows in on.groupby("user_id").groups.items():
+        times = np.sort(conversions.loc[conversions["user_id"] == user, "conversion_time_ms"].to_numpy())
+        before = np.searchsorted(times, hour_start[rows].to_numpy(), side="right")
+        converter[on.index.get_indexer(rows)] = np.log1p(before)
+    assert (recency > 0.1).mean() > 0.02 and (converter > 0).mean() > 0.01
+    assert constant(logit(on["true_pctr"]) - logit(off["true_pctr"]) - recency)
+    assert constant(logit(on["true_pcvr"]) - logit(off["true_pcvr"]) - 0.5 * converter)
+
+
+def test_behaviour_counts_views_per_day_and_conversions_when_they_happen():
+    cfg = BASE.model_copy(update={"effects": Effects(fatigue_logit=1.0, converter_logit=1.0)})
+    b = Behaviour(cfg, users=3)
+    t0 = cfg.start_ms
+    user, ad, cat = np.array([0, 0]), np.array([9, 9]), np.array([1, 1])
+    b.observe(user, ad, cat, np.array([t0, t0 + 1]), np.array([False, False]), np.zeros(2, np.int64),
+              np.array([True, False]), np.array([t0 + 5 * HOUR_MS, -1]))
+    # Two views today: the next one counts both; tomorrow starts over.
+    assert np.allclose(b.ctr_logit(np.array([0]), np.array([9]), np.array([1]), np.array([t0 + 2])), -np.log(3))
+    assert b.ctr_logit(np.array([0]), np.array([9]), np.array([1]), np.array([t0 + DAY_MS]))[0] == 0.0
+    b.advance(t0 + 5 * HOUR_MS - 1)
+    assert b.cvr_logit(np.array([0]))[0] == 0.0  # the conversion has not happened yet
+    b.advance(t0 + 5 * HOUR_MS)
+    assert np.isclose(b.cvr_logit(np.array([0]))[0], np.log(2))
