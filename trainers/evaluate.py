@@ -5,10 +5,11 @@ Two simulated runs, generated in process (no broker: the truth of every impressi
 * **models**: ``history_days`` days of traffic, a held-out day, then a day with an abrupt drift (``shock_hour``:
   half the ad categories' CTR moves up, half down). On the held-out day, per task (CTR, CVR on clicks, CTCVR):
   (a) the oracle (true probabilities), (b) a full retrain over the history, (c) a full retrain over all but
-  the last history day, warm-started on it, (f) the River baseline (learned on the same stream). On the drift
-  day: (d) the online ranker (the full model, then updated by mini-batches in event-time order, each batch
-  scored before it is learned) and (e) the same model frozen; hour by hour, with the daily warm start (trained on
-  the held-out day, serving the drift day) beside them.
+  the last history day, warm-started on it, (f) the River baseline (learned on the same stream), (g) LightGBM on
+  the ranker's own inputs and rows (``trainers.lightgbm_baseline``). On the drift day: (d) the online ranker (the
+  full model, then updated with the label joiner's examples as the joiner emits them, label delays included:
+  each mini-batch of impressions is scored with what was emitted before it) and (e) the same model frozen; hour
+  by hour, with the daily warm start (trained on the held-out day, serving the drift day) beside them.
 * **delay**: a run with many conversions, fed through the label joiner (``label_joiner.replay``) under each
   delay-correction scheme; the online ranker learns each scheme's examples in the order they are emitted and,
   hour by hour on the last day, is scored on that hour's clicks before learning them, against the conversion
@@ -118,14 +119,20 @@ def oracle(frame: pd.DataFrame) -> dict[str, np.ndarray]:
 def train_batch(frame: pd.DataFrame, spec: InputSpec, settings: Settings, scale: Scale, rate: float,
                 model: Ranker | None = None, lr_factor: float = 1.0, epochs: int | None = None) -> ScoringModel:
     """A batch cadence on ``frame``: downsample, train (from scratch or on from ``model``), calibrate."""
+    return fit_ranker(downsample(frame, rate), spec, settings, epochs or scale.epochs, rate, model, lr_factor)
+
+
+def fit_ranker(rows: pd.DataFrame, spec: InputSpec, settings: Settings, epochs: int, rate: float,
+               model: Ranker | None = None, lr_factor: float = 1.0) -> ScoringModel:
+    """Train on downsampled ``rows`` less the held-out share (from scratch or on from ``model``) and calibrate on
+    the held-out rows, as the batch cadences do."""
     cfg = settings.trainer
-    rows = downsample(frame, rate)
     held = holdout_mask(rows["impression_id"], cfg.calibration_share)
     train = encode(rows[~held], spec)
     if model is None:
         model = Ranker.from_settings(spec, cfg)
         model.fit_normalizer(train.dense)
-    fit(model, train, epochs=epochs or scale.epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate * lr_factor,
+    fit(model, train, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate * lr_factor,
         device=torch.device("cpu"), desc="batch")
     scoring = ScoringModel(model, negative_rate=rate)
     calibrate(scoring, rows[held].reset_index(drop=True), spec, torch.device("cpu"))
@@ -136,7 +143,12 @@ def train_lightgbm(frame: pd.DataFrame, spec: InputSpec, settings: Settings, rat
                    seed: int) -> LightGBMBaseline:
     """The LightGBM peer on exactly what :func:`train_batch` gives the ranker: the same downsampled rows, the same
     encoded inputs, the same held-out rows and rules for its calibrators."""
-    rows = downsample(frame, rate)
+    return fit_lightgbm(downsample(frame, rate), spec, settings, rate, seed)
+
+
+def fit_lightgbm(rows: pd.DataFrame, spec: InputSpec, settings: Settings, rate: float,
+                 seed: int) -> LightGBMBaseline:
+    """The LightGBM peer on downsampled ``rows``, split and calibrated as :func:`fit_ranker` does."""
     held = holdout_mask(rows["impression_id"], settings.trainer.calibration_share)
     peer = LightGBMBaseline(negative_rate=rate, seed=seed).fit(encode(rows[~held], spec))
     calibrate(peer, rows[held].reset_index(drop=True), spec, torch.device("cpu"))
@@ -169,7 +181,8 @@ def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float, ef
                           impressions_per_hour=scale.impressions_per_hour, ctr=0.05, cvr=0.1,
                           drift_logit_per_day=0.0, shock_hour=24 * (h + 1), speed=0, prediction_log=False,
                           effects=effects or Effects())
-    truth = generate(cfg, settings).truth
+    gen = generate(cfg, settings)
+    truth = gen.truth
     share = float(truth["converted_in_window"].sum() / max(truth["converts"].sum(), 1))
     frame = _frame(truth, share)
     day = (frame["impression_time_ms"].to_numpy() - cfg.start_ms) // DAY_MS
@@ -200,18 +213,25 @@ def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float, ef
     # The drift day: the online ranker learns the held-out and drift days in event-time order.
     warm_daily = train_batch(held_day, spec, settings, scale, rate, model=copy_model(full), lr_factor=0.3,
                              epochs=1)
+    # The online ranker learns the label joiner's examples (naive scheme) when the joiner emits them: a click at
+    # once, a non-click when its click window closes, a conversion when it happens (label delays included). Each
+    # mini-batch of impressions is scored with what had been emitted before it.
     learner = OnlineLearner(online_copy(full), settings.trainer, torch.device("cpu"), "naive")
     stream = pd.concat([held_day, drift_day], ignore_index=True)
+    examples = joiner_examples(gen, settings, since_ms=cfg.start_ms + h * DAY_MS)
+    as_of = examples["as_of_ms"].to_numpy()
     hours = hourly(stream, cfg.start_ms + h * DAY_MS)
     online_p = {k: np.zeros(len(stream)) for k in ("ctr", "cvr", "ctcvr")}
-    bs = settings.trainer.online_batch_size
+    bs, cursor = settings.trainer.online_batch_size, 0
     for start in range(0, len(stream), bs):
         part = stream.iloc[start:start + bs]
-        batch = encode(part, spec)
-        scored = ScoringModel(learner.model).score(batch)
+        emitted = int(np.searchsorted(as_of, part["impression_time_ms"].iloc[0], side="right"))
+        for first in range(cursor, emitted, bs):
+            learner.learn(encode(examples.iloc[first:min(first + bs, emitted)], spec))
+        cursor = max(cursor, emitted)
+        scored = ScoringModel(learner.model).score(encode(part, spec))
         for k in online_p:
             online_p[k][start:start + len(part)] = scored[k]
-        learner.learn(batch)
     drift_mask = hours >= 24
     frozen_p, warm_p = full.score(encode(stream, spec)), warm_daily.score(encode(stream, spec))
     rows["(d) online after drift"] = task_metrics(drift_day, {k: v[drift_mask] for k, v in online_p.items()})
@@ -244,6 +264,22 @@ def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float, ef
                           "oracle": (y, truth_p[task][rows_of[task]])} for task, y in labels.items()}
     return {"rows": rows, "curve": curve, "reliability": reliability, "drift_detected": learner.drift.drift_points,
             "impressions": len(frame)}
+
+
+def joiner_examples(gen, settings: Settings, since_ms: int, scheme: str = "naive") -> pd.DataFrame:
+    """The training examples the label joiner emits for a generated run (``label_joiner.replay`` over its
+    deliveries, defects included), through the online trainer's repeat dropping, for impressions from
+    ``since_ms`` on, in emission order (``as_of_ms``)."""
+    from label_joiner.replay import new_join, replay
+    from label_joiner.rules import Rules
+    from label_joiner.schemes import make_scheme
+
+    join = new_join(Rules.from_settings(settings.windows), make_scheme(scheme))
+    rows = _scheme_rows(replay(join, gen.schedule, flush=False, advance_every=200).examples_frame(), scheme)
+    rows = rows[rows["impression_time_ms"] >= since_ms].copy()
+    rows["category_id"] = gen.truth.set_index("impression_id")["category_id"].reindex(rows["impression_id"]).to_numpy()
+    print(f"evaluate: {len(rows):,} joiner examples ({scheme}) from the held-out day on", flush=True)
+    return rows.reset_index(drop=True)
 
 
 def evaluate_delay(settings: Settings, scale: Scale, seed: int, training_seed: int | None = None,
