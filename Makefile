@@ -9,7 +9,7 @@ HOURS  ?= 3
 
 .PHONY: install system-deps jars up down status topics demo simulate joiner realtime bronze silver batch-labels gold \
 	realtime-log training-set quality feast-apply materialize serve replay-set skew-report monitor breaker breaker-watch \
-	ab-report bench-scoring full-retrain warm-start online registry registry-gc promote rollback evaluate evaluate-spread delay-curve delay-report test kill-loop lint flink bench-produce \
+	ab-report bench-scoring full-retrain warm-start online registry registry-gc promote rollback evaluate evaluate-features evaluate-spread delay-curve delay-report test kill-loop lint flink bench-produce \
 	bench-joiner bench-restart bench-decode bench-train bench-online-freshness bench-online bench-materialize bench-freshness chaos soak cluster cluster-up cluster-down clean
 
 install: system-deps $(VENV)/.installed jars
@@ -120,6 +120,12 @@ DELAY_WORLDS ?= 5
 EFFECTS ?= off
 evaluate: install
 	$(PY) -m trainers.evaluate --scale $(SCALE) --worlds $(WORLDS) --delay-worlds $(DELAY_WORLDS) --effects $(EFFECTS)
+
+# Is the feature store worth having: every model with and without the feature service's features, through the
+# real pipeline (Kafka, the real-time worker, bronze/silver/gold, the point-in-time training-set builder) on a
+# world with the simulator's feature-visible effects; WORLDS worlds with 95 % intervals (var/evaluation/features).
+evaluate-features: up
+	$(PY) -m trainers.evaluate_features --scale $(SCALE) --worlds $(WORLDS)
 
 # How far noise moves each claim of the evaluation: SEEDS runs at SCALE=ci, new initial weights on the CI world
 # (VARY=training, what another machine's float rounding does) or new worlds (VARY=data); a table per claim.

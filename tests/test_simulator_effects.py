@@ -12,6 +12,7 @@ from scipy.special import logit
 
 from infra.settings import get_settings
 from streams.simulator.behaviour import Behaviour
+from streams.simulator.closed_loop import ClosedLoop, random_policy
 from streams.simulator.config import Effects, SimulatorConfig
 from streams.simulator.run import generate
 from streams.simulator.world import build_world
@@ -41,11 +42,10 @@ def test_effects_off_is_the_latent_truth_and_each_effect_adds_its_term():
         assert run[["impression_id", "user_id", "ad_id", "event_time_ms"]].equals(
             off[["impression_id", "user_id", "ad_id", "event_time_ms"]])
 
-    day = (off["event_time_ms"] - BASE.start_ms) // DAY_MS
-    views_before = off.groupby([day, off["user_id"], off["ad_id"]]).cumcount().to_numpy()
-    assert (views_before > 0).mean() > 0.1  # repeat views are common enough to matter
+    views = views_before(off)
+    assert (views > 0).mean() > 0.1  # repeat views are common enough to matter
     diff = logit(fatigue["true_pctr"]) - logit(off["true_pctr"])
-    assert constant(diff + 0.6 * np.log1p(views_before))
+    assert constant(diff + 0.6 * np.log1p(views))
 
     hour_of_day = (off["event_time_ms"] / HOUR_MS) % 24
     diff = logit(hour["true_pctr"]) - logit(off["true_pctr"])
@@ -60,6 +60,46 @@ def test_effects_off_is_the_latent_truth_and_each_effect_adds_its_term():
     assert abs(real.loc[real["clicked"], "converts"].mean() / BASE.cvr - 1) < 0.1
 
 
+def recency_from_clicks(run: pd.DataFrame, half_life_h: float = 6.0) -> np.ndarray:
+    """2^(-hours since the newest click, on an impression of an earlier hour, by the user in the row's category /
+    half life), from the outcomes ``run`` recorded (rows in time order)."""
+    hour_start = (run["event_time_ms"] - BASE.start_ms) // HOUR_MS * HOUR_MS + BASE.start_ms
+    clicks = run[run["clicked"]]
+    out = np.zeros(len(run))
+    for (user, category), rows in run.groupby(["user_id", "category_id"]).groups.items():
+        mine = clicks[(clicks["user_id"] == user) & (clicks["category_id"] == category)]
+        if len(mine) == 0:
+            continue
+        shown, last_click = mine["event_time_ms"].to_numpy(), np.maximum.accumulate(mine["click_time_ms"].to_numpy())
+        k = np.searchsorted(shown, hour_start[rows].to_numpy(), side="left")
+        last = last_click[np.maximum(k - 1, 0)]
+        since_h = np.maximum(run.loc[rows, "event_time_ms"].to_numpy() - last, 0) / HOUR_MS
+        out[run.index.get_indexer(rows)] = np.where(k > 0, np.exp2(-since_h / half_life_h), 0.0)
+    return out
+
+
+def views_before(run: pd.DataFrame) -> np.ndarray:
+    """Earlier views of the same ad by the same user that UTC day (rows in time order)."""
+    day = (run["event_time_ms"] - BASE.start_ms) // DAY_MS
+    return run.groupby([day, run["user_id"], run["ad_id"]]).cumcount().to_numpy()
+
+
+def test_the_closed_loop_draws_the_same_sequential_truth():
+    """The closed loop's ad server shows the same ads with or without the effects (budgets too large to bind);
+    the truth of what it showed carries fatigue and recency from what it recorded."""
+    cfg = BASE.model_copy(update={"hours": 4.0})
+    served = {}
+    for name, effects in (("off", Effects()), ("on", Effects(fatigue_logit=0.6, recency_logit=1.0))):
+        loop = ClosedLoop(cfg.model_copy(update={"effects": effects}), get_settings(), candidates=20,
+                          budget_scale=1e6)
+        served[name] = pd.concat([loop.serve_hour(h, random_policy) for h in range(4)], ignore_index=True)
+    off, on = served["off"], served["on"]
+    assert on["impression_id"].equals(off["impression_id"]) and len(on) > 5_000
+    expected = -0.6 * np.log1p(views_before(on)) + recency_from_clicks(on)
+    assert (views_before(on) > 0).any() and (recency_from_clicks(on) > 0).any()
+    assert np.allclose(logit(on["true_pctr"]) - logit(off["true_pctr"]), expected, atol=1e-9)
+
+
 def test_sequential_effects_agree_with_the_recorded_outcomes():
     """Recency and converters are recomputed from the clicks and conversions the run recorded (as of each
     impression's hour): the truth used exactly the outcomes it reports."""
@@ -67,20 +107,9 @@ def test_sequential_effects_agree_with_the_recorded_outcomes():
     on = truth(Effects(recency_logit=1.0, converter_logit=0.5))
     assert not on["clicked"].equals(off["clicked"])  # the effects changed who clicked
     hour_start = (on["event_time_ms"] - BASE.start_ms) // HOUR_MS * HOUR_MS + BASE.start_ms
-    clicks = on[on["clicked"]]
     conversions = on[on["converts"]]
-    recency = np.zeros(len(on))
+    recency = recency_from_clicks(on)
     converter = np.zeros(len(on))
-    for (user, category), rows in on.groupby(["user_id", "category_id"]).groups.items():
-        mine = clicks[(clicks["user_id"] == user) & (clicks["category_id"] == category)]
-        if len(mine) == 0:
-            continue
-        # The newest click on an impression of an earlier hour.
-        shown, last_click = mine["event_time_ms"].to_numpy(), np.maximum.accumulate(mine["click_time_ms"].to_numpy())
-        k = np.searchsorted(shown, hour_start[rows].to_numpy(), side="left")
-        last = last_click[np.maximum(k - 1, 0)]
-        since_h = np.maximum(on.loc[rows, "event_time_ms"].to_numpy() - last, 0) / HOUR_MS
-        recency[on.index.get_indexer(rows)] = np.where(k > 0, np.exp2(-since_h / 6.0), 0.0)
     for user, rows in on.groupby("user_id").groups.items():
         times = np.sort(conversions.loc[conversions["user_id"] == user, "conversion_time_ms"].to_numpy())
         before = np.searchsorted(times, hour_start[rows].to_numpy(), side="right")
