@@ -11,7 +11,8 @@ latent user x ad part goes through the production path, on topics, a lake and a 
 4. the point-in-time training-set builder (``batch_jobs.training_set``, every row kept) joins each impression to
    the gold and real-time rows as of its time.
 
-The ``history`` first days train every model (negatives downsampled to ``negative_rate`` in process, as
+After ``warmup_days`` (processed, so gold has a day behind it, but not trained on), the ``history`` days train
+every model (negatives downsampled to ``negative_rate`` in process, as
 ``trainers.evaluate`` does; undone and calibrated the same way); the last day scores them against the truth of
 each impression (the oracle: the true probabilities). Each model is trained twice on the same rows: **with** the
 feature service's columns (``<view>__<feature>``: gold, real-time and the recent-ads history) and **without**
@@ -61,6 +62,9 @@ class FeatureScale:
     impressions_per_hour: float
     history_days: int
     epochs: int
+    # Days simulated and processed before the history, whose rows train nothing: gold describes the days
+    # before its stamp, so without them the first history day would have no gold row at all.
+    warmup_days: int = 1
     # Simulated seconds per wall second when sending. The real-time worker writes a row per touched entity per
     # batch, so an unpaced replay (hours of event time per batch) would give coarser rows than live serving.
     speed: float = 2_880.0
@@ -142,7 +146,8 @@ def river_scores(history: pd.DataFrame, held: pd.DataFrame) -> dict[str, np.ndar
 def evaluate_world(settings: Settings, scale: FeatureScale, seed: int, rate: float, start: datetime) -> dict:
     """One world through the pipeline; per model, with and without features, the held-out day's metrics."""
     cfg = SimulatorConfig(seed=seed, run_id=settings.feast_project, start=start,
-                          hours=24.0 * (scale.history_days + 1), users=scale.users, ads=scale.ads,
+                          hours=24.0 * (scale.warmup_days + scale.history_days + 1), users=scale.users,
+                          ads=scale.ads,
                           impressions_per_hour=scale.impressions_per_hour, ctr=0.05, cvr=0.1,
                           drift_logit_per_day=0.0, speed=scale.speed, prediction_log=False,
                           effects=Effects.realistic())
@@ -154,7 +159,8 @@ def evaluate_world(settings: Settings, scale: FeatureScale, seed: int, rate: flo
     frame["oracle_cvr"] = truth["true_pcvr"].reindex(frame["impression_id"]).to_numpy() * share
     frame["converted"] = frame["converted"].fillna(False).astype(bool)
     day = (frame["impression_time_ms"].to_numpy() - cfg.start_ms) // DAY_MS
-    history, held = frame[day < scale.history_days], frame[day == scale.history_days].reset_index(drop=True)
+    first, last = scale.warmup_days, scale.warmup_days + scale.history_days
+    history, held = frame[(day >= first) & (day < last)], frame[day == last].reset_index(drop=True)
     print(f"evaluate-features: {len(frame):,} training-set rows ({len(truth):,} impressions simulated); history "
           f"{len(history):,}, held-out {len(held):,}; oracle matched {frame['oracle_ctr'].notna().mean():.4f}",
           flush=True)
@@ -241,7 +247,7 @@ def run(scale_name: str = "ci", seed: int = 11, worlds: int = 1, negative_rate: 
     scale = SCALES[scale_name]
     began = time.monotonic()
     midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    start = midnight - timedelta(days=scale.history_days + 1)
+    start = midnight - timedelta(days=scale.warmup_days + scale.history_days + 1)
     previous = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     per_world = []

@@ -50,8 +50,6 @@ from trainers.model import RankerOutput
 
 SCHEMES = ("naive", "fnw", "delay_curve")
 NEG_WEIGHT = 0.5
-CTCVR_WEIGHT = 1.0
-CVR_AUX_WEIGHT = 0.0
 P_CLAMP = 1e-7
 EPS = 1e-12
 
@@ -110,10 +108,6 @@ def multitask_loss(out: RankerOutput, batch: Batch, scheme: str = "naive") -> tu
     )
     neg = weighted_mean(torch.where(labelled, neg_bce, 0.0), torch.where(labelled, weight, 0.0))
 
-    total = ctr + CTCVR_WEIGHT * ctcvr + NEG_WEIGHT * neg
-    if CVR_AUX_WEIGHT:
-        clicked = batch.clicked & (weight > 0)
-        aux = F.binary_cross_entropy_with_logits(out.cvr_logit.float(), y, reduction="none")
-        total = total + CVR_AUX_WEIGHT * weighted_mean(torch.where(clicked, aux, 0.0), torch.where(clicked, weight, 0.0))
+    total = ctr + ctcvr + NEG_WEIGHT * neg
     parts = torch.stack([total, ctr, ctcvr, neg]).detach().tolist()  # one device sync, not four
     return total, dict(zip(("loss", "ctr", "ctcvr", "neg"), parts, strict=True))
