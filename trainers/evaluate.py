@@ -210,7 +210,7 @@ def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float, ef
             "(f) river baseline": task_metrics(held_day, river_p),
             "(g) lightgbm": task_metrics(held_day, peer.score(held_batch))}
 
-    # The drift day: the online ranker learns the held-out and drift days in event-time order.
+    # The drift day: the daily warm start (trained on the held-out day), the online ranker and the frozen model.
     warm_daily = train_batch(held_day, spec, settings, scale, rate, model=copy_model(full), lr_factor=0.3,
                              epochs=1)
     # The online ranker learns the label joiner's examples (naive scheme) when the joiner emits them: a click at
@@ -502,9 +502,13 @@ GOALS = tuple(
        Goal("pCVR ECE on clicks: full retrain", _m(OURS, "cvr", "ece"), 0.01, True)])
 
 
+def _span(g: dict) -> str:
+    return "(one world)" if math.isnan(g["half"]) else f"[{g['low']:>8.4f}, {g['high']:>8.4f}]"
+
+
 def goals_table(goals: list[dict]) -> str:
     lines = [f"{'goal':<58} {'mean':>8} {'95 % interval':>19}   {'bar':>6}  met"]
-    lines += [f"{g['goal']:<58} {g['mean']:>8.4f} [{g['low']:>8.4f}, {g['high']:>8.4f}] {g['op']} {g['bar']:>6.3f}  "
+    lines += [f"{g['goal']:<58} {g['mean']:>8.4f} {_span(g):>19} {g['op']} {g['bar']:>6.3f}  "
               f"{'yes' if g['met'] else 'no'}" for g in goals]
     return "\n".join(lines)
 
@@ -571,11 +575,11 @@ def write_report(result: dict, out_dir: Path) -> Path:
             f"<h2>Reliability per task (held-out day)</h2>{images}</body></html>")
     path = out_dir / "report.html"
     path.write_text(html)
-    (out_dir / "summary.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    (out_dir / "summary.json").write_text(json.dumps(result, indent=1, default=json_default))
     return path
 
 
-def _json_default(value):
+def json_default(value):
     if isinstance(value, np.ndarray):
         return None  # the reliability inputs stay out of the summary
     if isinstance(value, np.generic):

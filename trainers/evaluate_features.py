@@ -40,14 +40,18 @@ from streams.simulator.config import Effects, SimulatorConfig
 from trainers.data import InputSpec, encode
 from trainers.evaluate import (
     GOALS,
+    LIGHTGBM,
+    ORACLE,
+    OURS,
+    RIVER,
     THREADS,
     Goal,
-    _json_default,
     downsample,
     fit_lightgbm,
     fit_ranker,
     goals_table,
     headline,
+    json_default,
     task_metrics,
 )
 from trainers.river_baseline import RiverBaseline
@@ -206,10 +210,8 @@ FEATURE_GOALS = tuple(_gain(m, t, k) for m in ("ranker", "lightgbm") for t in ("
 def peer_goals() -> tuple[Goal, ...]:
     """The issue's goals (``trainers.evaluate.GOALS``) on the with-features rows: the ranker against LightGBM and
     River, the share of the River-to-oracle gap, calibration."""
-    from trainers import evaluate as ev
-
-    names = {ev.OURS: "ranker, with features", ev.LIGHTGBM: "lightgbm, with features", ev.RIVER: "river, with features",
-             ev.ORACLE: "(a) oracle"}
+    names = {OURS: "ranker, with features", LIGHTGBM: "lightgbm, with features", RIVER: "river, with features",
+             ORACLE: "(a) oracle"}
     return tuple(Goal(g.name.replace("full retrain", "ranker with features"),
                       lambda r, g=g: g.value({k: r[v] for k, v in names.items()}), g.bar, g.lower) for g in GOALS)
 
@@ -236,7 +238,7 @@ def write_report(result: dict, out_dir: Path) -> Path:
     path = out_dir / "report.html"
     path.write_text(html)
     (out_dir / "summary.json").write_text(json.dumps({k: v for k, v in result.items() if k != "reliability"},
-                                                     indent=1, default=_json_default))
+                                                     indent=1, default=json_default))
     return path
 
 
