@@ -13,7 +13,7 @@ import json
 import torch
 
 from infra.settings import get_settings
-from trainers.evaluate import CLAIMS, GOALS, THREADS, claims_table, interval, run
+from trainers.evaluate import CLAIMS, GOALS, THREADS, Goal, claims_table, interval, run
 
 
 def test_evaluation_against_the_simulators_truth(tmp_path, capsys):
@@ -52,6 +52,16 @@ def test_interval_is_a_t_interval():
     # mean 2, sd 1, t(0.975, 2) = 4.303: half-width 4.303 / sqrt(3)
     assert ci["mean"] == 2.0 and abs(ci["half"] - 4.302653 / 3 ** 0.5) < 1e-5 and ci["seeds"] == 3
     assert interval([0.5])["mean"] == 0.5
+
+
+def test_a_goal_is_met_only_when_its_whole_interval_is_beyond_the_bar():
+    above = Goal("x above 0", lambda rows: rows["x"], 0.0)
+    below = Goal("x below 0.1", lambda rows: rows["x"], 0.1, lower=True)
+    worlds = [{"x": v} for v in (0.02, 0.05, 0.08)]  # mean 0.05, half-width 0.0745: the interval crosses 0
+    assert not above.check(worlds)["met"] and not below.check(worlds)["met"]
+    tight = [{"x": v} for v in (0.049, 0.05, 0.051)]
+    assert above.check(tight)["met"] and below.check(tight)["met"]
+    assert above.check([{"x": 0.01}])["met"]  # one world: the value itself decides
 
 
 def test_claims_and_their_spread(tmp_path):
