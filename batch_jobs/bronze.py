@@ -1,9 +1,9 @@
 """Bronze: every raw Kafka record, landed once in Delta, with the offsets it came from.
 
 ``python -m batch_jobs.bronze --ds 2026-11-15`` reads, for each raw topic (impressions, clicks, conversions,
-the campaign catalog, prediction logs), the records after the last offset already in its Delta table up
-to the first record that arrived after the end of ``ds`` (the end offsets now, for today), and appends them
-to ``<lake>/bronze/<topic>`` in one Delta commit per topic, partitioned by arrival day (``ds``).
+negative feedback, the campaign catalog, prediction logs), the records after the last offset already in its Delta
+table up to the first record that arrived after the end of ``ds`` (the end offsets now, for today), and appends
+them to ``<lake>/bronze/<topic>`` in one Delta commit per topic, partitioned by arrival day (``ds``).
 
 Exactly once, without a separate offset store: each commit names the offset range it read in the Delta
 commit's ``userMetadata`` (and every row keeps its ``kafka_partition``/``kafka_offset``), so the table itself
@@ -35,7 +35,7 @@ from batch_jobs.days import day_bounds
 from infra.settings import Settings, get_settings
 from infra.spark_session import spark_session
 from schemas.constraints import spark_violation
-from schemas.events import Campaign, Click, Conversion, Event, Impression, PredictionLog
+from schemas.events import Campaign, Click, Conversion, Event, Impression, NegativeFeedback, PredictionLog
 from schemas.spark import spark_schema
 
 MAX_PAYLOAD_CHARS = 64 * 1024
@@ -56,6 +56,7 @@ class Source:
 
 SOURCES: tuple[Source, ...] = (
     Source("impressions", Impression), Source("clicks", Click), Source("conversions", Conversion),
+    Source("negative_feedback", NegativeFeedback),
     Source("campaigns", Campaign), Source("prediction_log", PredictionLog),
 )
 BY_MODEL: dict[type[Event], Source] = {s.model: s for s in SOURCES}
@@ -245,14 +246,21 @@ def land(spark, settings: Settings, source: Source, end_ms: int | None, accept_l
     return Landed(source.table, int(counts[0]), int(counts[1]), span, days)
 
 
-def read_bronze(spark, settings: Settings, model: type[Event]):
-    """The valid events of ``model``'s bronze table (rejects left out), with ``arrival_ms`` and ``ds``."""
+def read_bronze(spark, settings: Settings, model: type[Event], missing_ok: bool = False):
+    """The valid events of ``model``'s bronze table (rejects left out), with ``arrival_ms`` and ``ds``.
+    ``missing_ok``: a table nothing has landed in yet reads as empty (a sparse topic, such as negative feedback)."""
     from pyspark.sql import functions as F
+    from pyspark.sql import types as T
 
     from batch_jobs.quality import quarantined_days
 
     source = BY_MODEL[model]
-    frame = spark.read.format("delta").load(table_path(settings, source)).where("reject_reason IS NULL")
+    path = table_path(settings, source)
+    if missing_ok and not _table_exists(spark, path):
+        meta = [T.StructField("arrival_ms", T.LongType()), T.StructField("kafka_partition", T.IntegerType()),
+                T.StructField("kafka_offset", T.LongType()), T.StructField("ds", T.StringType())]
+        return spark.createDataFrame([], T.StructType([*spark_schema(model).fields, *meta]))
+    frame = spark.read.format("delta").load(path).where("reject_reason IS NULL")
     if bad := quarantined_days(settings, f"bronze/{source.table}"):  # kept, marked, not read downstream
         frame = frame.where(~F.col("ds").isin(sorted(bad)))
     # A field newer than every landed record (the table's schema grows when the first one lands) reads null.

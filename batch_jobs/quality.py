@@ -36,7 +36,7 @@ from pydantic import BaseModel
 
 from infra.settings import Settings, get_settings
 from schemas.constraints import Constraint, constraints
-from schemas.events import Campaign, Click, Conversion, Impression, LabeledImpression
+from schemas.events import Campaign, Click, Conversion, Impression, LabeledImpression, NegativeFeedback
 from schemas.features import BY_VIEW, TrainingRow
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # before great_expectations is imported (lazily)
@@ -57,6 +57,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "bronze/impressions": Impression,
     "bronze/clicks": Click,
     "bronze/conversions": Conversion,
+    "bronze/negative_feedback": NegativeFeedback,
     "bronze/campaigns": Campaign,
     "silver/labeled_impressions": LabeledImpression,
     "training/training_set": TrainingRow,
@@ -123,7 +124,8 @@ def _bounds(c: Constraint) -> dict:
 
 def expectations_for(model: type[BaseModel]) -> list:
     """Critical GX expectations for every constraint of ``model``: the column exists and has a matching Spark
-    type, required columns hold no nulls, numeric bounds hold, strings are long enough."""
+    type, required columns hold no nulls, numeric bounds hold, strings are long enough, a ``Literal`` field holds
+    one of its values."""
     import great_expectations.expectations as gxe
 
     out: list = []
@@ -138,6 +140,8 @@ def expectations_for(model: type[BaseModel]) -> list:
         if c.kind == "str" and (c.min_length is not None or c.max_length is not None):
             out.append(gxe.ExpectColumnValueLengthsToBeBetween(min_value=c.min_length, max_value=c.max_length,
                                                                **crit))
+        if c.values is not None:
+            out.append(gxe.ExpectColumnValuesToBeInSet(value_set=list(c.values), **crit))
     return out
 
 

@@ -178,7 +178,7 @@ def _build(spark, settings: Settings, kept_days: list[str], log, negative_rate: 
     print(f"replay_set: silver days {', '.join(kept_days)}; negatives kept at {negative_rate} (seed {seed})")
     labels = (spark.read.format("delta").load(silver_path(settings)).where(F.col("ds").isin(kept_days))
               .select("impression_id", "impression_time_ms", "clicked", "converted", "click_time_ms",
-                      "conversion_time_ms", "conversion_value", "ds"))
+                      "conversion_time_ms", "conversion_value", "negative_feedback", "ds"))
     served = log.select("impression_id", *SERVED_CONTEXT, *flatten(log),
                         *[F.col(field).alias(col) for col, field in EXTRAS.items()])
     frame = (served.join(labels, "impression_id", "inner").where(keep_column(negative_rate, seed))

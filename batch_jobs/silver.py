@@ -1,10 +1,10 @@
 """Silver: matured labels computed from bronze by the label joiner's rules, joined to the impression's context.
 
-``python -m batch_jobs.silver --ds 2026-11-02`` joins the impressions of that UTC day (from the bronze
-tables, the one raw landing) with their clicks and conversions and replaces that day's partition of the
-Delta table ``<lake>/silver/labeled_impressions`` (``schemas.events.LabeledImpression``; idempotent per
-day). Run it once the conversion window (plus the conversions' lateness) after the day has closed, and
-after bronze has landed that far.
+``python -m batch_jobs.silver --ds 2026-11-02`` joins the impressions of that UTC day (from the bronze tables, the
+one raw landing) with their clicks, conversions and negative feedback and replaces that day's partition of the
+Delta table ``<lake>/silver/labeled_impressions`` (``schemas.events.LabeledImpression``; idempotent per day). Run
+it once the conversion window (plus the conversions' lateness) after the day has closed, and after bronze has
+landed that far.
 
 This is the streaming joiner's batch twin: every decision comes from ``label_joiner.rules`` (one
 definition, applied here to Spark columns): implausible event times are dropped; an event counts only if
@@ -34,16 +34,18 @@ from batch_jobs.quality import (
 from infra.settings import Settings, get_settings
 from infra.spark_session import spark_session
 from label_joiner.rules import FIRST_ORDER, Rules
-from schemas.events import Click, Conversion, Impression, LabeledImpression
+from schemas.events import Click, Conversion, Impression, LabeledImpression, NegativeFeedback
 
-ID_FIELD = {Impression: "impression_id", Click: "click_id", Conversion: "conversion_id"}
+ID_FIELD = {Impression: "impression_id", Click: "click_id", Conversion: "conversion_id",
+            NegativeFeedback: "feedback_id"}
 
 
 def read_events(spark, settings: Settings, cls, rules: Rules):
     """Valid, plausible events of ``cls`` from bronze, with ``arrival`` (the record's Kafka timestamp, ms)."""
     from pyspark.sql import functions as F
 
-    valid = read_bronze(spark, settings, cls).withColumnRenamed("arrival_ms", "arrival")
+    valid = (read_bronze(spark, settings, cls, missing_ok=cls is NegativeFeedback)
+             .withColumnRenamed("arrival_ms", "arrival"))
     return valid.where(rules.plausible(F.col("event_time_ms"), F.col("arrival")))
 
 
@@ -86,12 +88,22 @@ def labeled_impressions(spark, settings: Settings, start_ms: int, end_ms: int):
                   .dropDuplicates(["id"])
                   ).select("impression_id", F.col("t").alias("conversion_time_ms"),
                            F.col("value").alias("conversion_value"))
+    feedback = first(read_events(spark, settings, NegativeFeedback, rules)
+                     .select("impression_id", F.col("feedback_id").alias("id"), F.col("event_time_ms").alias("t"),
+                             "arrival")
+                     .join(imps.select("impression_id", "impression_time_ms"), "impression_id")
+                     .where(rules.feedback_in_window(imp_t, F.col("t"))
+                            & rules.feedback_arrived_in_time(imp_t, F.col("arrival")))
+                     .dropDuplicates(["id"])
+                     ).select("impression_id", F.lit(True).alias("negative_feedback"))
     labels = (imps.join(clicks, "impression_id", "left").join(convs, "impression_id", "left")
+              .join(feedback, "impression_id", "left")
               .join(F.broadcast(campaigns_as_of(spark, settings, end_ms).select("campaign_id", "category_id")),
                     "campaign_id", "left")
               .withColumn("clicked", F.col("click_time_ms").isNotNull())
               .withColumn("converted", F.col("conversion_time_ms").isNotNull())
-              .withColumn("conversion_value", F.coalesce("conversion_value", F.lit(0.0))))
+              .withColumn("conversion_value", F.coalesce("conversion_value", F.lit(0.0)))
+              .withColumn("negative_feedback", F.coalesce("negative_feedback", F.lit(False))))
     return labels.select(*LabeledImpression.field_names())
 
 
@@ -131,7 +143,7 @@ def run(ds: date, settings: Settings | None = None, quality: bool = True) -> str
     spark = spark_session("silver", settings)
     needed = set(bronze_days_needed(settings, ds))
     quarantined = quarantine_state(settings, spark)
-    for table in ("bronze/impressions", "bronze/clicks", "bronze/conversions"):
+    for table in ("bronze/impressions", "bronze/clicks", "bronze/conversions", "bronze/negative_feedback"):
         if bad := sorted(needed & quarantined.get(table, set())):
             raise QualityError(f"silver: {table} {', '.join(bad)} quarantined: {ds} not built (release the "
                                "days with batch_jobs.quality.release once fixed)")
@@ -145,7 +157,8 @@ def run(ds: date, settings: Settings | None = None, quality: bool = True) -> str
             result = guard(labels, LabeledImpression, "silver/labeled_impressions", ds.isoformat(), settings,
                            label_checks(settings, ds, previous))
             print(f"silver: quality {ds}: passed ({len(result.warnings)} warnings), report {result.report_path}")
-        (labels.write.format("delta").mode("overwrite").partitionBy("ds")
+        # mergeSchema: a table written before a column existed (negative_feedback) takes it; older days read null.
+        (labels.write.format("delta").mode("overwrite").option("mergeSchema", "true").partitionBy("ds")
          .option("replaceWhere", f"ds = '{ds.isoformat()}'").save(path))
     finally:
         labels.unpersist()

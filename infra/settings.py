@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,6 +102,7 @@ class TopicSettings(BaseModel):
     impressions: str = "impressions"
     clicks: str = "clicks"
     conversions: str = "conversions"
+    negative_feedback: str = "negative_feedback"
     campaigns: str = "campaigns"
     prediction_log: str = "prediction_log"
     training_examples: str = "training_examples"
@@ -164,6 +165,9 @@ class WindowSettings(BaseModel):
     """Attribution windows, in seconds of event time."""
 
     click_window_s: float = 30.0
+    # Hides and reports count within this window after the impression (at most the click window: the joiner
+    # decides them when the click window closes). Their lateness is the clicks'.
+    feedback_window_s: float = 30.0
     conversion_window_s: float = 7 * 24 * 3600.0
     # How long after it happened an impression or click may arrive (Kafka record time) and still be joined.
     allowed_lateness_s: float = 600.0
@@ -189,6 +193,13 @@ class WindowSettings(BaseModel):
     # elapsed times after the click for a conversion; an unconverted click gets a corrected soft label at each
     # later one.
     elapsed_windows_s: list[float] = [3600.0, 6 * 3600.0, 24 * 3600.0, 3 * 24 * 3600.0]
+
+    @model_validator(mode="after")
+    def _feedback_within_click_window(self) -> WindowSettings:
+        if not 0 < self.feedback_window_s <= self.click_window_s:
+            raise ValueError(f"feedback_window_s ({self.feedback_window_s}) must be in (0, click_window_s = "
+                             f"{self.click_window_s}]: the joiner decides feedback when the click window closes")
+        return self
 
     def open_for_s(self) -> float:
         """The longest event time after an impression that the joiner may still emit an example of it (its click

@@ -30,6 +30,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(t.impressions, p, raw),
         TopicSpec(t.clicks, p, raw),
         TopicSpec(t.conversions, p, raw),
+        TopicSpec(t.negative_feedback, p, raw),
         TopicSpec(t.campaigns, 1, {"cleanup.policy": "compact"}),
         TopicSpec(t.prediction_log, p, {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)}),
         TopicSpec(t.training_examples, p, {"cleanup.policy": "delete", "retention.ms": str(7 * DAY_MS)}),

@@ -28,7 +28,7 @@ T = settings.topics
 app = engine_app(f"{GROUP}-worker", settings)
 scheme = make_scheme(SCHEME, DelayCurve.load_latest(settings) if SCHEME == "delay_curve" else None,
                      settings.windows.elapsed_windows_s)
-config = EngineConfig(group_id=GROUP, inputs=[T.impressions, T.clicks, T.conversions],
+config = EngineConfig(group_id=GROUP, inputs=[T.impressions, T.clicks, T.conversions, T.negative_feedback],
                       dead_letter_topic=T.dead_letters, stage=STAGE, state_dir=settings.var_dir / "state",
                       idle_timeout_s=settings.windows.idle_timeout_s,
                       max_record_bytes=settings.kafka.max_record_bytes)

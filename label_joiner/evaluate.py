@@ -15,8 +15,8 @@ def expected_labels(truth: pd.DataFrame, rules: Rules) -> pd.DataFrame:
     Arrival is the simulator's delivery time (the Kafka timestamp it stamps), so late clicks and
     impressions drop out, and late conversions count as long as they arrived before their click's
     conversion window plus the conversions' lateness closed."""
-    for kind in ("impression", "click", "conversion"):  # a run without any event of a kind lacks its columns
-        if f"{kind}_malformed" not in truth:
+    for kind in ("impression", "click", "conversion", "negative_feedback"):  # a run without any event of a kind
+        if f"{kind}_malformed" not in truth:                                   # lacks its columns
             truth = truth.assign(**{f"{kind}_malformed": False, f"{kind}_delivery_ms": -1})
     imp_t = truth["event_time_ms"]
     kept = ~truth["impression_malformed"] & rules.impression_arrived_in_time(imp_t, truth["impression_delivery_ms"])
@@ -28,7 +28,11 @@ def expected_labels(truth: pd.DataFrame, rules: Rules) -> pd.DataFrame:
     converted = (clicked & clean["converts"] & ~clean["conversion_malformed"]
                  & rules.conversion_in_window(clean["click_time_ms"], clean["conversion_time_ms"])
                  & rules.conversion_arrived_in_time(clean["click_time_ms"], clean["conversion_delivery_ms"]))
-    return pd.DataFrame({"clicked": clicked.to_numpy(), "converted": converted.to_numpy()},
+    negative = (clean["negative"] & ~clean["negative_feedback_malformed"]
+                & rules.feedback_in_window(imp_t, clean["feedback_time_ms"])
+                & rules.feedback_arrived_in_time(imp_t, clean["negative_feedback_delivery_ms"]))
+    return pd.DataFrame({"clicked": clicked.to_numpy(), "converted": converted.to_numpy(),
+                         "negative_feedback": negative.to_numpy()},
                         index=pd.Index(clean["impression_id"], name="impression_id"))
 
 
@@ -40,10 +44,12 @@ class JoinAccuracy:
     unexpected: int
     click_mismatches: int
     conversion_mismatches: int
+    feedback_mismatches: int = 0
 
     @property
     def exact(self) -> bool:
-        return not (self.missing or self.unexpected or self.click_mismatches or self.conversion_mismatches)
+        return not (self.missing or self.unexpected or self.click_mismatches or self.conversion_mismatches
+                    or self.feedback_mismatches)
 
 
 def join_accuracy(matured: pd.DataFrame, truth: pd.DataFrame, rules: Rules) -> JoinAccuracy:
@@ -55,4 +61,5 @@ def join_accuracy(matured: pd.DataFrame, truth: pd.DataFrame, rules: Rules) -> J
     return JoinAccuracy(expected=len(want), compared=len(common), missing=len(want) - len(common),
                         unexpected=len(got.index.difference(want.index)),
                         click_mismatches=int((g["clicked"] != w["clicked"]).sum()),
-                        conversion_mismatches=int((g["converted"] != w["converted"]).sum()))
+                        conversion_mismatches=int((g["converted"] != w["converted"]).sum()),
+                        feedback_mismatches=int((g["negative_feedback"] != w["negative_feedback"]).sum()))

@@ -3,7 +3,9 @@
 Key: impression id (impressions, clicks and conversions are co-partitioned by it, so one partition holds
 every event of an impression). Windows, in event time (``label_joiner.rules``): a click within the click
 window after its impression, a conversion within the conversion window after its click; among several,
-the earliest (event time, then id) counts. Lateness, in arrival time (the Kafka record timestamp): an
+the earliest (event time, then id) counts; a hide or report (``feedback``) within the feedback window after its
+impression, the earliest counting, decided with the clicks (the feedback window lies inside the click window,
+and feedback has the clicks' lateness). Lateness, in arrival time (the Kafka record timestamp): an
 impression or click is joined when it arrives within the allowed lateness of its click window's end, a
 conversion within the conversion lateness of its conversion window's end; later ones are dead letters.
 
@@ -50,7 +52,7 @@ from label_joiner.rules import Rules
 from label_joiner.schemes import LabelScheme
 from streams.event_clock import EventClock
 
-SOURCES = ("impression", "click", "conversion")
+SOURCES = ("impression", "click", "conversion", "feedback")
 IMPRESSION_FIELDS = ("user_id", "ad_id", "advertiser_id", "campaign_id", "placement", "position", "device",
                      "model_version")
 CLOCK_KEY = "\x00meta/clock"
@@ -152,9 +154,12 @@ class PartitionJoin:
 
     def _on_other(self, source: str, key: str, entry: dict | None, ev: dict, arrival: int, offset: int,
                   out: Emitted) -> None:
-        """A click or a conversion: dropped when its id was seen, held until its impression, else placed."""
+        """A click, conversion or feedback: dropped when its id was seen, held until its impression, else placed."""
         if source == "click":
             h = {"src": "click", "id": ev["click_id"], "t": ev["event_time_ms"], "a": arrival, "o": offset, "ev": ev}
+        elif source == "feedback":
+            h = {"src": "feedback", "id": ev["feedback_id"], "t": ev["event_time_ms"], "a": arrival, "o": offset,
+                 "kind": ev["kind"], "ev": ev}
         else:
             h = {"src": "conversion", "id": ev["conversion_id"], "t": ev["event_time_ms"], "a": arrival, "o": offset,
                  "click": ev["click_id"], "value": ev["value"], "ev": ev}
@@ -194,6 +199,9 @@ class PartitionJoin:
         if h["src"] == "click":
             self._place_click(entry, h, out)
             return
+        if h["src"] == "feedback":
+            self._place_feedback(entry, h, out)
+            return
         best = entry["click"]
         if best is not None and h["click"] == best["id"]:
             self._place_conversion(entry, h, out)
@@ -227,6 +235,21 @@ class PartitionJoin:
                     self._place_conversion(entry, v, out)
                 else:
                     self._reject_held(out, v, _unattributed(entry["click"]))
+
+    def _place_feedback(self, entry: dict, f: dict, out: Emitted) -> None:
+        """A hide or report of a known impression: the earliest valid one (time, then id) counts."""
+        imp_t = entry["imp"]["t"]
+        if not self.rules.feedback_in_window(imp_t, f["t"]):
+            self._reject_held(out, f, f"outside feedback window: {(f['t'] - imp_t) / 1000:.1f}s after the impression")
+            return
+        if not self.rules.feedback_arrived_in_time(imp_t, f["a"]):
+            self._reject_held(out, f, "late event: feedback arrived after its click window closed")
+            return
+        best = entry.get("neg")
+        if best is not None:
+            self.counts["repeat feedback"] += 1
+        if best is None or (f["t"], f["id"]) < (best["t"], best["id"]):
+            entry["neg"] = {"id": f["id"], "t": f["t"], "kind": f["kind"]}
 
     def _place_conversion(self, entry: dict, v: dict, out: Emitted) -> None:
         """A conversion naming the attributed click: the earliest valid one (time, then id) counts."""
@@ -288,7 +311,8 @@ class PartitionJoin:
         base = {"impression_id": key, **{f: imp[f] for f in IMPRESSION_FIELDS}, "impression_time_ms": imp["t"],
                 "click_id": click["id"] if click else None, "click_time_ms": click["t"] if click else None,
                 "conversion_id": conv["id"] if conv else None, "conversion_time_ms": conv["t"] if conv else None,
-                "conversion_value": conv["value"] if conv else 0.0}
+                "conversion_value": conv["value"] if conv else 0.0,
+                "negative_feedback": entry.get("neg") is not None}  # (records older than feedback have no "neg")
         return base
 
     # -- time passing -----------------------------------------------------------------------------------------
@@ -346,7 +370,8 @@ class PartitionJoin:
             "advertiser_id": base["advertiser_id"], "campaign_id": base["campaign_id"],
             "impression_time_ms": base["impression_time_ms"], "clicked": click is not None,
             "converted": conv is not None, "click_time_ms": base["click_time_ms"],
-            "conversion_time_ms": base["conversion_time_ms"], "conversion_value": base["conversion_value"]})
+            "conversion_time_ms": base["conversion_time_ms"], "conversion_value": base["conversion_value"],
+            "negative_feedback": base["negative_feedback"]})
         self.counts["matured"] += 1
         self.store.delete(key)
 
@@ -361,10 +386,10 @@ class PartitionJoin:
 
 def _new_entry() -> dict:
     """One impression's state: ``imp`` its fields, ``click`` the attributed click, ``conv`` its attributed conversion
-    (with the event, to dead-letter it if an earlier click comes), ``held`` events waiting for their impression or
-    click (each with its size ``n``), ``seen`` the newest ids of its clicks and conversions, ``sent`` the scheme's
-    bookkeeping, ``d`` when it is next due."""
-    return {"imp": None, "click": None, "conv": None, "held": [], "seen": [], "sent": {}}
+    (with the event, to dead-letter it if an earlier click comes), ``neg`` its counted hide or report, ``held``
+    events waiting for their impression or click (each with its size ``n``), ``seen`` the newest ids of its
+    clicks and conversions, ``sent`` the scheme's bookkeeping, ``d`` when it is next due."""
+    return {"imp": None, "click": None, "conv": None, "neg": None, "held": [], "seen": [], "sent": {}}
 
 
 def _seen_id(source: str, event_id: str) -> str:

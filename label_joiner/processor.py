@@ -1,6 +1,6 @@
 """The label joiner as a stream-engine processor: decode a batch, join it, encode what it emitted.
 
-One :class:`JoinProcessor` per task (input partition p of impressions, clicks and conversions).
+One :class:`JoinProcessor` per task (input partition p of impressions, clicks, conversions and feedback).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from label_joiner.join import Emitted, PartitionJoin
 from label_joiner.rules import Rules
 from label_joiner.schemes import LabelScheme
 from schemas.codec import InvalidEvent, encode, schema_headers
-from schemas.events import Click, Conversion, Impression, MaturedLabel, TrainingExample
+from schemas.events import Click, Conversion, Impression, MaturedLabel, NegativeFeedback, TrainingExample
 from schemas.fast import FastDecoder
 from streams.dead_letter import make_dead_letter
 from streams.engine import Outbox
@@ -25,7 +25,7 @@ from streams.state import Store
 STAGE = "label_joiner"
 # An input this large is not joined (its fields would travel into every output and the state).
 MAX_EVENT_BYTES = 64 * 1024
-SOURCE_OF_CLASS = {Impression: "impression", Click: "click", Conversion: "conversion"}
+SOURCE_OF_CLASS = {Impression: "impression", Click: "click", Conversion: "conversion", NegativeFeedback: "feedback"}
 
 
 class JoinProcessor:
@@ -38,7 +38,8 @@ class JoinProcessor:
                                   idle_advance_rate=w.idle_advance_rate)
         self.max_future_skew_ms = int(w.max_future_skew_s * 1000)
         self.counts: Counter[str] = self.join.counts
-        self.inputs = {t.impressions: Impression, t.clicks: Click, t.conversions: Conversion}
+        self.inputs = {t.impressions: Impression, t.clicks: Click, t.conversions: Conversion,
+                       t.negative_feedback: NegativeFeedback}
         self.decoders = {topic: FastDecoder(cls) for topic, cls in self.inputs.items()}
         self.topic_of_source = {SOURCE_OF_CLASS[cls]: topic for topic, cls in self.inputs.items()}
         self.examples_topic, self.matured_topic = t.training_examples, t.matured_labels

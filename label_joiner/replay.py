@@ -12,11 +12,11 @@ import pandas as pd
 
 from label_joiner.join import Emitted, PartitionJoin
 from schemas.codec import InvalidEvent, decode
-from schemas.events import Click, Conversion, Impression
+from schemas.events import Click, Conversion, Impression, NegativeFeedback
 from streams.simulator.delivery import Schedule, iter_messages
 from streams.state import MemoryStore
 
-SOURCE = {Impression: "impression", Click: "click", Conversion: "conversion"}
+SOURCE = {Impression: "impression", Click: "click", Conversion: "conversion", NegativeFeedback: "feedback"}
 
 
 @dataclass

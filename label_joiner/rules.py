@@ -39,18 +39,24 @@ class Rules:
     conversion_lateness_ms: int
     max_future_skew_ms: int
     max_age_ms: int
+    feedback_window_ms: int = 30_000  # a hide or report after the impression; at most the click window
 
     @classmethod
     def from_settings(cls, w: WindowSettings) -> Rules:
         return cls(click_window_ms=int(w.click_window_s * 1000), conversion_window_ms=int(w.conversion_window_s * 1000),
                    lateness_ms=int(w.allowed_lateness_s * 1000),
                    conversion_lateness_ms=int(w.conversion_lateness_s * 1000),
-                   max_future_skew_ms=int(w.max_future_skew_s * 1000), max_age_ms=int(w.max_event_age_s * 1000))
+                   max_future_skew_ms=int(w.max_future_skew_s * 1000), max_age_ms=int(w.max_event_age_s * 1000),
+                   feedback_window_ms=int(w.feedback_window_s * 1000))
 
     # -- windows (event time) -----------------------------------------------------------------------------
     def click_in_window(self, imp_t, click_t):
         """A click counts when it happened within the click window after its impression."""
         return (click_t >= imp_t) & (click_t <= imp_t + self.click_window_ms)
+
+    def feedback_in_window(self, imp_t, feedback_t):
+        """A hide or report counts when it happened within the feedback window after its impression."""
+        return (feedback_t >= imp_t) & (feedback_t <= imp_t + self.feedback_window_ms)
 
     def conversion_in_window(self, click_t, conv_t):
         """A conversion counts when it happened within the conversion window after its click."""
@@ -78,6 +84,10 @@ class Rules:
         return arrival <= self.impression_deadline(imp_t)
 
     def click_arrived_in_time(self, imp_t, arrival):
+        return arrival <= self.click_deadline(imp_t)
+
+    def feedback_arrived_in_time(self, imp_t, arrival):
+        """Feedback is decided with the clicks, when the click window's lateness has passed."""
         return arrival <= self.click_deadline(imp_t)
 
     def conversion_arrived_in_time(self, click_t, arrival):

@@ -17,7 +17,10 @@ supersedes the earlier ones. ``as_of_ms`` is the event time the example describe
   segments) at the elapsed time E. At each later checkpoint (6 h, 1 d, 3 d by default) an unconverted
   click gets a correction with the lower probability at that age; a conversion replaces it with a positive.
 
-Every scheme emits a negative when an impression's click window closes without a click.
+Every scheme emits a negative when an impression's click window closes without a click; that example carries the
+negative-feedback label (``label_neg``), decided by then. Click examples are emitted at the click, before it is
+known, and carry none (the online tower learns P(feedback | no click); the batch cadences learn it on every
+impression from the matured labels).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ SCHEMA = TrainingExample.schema_id()
 
 def example(base: dict, scheme: str, kind: str, *, clicked: bool, converted: bool, label_ctcvr: float,
             as_of_ms: int, weight: float = 1.0, delay_cdf: float | None = None,
-            is_correction: bool = False) -> dict:
+            is_correction: bool = False, label_neg: float | None = None) -> dict:
     """One training example as a dict shaped like :class:`schemas.events.TrainingExample`."""
     click_t = base["click_time_ms"] if clicked else None
     conv_t = base["conversion_time_ms"] if converted else None
@@ -45,7 +48,7 @@ def example(base: dict, scheme: str, kind: str, *, clicked: bool, converted: boo
         "scheme": scheme, "label_ctr": float(clicked), "label_ctcvr": label_ctcvr, "weight": weight,
         "as_of_ms": as_of_ms, "click_time_ms": click_t, "conversion_time_ms": conv_t,
         "elapsed_since_click_s": None if click_t is None else max(0.0, (as_of_ms - click_t) / 1000.0),
-        "delay_cdf": delay_cdf, "is_correction": is_correction,
+        "delay_cdf": delay_cdf, "is_correction": is_correction, "label_neg": label_neg,
     }
 
 
@@ -80,7 +83,7 @@ class LabelScheme:
         if click is None and not entry["sent"].get("noclick"):
             entry["sent"]["noclick"] = True
             examples.append(example(base, self.name, "noclick", clicked=False, converted=False, label_ctcvr=0.0,
-                                    as_of_ms=click_deadline_ms))
+                                    as_of_ms=click_deadline_ms, label_neg=float(base["negative_feedback"])))
 
 
 class NaiveScheme(LabelScheme):

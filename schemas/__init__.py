@@ -10,11 +10,12 @@ from schemas.events import (
     Event,
     Impression,
     MaturedLabel,
+    NegativeFeedback,
     PredictionLog,
     TrainingExample,
 )
 
 __all__ = [
     "ALL_EVENTS", "Campaign", "Click", "Conversion", "DeadLetter", "Event", "Impression", "InvalidEvent",
-    "MaturedLabel", "PredictionLog", "TrainingExample", "decode", "encode",
+    "MaturedLabel", "NegativeFeedback", "PredictionLog", "TrainingExample", "decode", "encode",
 ]

@@ -8,7 +8,7 @@ data-quality suites (``batch_jobs.quality``) turn the same list into expectation
 >>> [c for c in constraints(Impression) if c.column == "position"]
 ... # doctest: +NORMALIZE_WHITESPACE
 [Constraint(column='position', required=True, kind='int', ge=0, gt=None, le=100, lt=None,
-            min_length=None, max_length=None)]
+            min_length=None, max_length=None, values=None)]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class Constraint:
     lt: float | None = None
     min_length: int | None = None
     max_length: int | None = None
+    values: tuple[str, ...] | None = None  # a ``Literal`` field: the values it may take
 
     def describe(self) -> str:
         """The rule in words, for dead-letter reasons and reports."""
@@ -46,6 +47,8 @@ class Constraint:
                   if v is not None]
         if self.min_length is not None or self.max_length is not None:
             parts.append(f"length {self.min_length or 0}..{self.max_length if self.max_length is not None else ''}")
+        if self.values is not None:
+            parts.append(f"one of {', '.join(self.values)}")
         return f"{self.column}: " + ", ".join(parts)
 
 
@@ -59,7 +62,18 @@ def _kind(annotation: object) -> tuple[str, bool]:
         return "list", False
     if origin is dict:
         return "map", False
+    if origin is typing.Literal and all(isinstance(a, str) for a in args):
+        return "str", False
     raise TypeError(f"no constraint kind for {annotation!r}")
+
+
+def literal_values(annotation: object) -> tuple[str, ...] | None:
+    """The values of a ``Literal[...]`` annotation (optional or not), else None."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return literal_values(inner[0]) if len(inner) == 1 else None
+    return tuple(args) if origin is typing.Literal else None
 
 
 def constraints(model: type[BaseModel]) -> list[Constraint]:
@@ -72,7 +86,8 @@ def constraints(model: type[BaseModel]) -> list[Constraint]:
             for attr, cls in BOUNDS.items():
                 if isinstance(meta, cls):
                     bounds[attr] = getattr(meta, attr)
-        out.append(Constraint(name, required=not optional and info.is_required(), kind=kind, **bounds))
+        out.append(Constraint(name, required=not optional and info.is_required(), kind=kind,
+                              values=literal_values(info.annotation), **bounds))
     return out
 
 
@@ -92,6 +107,8 @@ def spark_violation(model: type[BaseModel]):
         if size is not None:
             checks += [(c.min_length, size < F.lit(c.min_length)), (c.max_length, size > F.lit(c.max_length))]
         broken += [cond for bound, cond in checks if bound is not None]
+        if c.values is not None:
+            broken.append(~col.isin(list(c.values)))
         if broken:
             cond = broken[0]
             for b in broken[1:]:

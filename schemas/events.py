@@ -10,7 +10,7 @@ Times are UTC epoch milliseconds of *event time* (``*_ms``); durations are secon
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -89,6 +89,21 @@ class Conversion(Event):
     value: float = Field(ge=0.0)
 
 
+class NegativeFeedback(Event):
+    """A user's negative feedback on an impression: ``hide`` (not interested) or ``report`` (offensive,
+    misleading). The joiner counts the earliest one within the feedback window after the impression; it
+    trains the ranker's negative-feedback tower, whose pNeg enters the auction as (1 - pNeg)^q."""
+
+    NAME: ClassVar[str] = "negative_feedback"
+
+    feedback_id: str = Field(min_length=1)
+    impression_id: str = Field(min_length=1)
+    user_id: int = Field(ge=0)
+    ad_id: int = Field(ge=0)
+    kind: Literal["hide", "report"]
+    event_time_ms: int = EpochMs
+
+
 # The simulator's own serving stand-in (uniform serving, no ranker): its impressions have no replayable log.
 BASELINE_MODEL_VERSION = "sim-serving-v1"
 
@@ -152,7 +167,7 @@ class TrainingExample(Event):
     """
 
     NAME: ClassVar[str] = "training_example"
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
 
     example_id: str = Field(min_length=1)
     impression_id: str = Field(min_length=1)
@@ -177,12 +192,16 @@ class TrainingExample(Event):
     elapsed_since_click_s: float | None = Field(default=None, ge=0.0)
     delay_cdf: float | None = Field(default=None, ge=0.0, le=1.0)
     is_correction: bool = False
+    # Version 3: negative feedback within its window (1/0), on the examples emitted once that window closed
+    # (the no-click example); None where it was not known yet (click examples are emitted at the click).
+    label_neg: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class MaturedLabel(Event):
     """Final labels of one impression, once both attribution windows have closed."""
 
     NAME: ClassVar[str] = "matured_label"
+    VERSION: ClassVar[int] = 2
 
     impression_id: str = Field(min_length=1)
     user_id: int = Field(ge=0)
@@ -195,6 +214,8 @@ class MaturedLabel(Event):
     click_time_ms: int | None = None
     conversion_time_ms: int | None = None
     conversion_value: float = Field(default=0.0, ge=0.0)
+    # Version 2: a hide or report within the feedback window (version 1 records decode as False).
+    negative_feedback: bool = False
 
 
 class Campaign(Event):
@@ -248,6 +269,6 @@ class DeadLetter(Event):
 
 # The records that travel on Kafka (LabeledImpression is a lake table: Delta only).
 ALL_EVENTS: tuple[type[Event], ...] = (
-    Impression, Click, Conversion, PredictionLog, TrainingExample, MaturedLabel, Campaign, DeadLetter,
+    Impression, Click, Conversion, NegativeFeedback, PredictionLog, TrainingExample, MaturedLabel, Campaign, DeadLetter,
 )
 BY_SCHEMA_ID: dict[str, type[Event]] = {cls.schema_id(): cls for cls in ALL_EVENTS}

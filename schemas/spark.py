@@ -26,6 +26,8 @@ def _spark_type(annotation: object):
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
             return _spark_type(inner[0])[0], True
+    if origin is typing.Literal and all(isinstance(a, str) for a in args):
+        return T.StringType(), False
     if origin is list:
         return T.ArrayType(_spark_type(args[0])[0], containsNull=False), False
     if origin is dict and args[0] is str:

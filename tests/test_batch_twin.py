@@ -26,7 +26,7 @@ from tests.conftest import CLOSE_WHEN_IDLE
 
 CFG = SimulatorConfig(hours=2, users=10_000, ads=2_000, impressions_per_hour=6_000, cvr=0.2, speed=0,
                       prediction_log=False, seed=23, late_share=0.03)
-COLUMNS = ["clicked", "converted", "click_time_ms", "conversion_time_ms", "conversion_value"]
+COLUMNS = ["clicked", "converted", "click_time_ms", "conversion_time_ms", "conversion_value", "negative_feedback"]
 
 
 def repeats(truth: pd.DataFrame, settings) -> list[tuple]:
@@ -110,6 +110,9 @@ def test_batch_equals_stream(fresh_topics, tmp_path):
     s = stream.set_index("impression_id").sort_index()[COLUMNS]
     b = batch.set_index("impression_id").sort_index()[COLUMNS]
     pd.testing.assert_frame_equal(s, b, check_dtype=False)
+    # Hides and reports: both count the same ones, the ones the rules keep (late and malformed ones are dropped).
+    assert s["negative_feedback"].sum() > 10
+    assert (s["negative_feedback"] == want.loc[s.index, "negative_feedback"]).all()
     truth = gen.truth.set_index("impression_id")  # silver carries the impression's context and category
     assert (batch.set_index("impression_id").loc[b.index, "category_id"] == truth.loc[b.index, "category_id"]).all()
     # The repeated, earlier clicks and conversions won in both (earliest event time, then id).

@@ -23,9 +23,11 @@ def test_evaluation_against_the_simulators_truth(tmp_path, capsys):
     assert result["threads"] == THREADS
 
     rows = result["models"]["rows"]
-    for name in ("(a) oracle", "(b) full retrain", "(c) warm start", "(f) river baseline", "(g) lightgbm",
-                 "(d) online after drift", "(e) frozen after drift"):
+    for name in ("(f) river baseline", "(g) lightgbm", "(d) online after drift"):
         assert set(rows[name]) == {"ctr", "cvr", "ctcvr"}, name
+    # The ranker's negative-feedback tower (hides and reports) against the oracle's pNeg.
+    for name in ("(a) oracle", "(b) full retrain", "(c) warm start", "(e) frozen after drift"):
+        assert set(rows[name]) == {"ctr", "cvr", "ctcvr", "neg"}, name
     # The tabular peer learns from the same inputs: it must do better than chance on CTR.
     assert rows["(g) lightgbm"]["ctr"]["auc"] > 0.6, rows["(g) lightgbm"]
     # The goals are reported (with one world their interval is the value itself); CI scale does not meet them all.

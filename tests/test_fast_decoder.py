@@ -19,6 +19,7 @@ from schemas.events import (
     DeadLetter,
     Impression,
     MaturedLabel,
+    NegativeFeedback,
     PredictionLog,
     TrainingExample,
 )
@@ -38,6 +39,8 @@ BASE = {
     Click: {"click_id": "c", "impression_id": "i", "user_id": 1, "ad_id": 2, "event_time_ms": 5},
     Conversion: {"conversion_id": "v", "click_id": "c", "impression_id": "i", "user_id": 1, "ad_id": 2,
                  "event_time_ms": 5, "value": 9.5},
+    NegativeFeedback: {"feedback_id": "f", "impression_id": "i", "user_id": 1, "ad_id": 2, "kind": "hide",
+                       "event_time_ms": 5},
     PredictionLog: {"request_id": "r", "impression_id": "i", "user_id": 1, "ad_id": 2, "model_version": "v",
                     "event_time_ms": 5, "features": {"ctr_1h": 0.2, "n": 3}, "pctr": 0.1, "pcvr": 0.01},
     TrainingExample: {"example_id": "e", "impression_id": "i", "user_id": 1, "ad_id": 2, "advertiser_id": 3,
@@ -141,6 +144,11 @@ CASES = [
     (TrainingExample, {"clicked": 1}, "invalid training_example"),  # int is not a bool
     (TrainingExample, {"is_correction": "true"}, "invalid training_example"),
     (Conversion, {"value": 3}, None),  # int for float, as pydantic strict allows
+    (NegativeFeedback, {"kind": "report"}, None),
+    (NegativeFeedback, {"kind": "like"}, "invalid negative_feedback"),  # not one of the kinds
+    (NegativeFeedback, {"kind": 1}, "invalid negative_feedback"),
+    (TrainingExample, {"label_neg": 1.0}, None),
+    (TrainingExample, {"label_neg": 2.0}, "invalid training_example"),
     (Conversion, {"value": "3.0"}, "invalid conversion"),
     (TrainingExample, {"label_ctr": 1, "weight": 2}, None),
     (PredictionLog, {"features": {"a": 1, "b": -2.5}}, None),

@@ -7,7 +7,7 @@ import pytest
 from infra.settings import WindowSettings, get_settings
 from label_joiner.delay_curve import DelayCurve
 from label_joiner.evaluate import join_accuracy
-from label_joiner.join import CLOCK_KEY, Emitted, PartitionJoin
+from label_joiner.join import CLOCK_KEY, SOURCES, Emitted, PartitionJoin
 from label_joiner.replay import new_join, replay
 from label_joiner.rules import Rules
 from label_joiner.schemes import DelayCurveScheme, FakeNegativeScheme, NaiveScheme
@@ -17,7 +17,7 @@ from streams.simulator.run import generate
 W = WindowSettings(click_window_s=30, conversion_window_s=3600, allowed_lateness_s=60,
                    conversion_lateness_s=7200, max_future_skew_s=300, max_event_age_s=86_400)
 R = Rules.from_settings(W)
-ALL = {"impression", "click", "conversion"}
+ALL = set(SOURCES)
 DAY = 86_400_000
 T0 = 1_700_000_000_000
 
@@ -144,7 +144,7 @@ def test_a_quiet_conversion_input_does_not_stall_labelling(d):
         d.send("impression", imp(f"i{k}", t))
         if k % 5 == 0:
             d.send("click", click(f"i{k}", t + 2_000))
-        d.advance(idle={"conversion"})  # the runtime: conversions are read to their end
+        d.advance(idle={"conversion", "feedback"})  # the runtime: both read to their end
     matured = d.matured()
     clicked_open = {f"i{k}" for k in range(0, 720, 5)}
     assert len(matured) > 500 and not set(matured) & clicked_open
@@ -258,3 +258,36 @@ def test_simulated_hours_match_ground_truth():
     assert len(ids) == len(set(ids))
     assert join.counts["duplicate impression"] > 0
     assert set(join.store.records) == {CLOCK_KEY}  # every entry released; only the clock remains
+
+
+def feedback(i: str, t: int, fid: str | None = None, kind: str = "hide") -> dict:
+    return {"feedback_id": fid or f"f-{i}", "impression_id": i, "user_id": 1, "ad_id": 2, "kind": kind,
+            "event_time_ms": t}
+
+
+def test_negative_feedback_is_labelled_within_its_window(d):
+    """Issue 20, item 8: a hide or report within the feedback window labels its impression, once; one outside the
+    window or after the click window's lateness is a dead letter with its reason."""
+    d.send("feedback", feedback("held", T0 + 5_000))  # before its impression: held until it comes
+    d.send("impression", imp("held", T0), arrival=T0 + 7_000)
+    d.send("impression", imp("clicked", T0))
+    d.send("click", click("clicked", T0 + 2_000))
+    d.send("feedback", feedback("clicked", T0 + 20_000, kind="report"))
+    d.send("impression", imp("twice", T0))
+    d.send("feedback", feedback("twice", T0 + 9_000, fid="b"))
+    d.send("feedback", feedback("twice", T0 + 8_000, fid="a"))  # earlier: this one counts, once
+    d.send("feedback", feedback("twice", T0 + 8_000, fid="a"))  # a repeated delivery
+    d.send("impression", imp("outside", T0))
+    d.send("feedback", feedback("outside", T0 + W.feedback_window_s * 1000 + 1))
+    d.send("impression", imp("late", T0))
+    d.send("feedback", feedback("late", T0 + 10_000), arrival=R.click_deadline(T0) + 1)
+    d.send("impression", imp("none", T0))
+    d.finish()
+    assert d.reasons() == ["outside feedback window", "late event"]
+    matured = d.matured()
+    assert {k for k, m in matured.items() if m["negative_feedback"]} == {"held", "clicked", "twice"}
+    assert d.join.counts["duplicate feedback"] == 1 and d.join.counts["repeat feedback"] == 1
+    label_neg = {e["impression_id"]: e["label_neg"] for e in d.out.examples if not e["clicked"]}
+    assert label_neg == {"held": 1.0, "twice": 1.0, "outside": 0.0, "late": 0.0, "none": 0.0}
+    # The click example is emitted at the click, before the feedback window closed: its label is unknown.
+    assert [e["label_neg"] for e in d.out.examples if e["impression_id"] == "clicked"] == [None]

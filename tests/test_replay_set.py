@@ -172,7 +172,7 @@ def expected_row(record: PredictionLog) -> dict:
     row |= {"impression_id": record.impression_id, "impression_time_ms": t, "clicked": clicked,
             "converted": converted, "click_time_ms": t + 10_000 if clicked else None,
             "conversion_time_ms": t + 60_000 if converted else None, "conversion_value": 12.5 if converted else 0.0,
-            "sample_rate": 1.0, "ds": D.isoformat()}
+            "negative_feedback": False, "sample_rate": 1.0, "ds": D.isoformat()}
     for col, dtype in replay_set.training_feature_types().items():
         is_list = dtype.typeName() == "array"
         value = (record.feature_lists if is_list else record.features).get(col)

@@ -14,7 +14,7 @@ from aiokafka.structs import ConsumerRecord
 
 from infra.settings import WindowSettings, get_settings
 from label_joiner.delay_curve import DelayCurve
-from label_joiner.join import CLOCK_KEY, Emitted, PartitionJoin
+from label_joiner.join import CLOCK_KEY, SOURCES, Emitted, PartitionJoin
 from label_joiner.processor import JoinProcessor
 from label_joiner.replay import SOURCE
 from label_joiner.rules import Rules
@@ -34,8 +34,8 @@ W = WindowSettings(click_window_s=30, conversion_window_s=3600, allowed_lateness
                    elapsed_windows_s=[600.0, 1_200.0, 2_400.0])
 R = Rules.from_settings(W)
 T0 = 1_700_000_000_000  # years before the wall clock, as a backfill or a replay is
-ALL = {"impression", "click", "conversion"}
-QUIET = {"conversion"}  # what the runtime reports for an input without traffic (read to its end and quiet)
+ALL = set(SOURCES)
+QUIET = {"conversion", "feedback"}  # what the runtime reports for an input without traffic (read to its end and quiet)
 CURVE = DelayCurve(grid_s=[0.0, 600.0, 3_600.0], cdf_values=[0.0, 0.5, 1.0], cvr=0.3, n_clicks=100, n_conversions=30,
                    window_s=3_600.0)
 
@@ -144,7 +144,7 @@ def test_a_buffered_postback_after_an_idle_conversion_input_is_a_dead_letter_wit
     s.batch([("impression", imp("a", T0), T0 + 100), ("click", click("a", T0 + 1_000), T0 + 1_100)])
     deadline = R.conversion_deadline(T0 + 1_000)
     s.batch([("impression", imp("x", deadline + 20_000), deadline + 20_000),
-             ("click", click("x", deadline + 21_000), deadline + 21_000)], idle={"conversion"})
+             ("click", click("x", deadline + 21_000), deadline + 21_000)], idle={"conversion", "feedback"})
     assert s.join.clock_ms == deadline + 15_000
     s.batch([("conversion", conv("a", T0 + 60_000), deadline - 5_000)])
     assert s.reasons() == ["behind the clock"] and s.out.rejected[0].source == "conversion"

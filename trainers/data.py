@@ -11,7 +11,8 @@ frames) is turned into the same :class:`Batch`:
 - ``history``: the user's recent ads (newest first), hashed like ``ad_id``, 0-padded to ``RECENT_ADS``;
 - ``position``: the slot, a separate bias in training and fixed to ``DEFAULT_POSITION`` when scoring;
 - labels: ``label_ctr`` (click), ``label_ctcvr`` (click and conversion, may be soft), ``label_neg``
-  (negative feedback; NaN where the source has none, which masks it) and per-row ``weight``.
+  (negative feedback: the examples' ``label_neg`` or silver's ``negative_feedback``; NaN where the source has none,
+  which masks it) and per-row ``weight``.
 
 >>> spec = InputSpec.from_schemas()
 >>> spec.sparse_fields[:3], len(spec.dense_columns) > 20
@@ -103,6 +104,9 @@ class Batch:
     # [B] float32 extra weight of the CTR task (0 for FNW's duplicated conversion rows, whose click was
     # already counted); None = 1 everywhere.
     ctr_weight: torch.Tensor | None = None
+    # [B] float32 extra weight of the negative-feedback task: 1 / ``sample_rate`` (a kept non-clicked row stands for
+    # that many), so downsampling the non-clicks does not tilt pNeg towards clicked rows; None = 1 everywhere.
+    neg_weight: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.sparse.shape[0]
@@ -165,6 +169,14 @@ def _label(frame: pd.DataFrame, soft: str, hard: str, default: float = 0.0) -> n
     return np.full(len(frame), default)
 
 
+def _negative_label(frame: pd.DataFrame) -> np.ndarray:
+    """``label_neg`` (the joiner's examples), else the matured ``negative_feedback`` (silver rows; null in rows
+    labelled before feedback was joined), as 1/0; NaN where unknown (the row does not train the tower)."""
+    if "label_neg" in frame or "negative_feedback" not in frame:
+        return _column(frame, "label_neg")
+    return pd.array(frame["negative_feedback"], dtype="boolean").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
 def encode(frame: pd.DataFrame, spec: InputSpec) -> Batch:
     """A frame of rows (ids, context, ``<view>__<feature>`` columns, labels) as one :class:`Batch`."""
     category = _category(frame)
@@ -185,10 +197,12 @@ def encode(frame: pd.DataFrame, spec: InputSpec) -> Batch:
         position=torch.from_numpy(np.nan_to_num(position).astype(np.int64)),
         label_ctr=torch.from_numpy(label_ctr.astype(np.float32)),
         label_ctcvr=torch.from_numpy(_label(frame, "label_ctcvr", "converted").astype(np.float32)),
-        label_neg=torch.from_numpy(_column(frame, "label_neg").astype(np.float32)),
+        label_neg=torch.from_numpy(_negative_label(frame).astype(np.float32)),
         weight=torch.from_numpy(_column(frame, "weight", 1.0).astype(np.float32)),
         clicked=torch.from_numpy(label_ctr > 0.5),
         ctr_weight=torch.from_numpy(_column(frame, "ctr_weight", 1.0).astype(np.float32)),
+        neg_weight=torch.from_numpy(np.nan_to_num(1.0 / _column(frame, "sample_rate", 1.0), nan=1.0)
+                                    .astype(np.float32)),
     )
 
 

@@ -93,6 +93,8 @@ def _frame(truth: pd.DataFrame, in_window_share: float) -> pd.DataFrame:
     f["converted"] = f["converted_in_window"]
     f["oracle_ctr"] = f["true_pctr"]
     f["oracle_cvr"] = f["true_pcvr"] * in_window_share
+    f["oracle_neg"] = f["true_pneg"]
+    f["label_neg"] = f["negative"].astype(float)  # what the joiner's matured labels say (within its window)
     return f.sort_values("impression_time_ms", kind="stable").reset_index(drop=True)
 
 
@@ -105,15 +107,20 @@ def downsample(frame: pd.DataFrame, rate: float) -> pd.DataFrame:
 
 
 def task_metrics(frame: pd.DataFrame, p: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Per task, the metrics of ``p`` on ``frame``'s outcomes; ``neg`` (negative feedback) for the models that
+    predict it (the ranker's tower and the oracle)."""
     clicked = frame["clicked"].to_numpy()
-    return {"ctr": summary(frame["clicked"].to_numpy(float), p["ctr"]),
-            "cvr": summary(frame["converted"].to_numpy(float)[clicked], p["cvr"][clicked]),
-            "ctcvr": summary(frame["converted"].to_numpy(float), p["ctcvr"])}
+    out = {"ctr": summary(frame["clicked"].to_numpy(float), p["ctr"]),
+           "cvr": summary(frame["converted"].to_numpy(float)[clicked], p["cvr"][clicked]),
+           "ctcvr": summary(frame["converted"].to_numpy(float), p["ctcvr"])}
+    if "neg" in p:
+        out["neg"] = summary(frame["negative"].to_numpy(float), p["neg"])
+    return out
 
 
 def oracle(frame: pd.DataFrame) -> dict[str, np.ndarray]:
     ctr, cvr = frame["oracle_ctr"].to_numpy(), frame["oracle_cvr"].to_numpy()
-    return {"ctr": ctr, "cvr": cvr, "ctcvr": ctr * cvr}
+    return {"ctr": ctr, "cvr": cvr, "ctcvr": ctr * cvr, "neg": frame["oracle_neg"].to_numpy()}
 
 
 def train_batch(frame: pd.DataFrame, spec: InputSpec, settings: Settings, scale: Scale, rate: float,

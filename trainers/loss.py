@@ -4,7 +4,8 @@
 - CTCVR: BCE of ``p_ctcvr = p_ctr * p_cvr`` against ``label_ctcvr`` (soft labels allowed). pCVR is only
   ever trained through this product over all impressions (ESMM), never on clicked rows alone, so it is
   free of the sample-selection bias of a click-only CVR model.
-- neg: BCE of ``neg_logit`` on rows that have a negative-feedback label (``label_neg`` not NaN).
+- neg: BCE of ``neg_logit`` on rows that have a negative-feedback label (``label_neg`` not NaN), each row also
+  weighted by ``neg_weight`` (1 / its sample rate: the training set keeps every click and some non-clicks).
 
 Weights are used as they come, negative ones included: a row of weight -1 cancels an earlier example that
 a correction superseded. Each term is divided by the sum of the *positive* weights of its rows (the examples
@@ -106,7 +107,8 @@ def multitask_loss(out: RankerOutput, batch: Batch, scheme: str = "naive") -> tu
     neg_bce = F.binary_cross_entropy_with_logits(
         out.neg_logit.float(), torch.nan_to_num(batch.label_neg.float(), nan=0.0), reduction="none"
     )
-    neg = weighted_mean(torch.where(labelled, neg_bce, 0.0), torch.where(labelled, weight, 0.0))
+    neg_weight = weight if batch.neg_weight is None else weight * batch.neg_weight.float()
+    neg = weighted_mean(torch.where(labelled, neg_bce, 0.0), torch.where(labelled, neg_weight, 0.0))
 
     total = ctr + ctcvr + NEG_WEIGHT * neg
     parts = torch.stack([total, ctr, ctcvr, neg]).detach().tolist()  # one device sync, not four

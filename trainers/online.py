@@ -195,7 +195,8 @@ class ExampleState:
 
 def _labels(ex: TrainingExample) -> dict:
     return {"label_ctr": float(ex.label_ctr), "label_ctcvr": float(ex.label_ctcvr), "clicked": ex.clicked,
-            "weight": float(ex.weight), "ctr_weight": 1.0}
+            "weight": float(ex.weight), "ctr_weight": 1.0,
+            "label_neg": float("nan") if ex.label_neg is None else float(ex.label_neg)}
 
 
 @dataclass

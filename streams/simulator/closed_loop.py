@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy.special import expit
+from scipy.special import expit, logit
 
 from infra.settings import Settings
 from streams.simulator.behaviour import Behaviour
@@ -37,9 +37,11 @@ from streams.simulator.traffic import (
     MAX_SLOTS,
     _request_times,
     conversion_delays,
+    negative_feedback,
     solve_offset,
     true_ctr_logit,
     true_cvr_logit,
+    true_neg_logit,
 )
 from streams.simulator.world import DEVICE_P, DEVICES, PLACEMENT_P, PLACEMENTS, World, build_world
 
@@ -191,6 +193,7 @@ class ClosedLoop:
         position = rng.choice(MAX_SLOTS, n, p=SLOT_P)
         ctr = true_ctr_logit(cfg, w, user, slot, gen, place, device, position, t)
         ctr_offset = solve_offset(ctr, cfg.ctr)
+        self.neg_offset = solve_offset(true_neg_logit(w, user, slot, gen, ctr), cfg.neg_rate)
         clicked = rng.random(n) < expit(ctr + ctr_offset)
         cvr = true_cvr_logit(cfg, w, user[clicked], slot[clicked], gen[clicked], t[clicked])
         return ctr_offset, solve_offset(cvr, cfg.cvr)
@@ -289,15 +292,19 @@ class ClosedLoop:
         click_ms = t + (click_delay * 1000).astype(np.int64)
         conv_ms = click_ms + (conv_delay * 1000).astype(np.int64)
         value = np.round(rng.lognormal(np.log(40), 0.8, n), 2)
-        out = shown.drop(columns=["slot"]).assign(
+        slots = shown["slot"].to_numpy()
+        gen = self.world.generation[self._hour_index(t), slots]
+        ctr_logit = logit(np.clip(pctr, 1e-12, 1 - 1e-12)) - self.ctr_offset
+        neg_logit = true_neg_logit(self.world, shown["user_id"].to_numpy(), slots, gen, ctr_logit)
+        feedback = negative_feedback(cfg, neg_logit, self.neg_offset, t, windows.feedback_window_s,
+                                     np.random.default_rng([cfg.seed, 16, hour]))
+        out = shown.drop(columns=["slot"]).assign(**feedback,
             true_pctr=pctr, true_pcvr=pcvr, clicked=clicked, click_time_ms=np.where(clicked, click_ms, -1),
             converts=converts, conversion_delay_s=np.where(converts, conv_delay, np.nan),
             conversion_time_ms=np.where(converts, conv_ms, -1),
             converted_in_window=converts & (conv_delay <= windows.conversion_window_s),
             conversion_value=np.where(converts, value, 0.0), feature_ref=shown["impression_id"])
         if self.cfg.effects.sequential:
-            slots = shown["slot"].to_numpy()
-            gen = self.world.generation[self._hour_index(t), slots]
             self.behaviour.observe(shown["user_id"].to_numpy(), self.world.ad_id(gen, slots),
                                    self.world.category_of(slots), t, clicked, click_ms, converts, conv_ms)
         billed = out[out["converted_in_window"]]

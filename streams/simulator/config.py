@@ -73,6 +73,12 @@ class SimulatorConfig(BaseModel):
     conv_fast_mean_s: float = 3600.0
     conv_slow_median_s: float = 3 * 86400.0
     conv_slow_sigma: float = 1.0
+    # Negative feedback (hides and reports, ``schemas.events.NegativeFeedback``): the mean chance per impression,
+    # the share that are reports, and the delay after the impression (lognormal, always inside the feedback window).
+    neg_rate: float = Field(default=0.005, gt=0, lt=1)
+    report_share: float = Field(default=0.15, ge=0, le=1)
+    feedback_delay_median_s: float = 8.0
+    feedback_delay_sigma: float = 0.8
     # Delivery defects (shares of events).
     duplicate_share: float = Field(default=0.01, ge=0, le=1)
     out_of_order_share: float = Field(default=0.02, ge=0, le=1)

@@ -17,10 +17,11 @@ import pandas as pd
 
 from infra.settings import Settings
 from schemas.codec import schema_headers
-from schemas.events import Click, Conversion, Event, Impression, PredictionLog
+from schemas.events import Click, Conversion, Event, Impression, NegativeFeedback, PredictionLog
 from streams.simulator.config import SimulatorConfig
 
-KINDS: tuple[type[Event], ...] = (Impression, Click, Conversion, PredictionLog)
+# New kinds go last: the delivery draws of the earlier ones (one generator, in this order) stay what they were.
+KINDS: tuple[type[Event], ...] = (Impression, Click, Conversion, PredictionLog, NegativeFeedback)
 CORRUPTIONS = ("truncated", "missing_field", "bad_type", "out_of_range")
 MODEL_VERSION = "sim-serving-v1"
 
@@ -42,8 +43,8 @@ class Schedule:
 
 
 def derived_id(impression_ids: pd.Series, tag: str) -> pd.Series:
-    """The click (``c``) or conversion (``v``) id of an impression: ``-i`` becomes ``-<tag>``, or ``-<tag>`` is
-    appended to an id without one (the closed loop's ``<request>-<position>``)."""
+    """The click (``c``), conversion (``v``) or feedback (``f``) id of an impression: ``-i`` becomes ``-<tag>``, or
+    ``-<tag>`` is appended to an id without one (the closed loop's ``<request>-<position>``)."""
     replaced = impression_ids.str.replace("-i", f"-{tag}", n=1, regex=False)
     return replaced.where(replaced != impression_ids, impression_ids + f"-{tag}")
 
@@ -65,6 +66,12 @@ def event_rows(truth: pd.DataFrame, cfg: SimulatorConfig) -> dict[type[Event], p
         "impression_id": conv["impression_id"], "user_id": conv["user_id"], "ad_id": conv["ad_id"],
         "event_time_ms": conv["conversion_time_ms"], "value": conv["conversion_value"]}, index=conv.index)
     out = {Impression: imp[Impression.field_names()], Click: clicks, Conversion: conversions}
+    if "negative" in truth:
+        neg = truth[truth["negative"]]
+        out[NegativeFeedback] = pd.DataFrame({
+            "feedback_id": derived_id(neg["impression_id"], "f"), "impression_id": neg["impression_id"],
+            "user_id": neg["user_id"], "ad_id": neg["ad_id"], "kind": neg["feedback_kind"],
+            "event_time_ms": neg["feedback_time_ms"]}, index=neg.index)
     if cfg.prediction_log:
         feats = [{"position": float(p), "bid": float(b), "hour_of_day": float((t // 3_600_000) % 24)}
                  for p, b, t in zip(truth["position"], truth["bid"], truth["event_time_ms"], strict=True)]
@@ -122,7 +129,7 @@ def build_schedule(truth: pd.DataFrame, cfg: SimulatorConfig, settings: Settings
     order = np.argsort(when[keep], kind="stable")
     t = settings.topics
     topic_of = {Impression: t.impressions, Click: t.clicks, Conversion: t.conversions,
-                PredictionLog: t.prediction_log}
+                PredictionLog: t.prediction_log, NegativeFeedback: t.negative_feedback}
     return Schedule(kind=kind[keep][order], row=row[keep][order], delivery_ms=when[keep][order],
                     corruption=bad[keep][order],
                     payloads={cls: to_json_lines(f) for cls, f in frames.items()},

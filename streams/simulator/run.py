@@ -32,7 +32,7 @@ def generate(cfg: SimulatorConfig, settings: Settings, drain: bool = False) -> G
     rng = np.random.default_rng(cfg.seed)
     world = build_world(cfg, rng)
     truth = simulate_traffic(cfg, world, rng, settings.windows.click_window_s,
-                             settings.windows.conversion_window_s)
+                             settings.windows.conversion_window_s, settings.windows.feedback_window_s)
     schedule = build_schedule(truth, cfg, settings, rng, drain=drain)
     return Generated(truth, schedule, world.campaigns(cfg.start_ms))
 
@@ -111,6 +111,7 @@ def write_truth(gen: Generated, cfg: SimulatorConfig, settings: Settings, counts
     summary = {
         "impressions": len(t), "clicks": int(t["clicked"].sum()), "conversions": int(t["converts"].sum()),
         "conversions_in_window": int(t["converted_in_window"].sum()),
+        "negative_feedback": int(t["negative"].sum()) if "negative" in t else 0,
         "mean_true_pctr": float(t["true_pctr"].mean()),
         "sent": counts,
         "malformed": {c.NAME: int(t.get(f"{c.NAME}_malformed", pd.Series(dtype=bool)).sum()) for c in KINDS},

@@ -91,6 +91,33 @@ def true_cvr_logit(cfg: SimulatorConfig, world: World, user: np.ndarray, slot: n
     return logit
 
 
+# Users who would click an ad rarely hide it: the negative-feedback logit falls with the click logit.
+NEG_CTR_SLOPE = -0.3
+
+
+def true_neg_logit(world: World, user: np.ndarray, slot: np.ndarray, gen: np.ndarray,
+                   ctr_logit: np.ndarray) -> np.ndarray:
+    """The negative-feedback (hide or report) logit of each impression before the run's offset: the ad's own
+    annoyance, the user's readiness to hide, and less for an ad the user would click."""
+    return world.ad_neg_bias[gen, slot] + world.user_neg_bias[user] + NEG_CTR_SLOPE * ctr_logit
+
+
+def negative_feedback(cfg: SimulatorConfig, neg_logit: np.ndarray, offset: float, t_ms: np.ndarray,
+                      feedback_window_s: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The truth columns of negative feedback: ``true_pneg``, ``negative``, ``feedback_kind`` (hide | report, ""
+    without) and ``feedback_time_ms`` (inside the feedback window; -1 without), drawn independently of the click."""
+    n = len(t_ms)
+    p = expit(neg_logit + offset)
+    negative = rng.random(n) < p
+    report = rng.random(n) < cfg.report_share
+    delay = np.minimum(rng.lognormal(np.log(cfg.feedback_delay_median_s), cfg.feedback_delay_sigma, n),
+                       0.95 * feedback_window_s)
+    t = np.asarray(t_ms, dtype=np.int64)
+    return {"true_pneg": p, "negative": negative,
+            "feedback_kind": np.where(negative, np.where(report, "report", "hide"), ""),
+            "feedback_time_ms": np.where(negative, t + (delay * 1000).astype(np.int64), -1)}
+
+
 def sequential_outcomes(cfg: SimulatorConfig, world: World, user: np.ndarray, ad_id: np.ndarray,
                         category: np.ndarray, t_ms: np.ndarray, ctr_logit: np.ndarray, cvr_logit: np.ndarray,
                         u_click: np.ndarray, u_conv: np.ndarray, click_ms: np.ndarray, conversion_ms: np.ndarray,
@@ -115,9 +142,10 @@ def sequential_outcomes(cfg: SimulatorConfig, world: World, user: np.ndarray, ad
     return ctr, cvr, clicked
 
 
-def simulate_traffic(cfg: SimulatorConfig, world: World, rng: np.random.Generator,
-                     click_window_s: float, conversion_window_s: float) -> pd.DataFrame:
-    """One row per impression with its served context, true probabilities and true outcomes."""
+def simulate_traffic(cfg: SimulatorConfig, world: World, rng: np.random.Generator, click_window_s: float,
+                     conversion_window_s: float, feedback_window_s: float = 30.0) -> pd.DataFrame:
+    """One row per impression with its served context, true probabilities and true outcomes. Negative feedback is
+    drawn from its own generator after everything else, so the other columns are what they were without it."""
     slot_counts = np.arange(1, MAX_SLOTS + 1)
     slot_p = np.array([0.4, 0.3, 0.2, 0.1])
     req_time = _request_times(cfg, rng, float(slot_counts @ slot_p))
@@ -167,6 +195,10 @@ def simulate_traffic(cfg: SimulatorConfig, world: World, rng: np.random.Generato
     served_pctr = expit(ctr_logit + offsets[0] + rng.normal(0, 0.3, n))
     served_pcvr = expit(cvr_logit + rng.normal(0, 0.3, n) + solve_offset(cvr_logit, cfg.cvr))
 
+    neg_logit = true_neg_logit(world, user, slot, gen, ctr_logit)
+    feedback = negative_feedback(cfg, neg_logit, solve_offset(neg_logit, cfg.neg_rate), t_ms, feedback_window_s,
+                                 np.random.default_rng([cfg.seed, 4]))
+
     p = cfg.prefix
     ids = np.arange(n)
     campaign = world.campaign_of(slot)
@@ -194,4 +226,5 @@ def simulate_traffic(cfg: SimulatorConfig, world: World, rng: np.random.Generato
         "conversion_time_ms": np.where(converts, conversion_ms, -1),
         "converted_in_window": converts & (conv_delay <= conversion_window_s),
         "conversion_value": np.where(converts, np.round(rng.lognormal(np.log(40), 0.8, n), 2), 0.0),
+        **feedback,
     })

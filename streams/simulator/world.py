@@ -53,6 +53,9 @@ class World:
     # were born before it), and a standard normal per advertiser for its own CVR.
     ad_birth_hour: np.ndarray     # (G, S)
     advertiser_cvr_z: np.ndarray  # (A,)
+    # Negative feedback (its own generator): how much each ad annoys, and how readily each user hides an ad.
+    ad_neg_bias: np.ndarray       # (G, S)
+    user_neg_bias: np.ndarray     # (U,)
 
     @property
     def n_slots(self) -> int:
@@ -100,6 +103,7 @@ def build_world(cfg: SimulatorConfig, rng: np.random.Generator) -> World:
     n_advertisers = n_campaigns // CAMPAIGNS_PER_ADVERTISER + 1
     catalog_rng = np.random.default_rng([cfg.seed, 1])
     effects_rng = np.random.default_rng([cfg.seed, 2])
+    neg_rng = np.random.default_rng([cfg.seed, 3])
     birth = np.full((g, cfg.ads), np.inf)
     for k in range(g):
         live = generation == k
@@ -122,4 +126,6 @@ def build_world(cfg: SimulatorConfig, rng: np.random.Generator) -> World:
         campaign_age_days=catalog_rng.integers(0, 120, n_campaigns),
         ad_birth_hour=birth,
         advertiser_cvr_z=effects_rng.normal(0, 1, n_advertisers),
+        ad_neg_bias=neg_rng.normal(0, 1.0, (g, cfg.ads)),
+        user_neg_bias=neg_rng.normal(0, 0.7, cfg.users),
     )
