@@ -23,11 +23,14 @@ from trainers.registry import Registry
 from trainers.scoring import ScoringModel, reference_of, save
 from trainers.train import fit
 
-TASKS = {"ctr": "clicked", "ctcvr": "converted"}
+# The calibrated tasks and their labels (pCVR follows as pCTCVR / pCTR); a frame without a label column (older silver
+# days have no negative feedback) leaves that task uncalibrated.
+TASKS = {"ctr": "clicked", "ctcvr": "converted", "neg": "negative_feedback"}
 
 
 def labels(frame: pd.DataFrame) -> dict[str, np.ndarray]:
-    return {task: frame[col].fillna(False).to_numpy(dtype=np.float64) for task, col in TASKS.items()}
+    return {task: pd.array(frame[col], dtype="boolean").fillna(False).to_numpy(dtype=np.float64)
+            for task, col in TASKS.items() if col in frame}
 
 
 def row_weights(frame: pd.DataFrame) -> np.ndarray:
@@ -52,14 +55,14 @@ def calibrate(scoring: ScoringModel, held: pd.DataFrame, spec, device: torch.dev
     y = {name: labels(part) for name, part in parts.items()}
     w = {name: row_weights(part) for name, part in parts.items()}
     scoring.calibrators = {}
-    for task in TASKS:
+    for task in [t for t in y["fit"] if t in raw["fit"]]:  # (a peer without a negative-feedback model)
         positives = y["fit"][task].sum()
         if positives == 0 or positives == len(y["fit"][task]):
             continue
         chosen = method if method != "auto" else "isotonic" if positives >= ISOTONIC_MIN_POSITIVES else "platt"
         scoring.calibrators[task] = Calibrator(chosen).fit(raw["fit"][task], y["fit"][task], w["fit"])
     calibrated = scoring.calibrate(raw["eval"])
-    for task in TASKS:
+    for task in scoring.calibrators:
         if len(parts["eval"]):
             metrics[task] = {"raw": summary(y["eval"][task], raw["eval"][task], w["eval"]),
                              "calibrated": summary(y["eval"][task], calibrated[task], w["eval"])}

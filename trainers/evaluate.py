@@ -94,7 +94,7 @@ def _frame(truth: pd.DataFrame, in_window_share: float) -> pd.DataFrame:
     f["oracle_ctr"] = f["true_pctr"]
     f["oracle_cvr"] = f["true_pcvr"] * in_window_share
     f["oracle_neg"] = f["true_pneg"]
-    f["label_neg"] = f["negative"].astype(float)  # what the joiner's matured labels say (within its window)
+    f["negative_feedback"] = f["negative"]  # what the joiner's matured labels say (within its window)
     return f.sort_values("impression_time_ms", kind="stable").reset_index(drop=True)
 
 
@@ -185,7 +185,7 @@ def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float, ef
     """(a)-(f) on the held-out day and the drift day; the hourly drift curve."""
     h = scale.history_days
     cfg = SimulatorConfig(seed=seed, start=START, hours=24 * (h + 2), users=scale.users, ads=scale.ads,
-                          impressions_per_hour=scale.impressions_per_hour, ctr=0.05, cvr=0.1,
+                          impressions_per_hour=scale.impressions_per_hour, ctr=0.05, cvr=0.1, neg_rate=0.02,
                           drift_logit_per_day=0.0, shock_hour=24 * (h + 1), speed=0, prediction_log=False,
                           effects=effects or Effects())
     gen = generate(cfg, settings)
@@ -431,6 +431,10 @@ CLAIMS = (
     Claim("CTR log loss after the drift: frozen minus online",
           lambda r: _row(r, "(e) frozen after drift", "ctr", "nll") - _row(r, "(d) online after drift", "ctr", "nll"),
           0.0),
+    # The negative-feedback tower learns the hides and reports (2 % of impressions in these worlds): it ranks them
+    # (over 3 worlds 0.58-0.72 against the oracle's 0.79-0.84) and, calibrated, beats the base rate's log loss.
+    Claim("neg AUC: full retrain", lambda r: _row(r, "(b) full retrain", "neg", "auc"), 0.6),
+    Claim("neg normalized entropy: full retrain", lambda r: _row(r, "(b) full retrain", "neg", "ne"), 1.0, True),
     Claim("mean pCVR: oracle labels minus naive",
           lambda r: r["delay"]["oracle labels"]["mean_pcvr"] - r["delay"]["naive"]["mean_pcvr"], 0.0),
     # Bars over 3 training-noise sds below the CI world's mean over 6 learners, under the 0.1 % quantile of a

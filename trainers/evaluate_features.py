@@ -152,7 +152,7 @@ def evaluate_world(settings: Settings, scale: FeatureScale, seed: int, rate: flo
     cfg = SimulatorConfig(seed=seed, run_id=settings.feast_project, start=start,
                           hours=24.0 * (scale.warmup_days + scale.history_days + 1), users=scale.users,
                           ads=scale.ads,
-                          impressions_per_hour=scale.impressions_per_hour, ctr=0.05, cvr=0.1,
+                          impressions_per_hour=scale.impressions_per_hour, ctr=0.05, cvr=0.1, neg_rate=0.02,
                           drift_logit_per_day=0.0, speed=scale.speed, prediction_log=False,
                           effects=Effects.realistic())
     frame, truth = through_the_pipeline(settings, cfg)
@@ -162,6 +162,9 @@ def evaluate_world(settings: Settings, scale: FeatureScale, seed: int, rate: flo
     frame["oracle_ctr"] = truth["true_pctr"].reindex(frame["impression_id"]).to_numpy()
     frame["oracle_cvr"] = truth["true_pcvr"].reindex(frame["impression_id"]).to_numpy() * share
     frame["converted"] = frame["converted"].fillna(False).astype(bool)
+    # Hides and reports as silver counted them (the joiner's rules), and the oracle's pNeg.
+    frame["negative"] = pd.array(frame["negative_feedback"], dtype="boolean").fillna(False).to_numpy(dtype=bool)
+    frame["oracle_neg"] = truth["true_pneg"].reindex(frame["impression_id"]).to_numpy()
     day = (frame["impression_time_ms"].to_numpy() - cfg.start_ms) // DAY_MS
     first, last = scale.warmup_days, scale.warmup_days + scale.history_days
     history, held = frame[(day >= first) & (day < last)], frame[day == last].reset_index(drop=True)
@@ -171,6 +174,7 @@ def evaluate_world(settings: Settings, scale: FeatureScale, seed: int, rate: flo
     spec = InputSpec.from_schemas(settings.trainer.id_buckets, settings.trainer.small_buckets)
     oracle = {"ctr": held["oracle_ctr"].to_numpy(), "cvr": held["oracle_cvr"].to_numpy()}
     oracle["ctcvr"] = oracle["ctr"] * oracle["cvr"]
+    oracle["neg"] = held["oracle_neg"].to_numpy()
     rows = {"(a) oracle": task_metrics(held, oracle)}
     scores = {"(a) oracle": oracle}
     for label, view in (("with features", lambda f: f), ("ids and context only", without_features)):

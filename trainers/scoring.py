@@ -5,7 +5,7 @@
 1. the network's outputs at the default position (no position bias at scoring);
 2. pCTR with negative downsampling undone exactly, ``p / (p + (1 - p) / w)`` (w: the negatives' keep rate);
    pCVR is a per-click rate, untouched by downsampling non-clicks, so pCTCVR = pCTR x pCVR stays exact;
-3. post-hoc calibrators (fitted on held-out rows) for CTR and CTCVR; pCVR = pCTCVR / pCTR.
+3. post-hoc calibrators (fitted on held-out rows) for CTR, CTCVR and negative feedback; pCVR = pCTCVR / pCTR.
 
 ``save``/``load`` write and read it through the registry: weights as safetensors, the network's config,
 calibrators and the rest as JSON metadata (nothing is unpickled). ``reference_of`` gives a model's score
@@ -57,9 +57,9 @@ class ScoringModel:
 
 
 def apply_calibrators(calibrators: dict, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """pCTR and pCTCVR through their calibrators (where fitted); pCVR follows as pCTCVR / pCTR."""
+    """pCTR, pCTCVR and pNeg through their calibrators (where fitted); pCVR follows as pCTCVR / pCTR."""
     out = dict(out)
-    for task in ("ctr", "ctcvr"):
+    for task in ("ctr", "ctcvr", "neg"):
         if task in calibrators:
             out[task] = np.clip(calibrators[task].transform(out[task]), EPS, 1 - EPS)
     out["ctcvr"] = np.minimum(out["ctcvr"], out["ctr"])
