@@ -36,9 +36,6 @@ from infra.spark_session import spark_session
 from label_joiner.rules import FIRST_ORDER, Rules
 from schemas.events import Click, Conversion, Impression, LabeledImpression, NegativeFeedback
 
-ID_FIELD = {Impression: "impression_id", Click: "click_id", Conversion: "conversion_id",
-            NegativeFeedback: "feedback_id"}
-
 
 def read_events(spark, settings: Settings, cls, rules: Rules):
     """Valid, plausible events of ``cls`` from bronze, with ``arrival`` (the record's Kafka timestamp, ms)."""
@@ -58,6 +55,19 @@ def first(frame, key: str = "impression_id"):
     return frame.withColumn("rank", F.row_number().over(order)).where("rank = 1").drop("rank")
 
 
+def first_after_impression(events, id_field: str, imps, in_window, arrived_in_time):
+    """Per impression, the event (a click, or a hide or report) that counts: within its window after the impression
+    and arrived in time, repeats once, the earliest (time, then id); columns impression_id, id, t."""
+    from pyspark.sql import functions as F
+
+    imp_t = F.col("impression_time_ms")
+    return first(events.select("impression_id", F.col(id_field).alias("id"), F.col("event_time_ms").alias("t"),
+                               "arrival")
+                 .join(imps.select("impression_id", "impression_time_ms"), "impression_id")
+                 .where(in_window(imp_t, F.col("t")) & arrived_in_time(imp_t, F.col("arrival")))
+                 .dropDuplicates(["id"]))  # after the arrival rule: a late copy never hides a timely one
+
+
 def labeled_impressions(spark, settings: Settings, start_ms: int, end_ms: int):
     """Matured labels and context of the impressions with ``start_ms <= event time < end_ms``."""
     from pyspark.sql import functions as F
@@ -69,15 +79,10 @@ def labeled_impressions(spark, settings: Settings, start_ms: int, end_ms: int):
             .dropDuplicates(["impression_id"])
             .select("impression_id", "user_id", "ad_id", "advertiser_id", "campaign_id", "placement", "position",
                     "device", "bid", F.col("event_time_ms").alias("impression_time_ms")))
-    imp_t = F.col("impression_time_ms")
-    clicks = first(read_events(spark, settings, Click, rules)
-                   .select("impression_id", F.col("click_id").alias("id"), F.col("event_time_ms").alias("t"),
-                           "arrival")
-                   .join(imps.select("impression_id", "impression_time_ms"), "impression_id")
-                   .where(rules.click_in_window(imp_t, F.col("t"))
-                          & rules.click_arrived_in_time(imp_t, F.col("arrival")))
-                   .dropDuplicates(["id"])  # after the arrival rule: a late copy never hides a timely one
-                   ).select("impression_id", F.col("id").alias("click_id"), F.col("t").alias("click_time_ms"))
+    clicks = first_after_impression(read_events(spark, settings, Click, rules), "click_id", imps, rules.click_in_window,
+                                    rules.click_arrived_in_time
+                                    ).select("impression_id", F.col("id").alias("click_id"),
+                                             F.col("t").alias("click_time_ms"))
     click_t = F.col("click_time_ms")
     convs = first(read_events(spark, settings, Conversion, rules)
                   .select("impression_id", "click_id", F.col("conversion_id").alias("id"),
@@ -88,14 +93,9 @@ def labeled_impressions(spark, settings: Settings, start_ms: int, end_ms: int):
                   .dropDuplicates(["id"])
                   ).select("impression_id", F.col("t").alias("conversion_time_ms"),
                            F.col("value").alias("conversion_value"))
-    feedback = first(read_events(spark, settings, NegativeFeedback, rules)
-                     .select("impression_id", F.col("feedback_id").alias("id"), F.col("event_time_ms").alias("t"),
-                             "arrival")
-                     .join(imps.select("impression_id", "impression_time_ms"), "impression_id")
-                     .where(rules.feedback_in_window(imp_t, F.col("t"))
-                            & rules.feedback_arrived_in_time(imp_t, F.col("arrival")))
-                     .dropDuplicates(["id"])
-                     ).select("impression_id", F.lit(True).alias("negative_feedback"))
+    feedback = first_after_impression(read_events(spark, settings, NegativeFeedback, rules), "feedback_id", imps,
+                                      rules.feedback_in_window, rules.feedback_arrived_in_time
+                                      ).select("impression_id", F.lit(True).alias("negative_feedback"))
     labels = (imps.join(clicks, "impression_id", "left").join(convs, "impression_id", "left")
               .join(feedback, "impression_id", "left")
               .join(F.broadcast(campaigns_as_of(spark, settings, end_ms).select("campaign_id", "category_id")),

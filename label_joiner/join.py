@@ -159,7 +159,7 @@ class PartitionJoin:
             h = {"src": "click", "id": ev["click_id"], "t": ev["event_time_ms"], "a": arrival, "o": offset, "ev": ev}
         elif source == "feedback":
             h = {"src": "feedback", "id": ev["feedback_id"], "t": ev["event_time_ms"], "a": arrival, "o": offset,
-                 "kind": ev["kind"], "ev": ev}
+                 "ev": ev}
         else:
             h = {"src": "conversion", "id": ev["conversion_id"], "t": ev["event_time_ms"], "a": arrival, "o": offset,
                  "click": ev["click_id"], "value": ev["value"], "ev": ev}
@@ -249,7 +249,7 @@ class PartitionJoin:
         if best is not None:
             self.counts["repeat feedback"] += 1
         if best is None or (f["t"], f["id"]) < (best["t"], best["id"]):
-            entry["neg"] = {"id": f["id"], "t": f["t"], "kind": f["kind"]}
+            entry["neg"] = {"id": f["id"], "t": f["t"]}
 
     def _place_conversion(self, entry: dict, v: dict, out: Emitted) -> None:
         """A conversion naming the attributed click: the earliest valid one (time, then id) counts."""
