@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from trainers.data import Batch, InputSpec, encode, minibatches
-from trainers.loss import multitask_loss
+from trainers.loss import CVR_CLICK_WEIGHT, multitask_loss
 from trainers.model import PlainMLP, Ranker, RankerOutput, autocast, model_from_config, pick_device
 from trainers.train import optimizers
 
@@ -228,12 +228,18 @@ def test_fnw_weights_match_manual_computation():
         fnw += w * (pos + (1 - p) * negative if c else pos + negative)
     labelled = [(z, y, w) for z, y, w in zip(neg, label_neg, weight, strict=True) if not math.isnan(y)]
     exp_neg = sum(w * sum(bce(s(z), y)) for z, y, w in labelled) / sum(w for _, _, w in labelled)
+    # CVR on the clicked rows alone, with the same FNW factors (1 on the positive term, 1 - p on the negative).
+    on_clicks = [(b, y, w) for b, y, c, w in zip(cvr, label_ctcvr, clicked, weight, strict=True) if c]
+    exp_cvr = sum(w * (bce(s(b), y)[0] + (1 - s(b)) * bce(s(b), y)[1]) for b, y, w in on_clicks)
+    exp_cvr /= sum(w for _, _, w in on_clicks)
 
     loss, m = multitask_loss(out, batch, scheme="fnw")
     assert m["ctr"] == pytest.approx(exp_ctr, rel=1e-5)
     assert m["ctcvr"] == pytest.approx(fnw / total_w, rel=1e-5)
+    assert m["cvr"] == pytest.approx(exp_cvr, rel=1e-5)
     assert m["neg"] == pytest.approx(exp_neg, rel=1e-5)
-    assert loss.item() == pytest.approx(exp_ctr + fnw / total_w + 0.5 * exp_neg, rel=1e-5)
+    assert loss.item() == pytest.approx(exp_ctr + fnw / total_w + CVR_CLICK_WEIGHT * exp_cvr + 0.5 * exp_neg,
+                                        rel=1e-5)
     _, m_naive = multitask_loss(out, batch, scheme="naive")
     assert m_naive["ctcvr"] == pytest.approx(naive / total_w, rel=1e-5)
     assert m_naive["ctcvr"] != pytest.approx(m["ctcvr"], rel=1e-3)
@@ -248,8 +254,9 @@ def test_fnw_weights_carry_no_gradient_through_p():
     loss, _ = multitask_loss(out, tiny_batch([0.0], [True], [1.0], [float("nan")]), scheme="fnw")
     (grad,) = torch.autograd.grad(loss, cvr)
     p, q = torch.sigmoid(cvr.detach()), torch.sigmoid(torch.tensor(0.0))
-    # d/dz of -(w) log(1 - q sigmoid(z)), w = 1 - p held fixed
-    expected = (1 - p) * q * p * (1 - p) / (1 - q * p)
+    # d/dz of -(w) log(1 - q sigmoid(z)) (CTCVR) and of -(w) log(1 - sigmoid(z)) (CVR on clicks), w = 1 - p held
+    # fixed
+    expected = (1 - p) * q * p * (1 - p) / (1 - q * p) + CVR_CLICK_WEIGHT * (1 - p) * p
     torch.testing.assert_close(grad, expected)
 
 
@@ -333,3 +340,47 @@ def test_cuda_bf16_autocast():
     out = run_on(torch.device("cuda"))
     assert out.ctr_logit.is_cuda and out.ctr_logit.dtype == torch.float32
     assert bool(torch.isfinite(out.p_ctcvr).all()) and bool((out.p_ctcvr <= out.p_ctr).all())
+
+
+def test_cvr_path_reaches_the_shared_layers_only_by_its_scale():
+    """Negative transfer (issue 20): the CVR loss trains the CVR expert and tower fully, the shared layers (cross,
+    MLP, MMoE) by ``cvr_shared_grad`` times what they would get, and not at all at 0."""
+    data = encode(make_frame(64, seed=8), SPEC)
+
+    def shared_and_expert_grads(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        model = Ranker(SPEC, embedding_dim=8, mlp=(16,), expert_dim=8, cvr_expert=(8,), cvr_shared_grad=scale)
+        model(data).cvr_logit.sum().backward()
+        layers = (*model.deep.parameters(), *model.mmoe.expert_layer.parameters())
+        shared = torch.cat([p.grad.flatten() for p in layers])
+        return shared, torch.cat([p.grad.flatten() for p in model.cvr_expert.parameters()])
+
+    full, expert_full = shared_and_expert_grads(1.0)
+    tenth, expert_tenth = shared_and_expert_grads(0.1)
+    none, expert_none = shared_and_expert_grads(0.0)
+    assert full.abs().max() > 0
+    torch.testing.assert_close(tenth, 0.1 * full)
+    assert none.abs().max() == 0
+    torch.testing.assert_close(expert_tenth, expert_full)
+    torch.testing.assert_close(expert_none, expert_full)
+
+
+def test_a_config_saved_before_the_cvr_expert_loads_as_it_was_trained():
+    """A registry version's config from before ``cvr_expert`` has neither key: it rebuilds without the expert and
+    with the full CVR gradient, so its saved state_dict loads strictly."""
+    old = Ranker(SPEC, embedding_dim=8, mlp=(16,), expert_dim=8, cvr_expert=(), cvr_shared_grad=1.0)
+    config = {k: v for k, v in old.config.items() if k not in ("cvr_expert", "cvr_shared_grad")}
+    rebuilt = Ranker.from_config(json.loads(json.dumps(config)))
+    rebuilt.load_state_dict(old.state_dict(), strict=True)
+    assert rebuilt.cvr_expert is None and rebuilt.cvr_shared_grad == 1.0
+
+
+def test_cvr_on_clicks_adds_the_click_conditional_risk():
+    """The CVR term is the BCE of pCVR on clicked rows alone: non-clicked rows do not enter it."""
+    z = torch.tensor([0.3, -0.2, 1.0])
+    out = RankerOutput(torch.zeros(3), z, torch.zeros(3))
+    batch = tiny_batch([1.0, 0.0, 0.0], [True, True, False], [1.0, 1.0, 1.0], [float("nan")] * 3)
+    _, m = multitask_loss(out, batch)
+    p = torch.sigmoid(z)
+    expected = -(torch.log(p[0]) + torch.log(1 - p[1])) / 2
+    assert m["cvr"] == pytest.approx(float(expected), rel=1e-5)

@@ -127,7 +127,11 @@ def test_logged_features_equal_served_features(fresh_topics, tmp_path):
         log = logged[impression]
         # What the scorer encoded for this candidate, and what the store holds (read again, independently).
         assert (log.features, log.feature_lists) == s.encoded.logged(row)
-        feast = store.features(s.request.user_id, [s.request.ad_ids[row]]).to_feast_dict()
+        # Read as the scorer reads: at the request's time, with the categories and advertisers the request names
+        # (an ad with no gold row yet gets its user x category row from the request's category).
+        feast = store.features(s.request.user_id, [s.request.ad_ids[row]], as_of_ms=s.request.event_time_ms,
+                               category_ids=[s.request.category_ids[row]],
+                               advertiser_ids=[s.request.advertiser_ids[row]]).to_feast_dict()
         want = {c: float(feast[c][0]) for c in s.encoded.columns if feast.get(c, [None])[0] is not None}
         assert log.features == want
         assert log.feature_lists == {c: [float(x) for x in v[0]] for c, v in feast.items() if isinstance(v[0], list)}

@@ -1,9 +1,14 @@
 """The ranker's multi-task loss: CTR, CTCVR (ESMM) and negative feedback, over every impression.
 
 - CTR: weighted BCE of ``ctr_logit`` against ``label_ctr``.
-- CTCVR: BCE of ``p_ctcvr = p_ctr * p_cvr`` against ``label_ctcvr`` (soft labels allowed). pCVR is only
-  ever trained through this product over all impressions (ESMM), never on clicked rows alone, so it is
-  free of the sample-selection bias of a click-only CVR model.
+- CTCVR: BCE of ``p_ctcvr = p_ctr * p_cvr`` against ``label_ctcvr`` (soft labels allowed), over all
+  impressions (ESMM).
+- CVR on clicks: BCE of ``cvr_logit`` against the conversion label on clicked rows alone, times
+  ``CVR_CLICK_WEIGHT``. Through pCTCVR alone a click's conversion signal is averaged with the ~20 non-clicks per
+  click and the CVR tower barely learns (README, issue 20). This is the click-conditional CVR risk that ESCM2
+  (Wang et al. 2022) adds to ESMM, here without its inverse-propensity weights: the held-out CVR is measured on
+  clicks, and pCVR enters the eCPM only multiplied by pCTR. The model keeps this term from dragging the shared
+  layers toward CVR (``cvr_shared_grad`` in ``trainers/model.py``).
 - neg: BCE of ``neg_logit`` on rows that have a negative-feedback label (``label_neg`` not NaN), each row also
   weighted by ``neg_weight`` (1 / its sample rate: the training set keeps every click and some non-clicks).
 
@@ -51,6 +56,7 @@ from trainers.model import RankerOutput
 
 SCHEMES = ("naive", "fnw", "delay_curve")
 NEG_WEIGHT = 0.5
+CVR_CLICK_WEIGHT = 1.0
 P_CLAMP = 1e-7
 EPS = 1e-12
 
@@ -80,7 +86,7 @@ def fnw_weights(p_cvr: Tensor, clicked: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def multitask_loss(out: RankerOutput, batch: Batch, scheme: str = "naive") -> tuple[Tensor, dict[str, float]]:
-    """The total loss to minimize and its float parts ``{"loss", "ctr", "ctcvr", "neg"}``."""
+    """The total loss to minimize and its float parts ``{"loss", "ctr", "ctcvr", "cvr", "neg"}``."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown label scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
     weight = batch.weight.float()
@@ -103,6 +109,14 @@ def multitask_loss(out: RankerOutput, batch: Batch, scheme: str = "naive") -> tu
         pos_term, neg_term = pos_w * pos_term, neg_w * neg_term
     ctcvr = weighted_mean(pos_term + neg_term, weight)
 
+    # CVR on clicked rows (FNW's weights apply as they do to the CTCVR term: a fake negative counts 1 - p).
+    cvr_pos = -y * F.logsigmoid(out.cvr_logit.float())
+    cvr_neg = -(1.0 - y) * F.logsigmoid(-out.cvr_logit.float())
+    if scheme == "fnw":
+        cvr_pos, cvr_neg = pos_w * cvr_pos, neg_w * cvr_neg
+    cvr = weighted_mean(torch.where(batch.clicked, cvr_pos + cvr_neg, 0.0),
+                        torch.where(batch.clicked, weight, 0.0))
+
     labelled = ~torch.isnan(batch.label_neg)
     neg_bce = F.binary_cross_entropy_with_logits(
         out.neg_logit.float(), torch.nan_to_num(batch.label_neg.float(), nan=0.0), reduction="none"
@@ -110,6 +124,6 @@ def multitask_loss(out: RankerOutput, batch: Batch, scheme: str = "naive") -> tu
     neg_weight = weight if batch.neg_weight is None else weight * batch.neg_weight.float()
     neg = weighted_mean(torch.where(labelled, neg_bce, 0.0), torch.where(labelled, neg_weight, 0.0))
 
-    total = ctr + ctcvr + NEG_WEIGHT * neg
-    parts = torch.stack([total, ctr, ctcvr, neg]).detach().tolist()  # one device sync, not four
-    return total, dict(zip(("loss", "ctr", "ctcvr", "neg"), parts, strict=True))
+    total = ctr + ctcvr + CVR_CLICK_WEIGHT * cvr + NEG_WEIGHT * neg
+    parts = torch.stack([total, ctr, ctcvr, cvr, neg]).detach().tolist()  # one device sync, not five
+    return total, dict(zip(("loss", "ctr", "ctcvr", "cvr", "neg"), parts, strict=True))

@@ -9,8 +9,10 @@
 - a DCN-v2 cross network and an MLP in parallel over the concatenated inputs, then an MMoE layer
   (shared experts, one softmax gate per task) and one small tower per task;
 - a position bias added to the CTR logit only (fixed to ``DEFAULT_POSITION`` when scoring);
-- ESMM: pCTCVR = pCTR * pCVR is what the conversion label trains, over all impressions, so pCVR is never
-  fitted on clicked rows alone (see ``trainers/loss.py``).
+- ESMM: pCTCVR = pCTR * pCVR is trained over all impressions; pCVR also gets a loss of its own on clicked
+  rows (``trainers/loss.py``), through a CVR expert of its own (``cvr_expert``: its layer sizes), while its
+  gradient into the shared layers is scaled by ``cvr_shared_grad``: the conversion signal reaches the CVR tower
+  without pulling the layers CTR depends on toward CVR (negative transfer).
 
 :class:`PlainMLP` is the cheapest peer with the same inputs and outputs. The same code runs on CPU and
 CUDA: :func:`pick_device` chooses the device and :func:`autocast` turns on bf16 only on CUDA.
@@ -197,6 +199,24 @@ class TargetAttention(nn.Module):
         return torch.einsum("bl,bld->bd", weights.to(history.dtype), history)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times ``scale`` backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:  # noqa: D102
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: Tensor, scale: float) -> Tensor:
+    """``x`` unchanged, its gradient scaled by ``scale`` (0: the layers below learn nothing from this path)."""
+    return x if scale == 1.0 else _ScaleGrad.apply(x, scale)
+
+
 class CrossNetwork(nn.Module):
     """DCN-v2 full-rank cross layers: ``x_{l+1} = x0 * (W x_l + b) + x_l``."""
 
@@ -231,15 +251,23 @@ class Ranker(RankerBase):
 
     With ``interactions`` the pairwise dot products of the field embeddings (and the attention's interest
     vector) join the input, as in DLRM: a user x ad affinity is one number the towers read directly, instead of
-    a product the MLP has to approximate."""
+    a product the MLP has to approximate.
+
+    The CVR tower reads its MMoE mixture (gradient into the shared layers scaled by ``cvr_shared_grad``) and, with
+    ``cvr_expert``, an expert of its own over the same inputs (PLE's task-specific expert)."""
+
+    # What a saved config without these keys was trained as (before the CVR expert existed).
+    LEGACY = {"cvr_expert": (), "cvr_shared_grad": 1.0}
 
     def __init__(self, spec: InputSpec, embedding_dim: int = 16, cross_layers: int = 2,
                  mlp: tuple[int, ...] = (128, 64), experts: int = 3, expert_dim: int = 64,
-                 interactions: bool = True) -> None:
+                 interactions: bool = True, cvr_expert: tuple[int, ...] = (64,), cvr_shared_grad: float = 0.1) -> None:
         super().__init__(spec, embedding_dim)
         self.config = {"model": type(self).__name__, "spec": dataclasses.asdict(spec),
                        "embedding_dim": embedding_dim, "cross_layers": cross_layers, "mlp": list(mlp),
-                       "experts": experts, "expert_dim": expert_dim, "interactions": interactions}
+                       "experts": experts, "expert_dim": expert_dim, "interactions": interactions,
+                       "cvr_expert": list(cvr_expert), "cvr_shared_grad": cvr_shared_grad}
+        self.cvr_shared_grad = cvr_shared_grad
         self.interactions = interactions
         n_vectors = len(spec.sparse_fields) + 1
         self.pairs = torch.triu_indices(n_vectors, n_vectors, offset=1) if interactions else None
@@ -249,9 +277,13 @@ class Ranker(RankerBase):
         self.cross = CrossNetwork(x0_dim, cross_layers)
         self.deep = mlp_layers(x0_dim, mlp)
         self.mmoe = MMoE(x0_dim + (mlp[-1] if mlp else x0_dim), experts, expert_dim, len(TASKS))
+        self.cvr_expert = mlp_layers(x0_dim, cvr_expert) if cvr_expert else None
+        cvr_expert_dim = cvr_expert[-1] if cvr_expert else 0
         tower = max(expert_dim // 2, 1)
         self.towers = nn.ModuleList(
-            nn.Sequential(nn.Linear(expert_dim, tower), nn.ReLU(), nn.Linear(tower, 1)) for _ in TASKS
+            nn.Sequential(nn.Linear(expert_dim + (cvr_expert_dim if task == "cvr" else 0), tower), nn.ReLU(),
+                          nn.Linear(tower, 1))
+            for task in TASKS
         )
 
     @classmethod
@@ -262,8 +294,8 @@ class Ranker(RankerBase):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Ranker:
         """The model ``config`` describes (untrained: load its state_dict next)."""
-        args = {k: v for k, v in config.items() if k not in ("model", "spec")}
-        args["mlp"] = tuple(args["mlp"])
+        args = cls.LEGACY | {k: v for k, v in config.items() if k not in ("model", "spec")}
+        args["mlp"], args["cvr_expert"] = tuple(args["mlp"]), tuple(args["cvr_expert"])
         return cls(spec_from_dict(config["spec"]), **args)
 
     def forward(self, batch: Batch, position: bool = True) -> RankerOutput:
@@ -278,7 +310,11 @@ class Ranker(RankerBase):
             parts.append(dots[:, self.pairs[0], self.pairs[1]])
         x0 = torch.cat(parts, 1)
         shared = torch.cat([self.cross(x0), self.deep(x0)], 1)
-        ctr, cvr, neg = (tower(x) for tower, x in zip(self.towers, self.mmoe(shared), strict=True))
+        ctr_in, cvr_in, neg_in = self.mmoe(shared)
+        cvr_in = scale_grad(cvr_in, self.cvr_shared_grad)
+        if self.cvr_expert is not None:
+            cvr_in = torch.cat([cvr_in, self.cvr_expert(x0)], 1)
+        ctr, cvr, neg = (tower(x) for tower, x in zip(self.towers, (ctr_in, cvr_in, neg_in), strict=True))
         return self.output(ctr, cvr, neg, batch, position)
 
 
