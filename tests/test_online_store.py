@@ -8,6 +8,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
@@ -73,6 +74,9 @@ def test_read_path_equals_get_online_features(redis_settings, tmp_path):
             assert set(got) == set(want)
             for name in want:
                 assert got[name] == want[name], name
+            # Without the ad cache (storage reads per request) the same request reads the same values.
+            uncached = OnlineReader(settings, ad_cache=False)
+            assert uncached.features(user, candidates).to_feast_dict() == got
         # A change in the store reaches the cached ads within the refresh period (the stated staleness).
         changed = {**rows[ALL_TABLES[1]][0], "ad_ctr_7d": 0.123456, "event_timestamp": ts + timedelta(hours=1)}
         other = next(a for a in candidates if a != changed["ad_id"])
@@ -101,6 +105,12 @@ def test_read_path_equals_get_online_features(redis_settings, tmp_path):
         writer.write(ALL_TABLES[1], [{**changed, "ad_ctr_7d": 0.5}])
         two_refreshes()
         assert reader.features(users[0], [changed["ad_id"]]).to_feast_dict()["ad_features__ad_ctr_7d"] == [0.5]
+        # The reader without the cache sees a write at once (no refresh: staleness 0).
+        assert uncached.staleness_s == 0.0
+        writer.write(ALL_TABLES[1], [{**changed, "ad_ctr_7d": 0.25, "event_timestamp": ts + timedelta(hours=2)}])
+        assert uncached.features(users[0], [changed["ad_id"]]).to_feast_dict()["ad_features__ad_ctr_7d"] == [0.25]
+        with pytest.raises(ValueError):
+            uncached.start()
     finally:
         reader.close()
 
