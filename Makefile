@@ -249,7 +249,7 @@ bench-online: up
 	$(PY) -m bench.online_read
 
 # Loading ROWS feature rows into Redis: feast materialize vs our writer vs pipelined HSET of the same bytes.
-ROWS ?= 1000000
+ROWS ?= 200000
 bench-materialize: up
 	$(PY) -m bench.materialize --rows $(ROWS)
 

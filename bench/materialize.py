@@ -1,10 +1,15 @@
-"""Loading feature rows into Redis in Feast's layout: ``feast materialize`` (from the gold Delta table)
-vs our bulk loader (``feature_repo.bulk``, 1 and 2 processes) vs sending the same pre-encoded bytes as
-pipelined HSETs over one connection (the ceiling: no encoding at all). Goal: >= 250k rows/s.
+"""Loading feature rows into Redis in Feast's layout, every path on the same rows (``--rows``, default 200k
+``ad_features`` rows: 6 integers, 5 doubles). Goal: >= 250k rows/s. Two comparisons:
 
-``python -m bench.materialize --rows 1000000`` (``make bench-materialize``). Feast runs on
-``--feast-rows`` (default 100k) rows: at its rate, a million would take minutes. Rows: ``ad_features``
-(11 features: 6 integers, 5 doubles).
+- **end to end from the gold Delta table** (one day's partition, the latest row per ad in the interval):
+  ``feast materialize`` (its Spark offline store) against ours (Spark reads the same table, the same
+  latest-per-entity rule, then our bulk loader ``feature_repo.bulk``), each timed from the call to the last write;
+- **from the same in-memory frame**: Feast's ``write_to_online_store`` against our bulk loader (1 and 2
+  processes), and the ceiling: the same pre-encoded bytes as pipelined HSETs on one connection (no encoding).
+
+After each path, Feast's ``get_online_features`` reads back a sample of what it wrote (each path loads its own
+project, so no path's rows can stand in for another's). ``python -m bench.materialize --rows 200000``
+(``make bench-materialize``).
 """
 
 from __future__ import annotations
@@ -42,46 +47,80 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def latest_per_ad(spark, path: str, start: datetime, end: datetime) -> pd.DataFrame:
+    """The gold table's rows in [start, end), the latest per ad (what ``feast materialize`` loads), as pandas."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    rows = spark.read.format("delta").load(path).where(
+        (F.col("event_timestamp") >= F.lit(start)) & (F.col("event_timestamp") < F.lit(end)))
+    latest = Window.partitionBy("ad_id").orderBy(F.col("event_timestamp").desc())
+    picked = rows.withColumn("_n", F.row_number().over(latest)).where("_n = 1").drop("_n", "ds")
+    return picked.toPandas()
+
+
+def check_read_back(store, rows: pd.DataFrame, n: int = 200) -> None:
+    """Feast's ``get_online_features`` returns what was loaded, for a sample of ``rows``."""
+    sample = random.Random(3).sample(range(len(rows)), min(n, len(rows)))
+    got = store.get_online_features(features=[f"ad_features:{name}" for name in AdFeatures.feature_names()],
+                                    entity_rows=[{"ad_id": int(rows["ad_id"].iloc[i])} for i in sample]).to_dict()
+    for name in AdFeatures.feature_names():
+        assert got[name] == rows[name].iloc[sample].tolist(), name
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.materialize", description=__doc__)
-    p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--feast-rows", type=int, default=100_000)
+    p.add_argument("--rows", type=int, default=200_000)
     a = p.parse_args(argv)
     base = get_settings()
-    settings = base.model_copy(update={"var_dir": base.var_dir / "bench-materialize",
-                                       "feast_project": f"bench{uuid.uuid4().hex[:6]}"})
-    os.environ["ADS_VAR_DIR"] = str(settings.var_dir)  # the repo's sources read the lake from the settings
+    root = base.var_dir / "bench-materialize"
+    os.environ["ADS_VAR_DIR"] = str(root)  # the repo's sources read the lake from the settings
     get_settings.cache_clear()
-    rows = frame(a.rows)
-    results = []
 
+    def project(name: str):
+        """Settings and a Feast store of a fresh project (its own Redis keys) over the shared lake."""
+        settings = base.model_copy(update={"var_dir": root, "feast_project": f"bench{name}{uuid.uuid4().hex[:6]}"})
+        return settings, feature_store(settings, "redis")
+
+    rows = frame(a.rows)
     from infra.spark_session import spark_session
 
+    settings, _ = project("lake")
     spark = spark_session("bench-materialize", settings)
-    small = rows.head(a.feast_rows).assign(ds="2026-11-20")
     path = str(settings.lake_dir / "gold" / AdFeatures.VIEW)
-    spark.createDataFrame(small).write.format("delta").mode("overwrite").partitionBy("ds").save(path)
-    store = feature_store(settings, "redis")
+    spark.createDataFrame(rows.assign(ds="2026-11-20")).write.format("delta").mode("overwrite") \
+        .partitionBy("ds").save(path)
     start = datetime(2026, 11, 19, tzinfo=UTC)
-    s = timed(lambda: store.materialize(start, start + timedelta(days=3), feature_views=[AdFeatures.VIEW]))
-    results.append(("feast materialize (Spark offline store -> Redis)", len(small), s))
-    print(f"bench: feast materialize {len(small):,} rows in {s:.1f}s", flush=True)
+    end = start + timedelta(days=3)
+    latest_per_ad(spark, path, start, end)  # warm: Spark's first job compiles and loads classes, for both paths
+    results = []
 
+    def record(name: str, seconds: float, store, loaded: pd.DataFrame) -> None:
+        check_read_back(store, loaded)
+        results.append((name, len(loaded), seconds))
+        print(f"bench: {name}: {len(loaded):,} rows in {seconds:.1f}s", flush=True)
+
+    settings, store = project("feast")
+    s = timed(lambda: store.materialize(start, end, feature_views=[AdFeatures.VIEW]))
+    record("end to end from Delta: feast materialize (Spark offline store -> Redis)", s, store, rows)
+    settings, store = project("ours")
+    s = timed(lambda: bulk_write(settings, AdFeatures, latest_per_ad(spark, path, start, end), processes=2))
+    record("end to end from Delta: ours (Spark reads the same rows -> bulk loader, 2 processes)", s, store, rows)
+
+    settings, store = project("write")
+    s = timed(lambda: store.write_to_online_store(AdFeatures.VIEW, df=rows))
+    record("from the frame: Feast write_to_online_store", s, store, rows)
     for procs in (1, 2):
-        s = timed(lambda procs=procs: bulk_write(settings, AdFeatures, rows, processes=procs))
-        results.append((f"ours: bulk loader, {procs} process{'es' if procs > 1 else ''}", len(rows), s))
-        print(f"bench: bulk loader x{procs}: {len(rows):,} rows in {s:.1f}s", flush=True)
+        settings, store = project(f"bulk{procs}")
+        s = timed(lambda procs=procs, settings=settings: bulk_write(settings, AdFeatures, rows, processes=procs))
+        record(f"from the frame: ours, bulk loader, {procs} process{'es' if procs > 1 else ''}", s, store, rows)
+    settings, store = project("ceiling")
     commands = encode_rows(AdFeatures, rows, settings.feast_project)
     s = timed(lambda: send(settings, commands))
-    results.append(("ceiling: the same bytes, pipelined HSET on one connection", len(rows), s))
+    record("ceiling: the same bytes, pipelined HSET on one connection (encoded beforehand)", s, store, rows)
 
-    sample = random.Random(3).sample(range(a.rows), 200)
-    got = store.get_online_features(features=[f"ad_features:{n}" for n in AdFeatures.feature_names()],
-                                    entity_rows=[{"ad_id": i} for i in sample]).to_dict()
-    for name in AdFeatures.feature_names():
-        assert got[name] == rows[name].iloc[sample].tolist(), name  # Feast reads back what we wrote
-
-    print("\nLoading ad_features rows into Redis (Feast's layout; read back with get_online_features)\n")
+    print(f"\nLoading {a.rows:,} ad_features rows into Redis (Feast's layout; each path's rows read back with "
+          "get_online_features)\n")
     print("| path | rows | seconds | rows/s |\n|---|---|---|---|")
     for name, n, s in results:
         print(f"| {name} | {n:,} | {s:.2f} | {n / s:,.0f} |")
