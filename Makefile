@@ -82,11 +82,12 @@ training-set: up
 quality: install
 	$(PY) -m batch_jobs.quality --table $(TABLE) --ds $(DS)
 
-# Feast: register the repo's definitions, then load the online store (Redis; a loud error when it is down).
+# Feast: register the repo's definitions; load gold into the online store with our bulk loader (Feast reads it;
+# Redis down is a loud error).
 feast-apply: up
 	$(PY) -m feature_repo.cli apply
 materialize: up
-	$(PY) -m feature_repo.cli materialize-incremental $$(date -u +%Y-%m-%dT%H:%M:%S)
+	$(PY) -m feature_repo.materialize materialize-incremental $$(date -u +%Y-%m-%dT%H:%M:%S)
 
 # The ranker's three cadences (trainers/; models in var/registry, `python -m trainers.registry list`):
 # weekly full retrain over DAYS days of training sets, daily warm start from the promoted model over DS, and the

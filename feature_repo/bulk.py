@@ -165,3 +165,24 @@ def bulk_write(settings: Settings, table: type[FeatureRow], frame: pd.DataFrame,
     parts = np.array_split(np.arange(len(frame)), processes)
     with mp.get_context("fork").Pool(processes) as pool:
         return sum(pool.map(_load_part, [(settings, table, frame.iloc[p]) for p in parts]))
+
+
+def newer_than_stored(settings: Settings, table: type[FeatureRow], frame: pd.DataFrame,
+                      chunk: int = 10_000) -> pd.DataFrame:
+    """``frame``'s rows whose ``event_timestamp`` is after what the store holds for their entity in ``table``'s
+    view (Feast's writer rule: an older or same-instant row is skipped), so a backfill never overwrites newer
+    values. One pipelined HMGET of ``_ts:<view>`` per ``chunk`` rows."""
+    from feature_repo.online import entity_key, stamp_ms
+
+    if frame.empty:
+        return frame
+    client, project, ts_field = settings.redis.client(), settings.feast_project, f"_ts:{table.VIEW}"
+    ids = [frame[k].to_numpy(dtype=np.int64).tolist() for k in table.ENTITIES]
+    stored: list[int] = []
+    for start in range(0, len(frame), chunk):
+        pipe = client.pipeline(transaction=False)
+        for vals in zip(*(col[start:start + chunk] for col in ids), strict=True):
+            pipe.hget(entity_key(dict(zip(table.ENTITIES, vals, strict=True)), project), ts_field)
+        stored += [stamp_ms(raw) for raw in pipe.execute()]
+    new_ms = pd.to_datetime(frame["event_timestamp"], utc=True).astype("int64").to_numpy() // 1_000_000
+    return frame[new_ms > np.asarray(stored, dtype=np.int64)]
