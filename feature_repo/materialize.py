@@ -7,7 +7,7 @@ the latest row per entity among the ``event_timestamp`` values its table held in
 ran; a row older than (or as old as) what Redis holds for its entity is skipped, as Feast's writer skips it; the
 load is recorded once it succeeded (the time its rows became readable, which training joins on). An incremental
 load starts at the view's previous recorded end. Feast reads what this writes (``get_online_features``:
-``tests/test_materialize.py``). ``make bench-materialize``: 7.7x ``feast materialize`` end to end from the same
+``tests/test_materialize.py``). ``make bench-materialize``: 2.6x ``feast materialize`` end to end from the same
 Delta table. With ``ADS_ONLINE_STORE=sqlite`` (an explicit local store) the command is Feast's.
 """
 
