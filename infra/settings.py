@@ -209,7 +209,7 @@ class WindowSettings(BaseModel):
 
 class SparkSettings(BaseModel):
     master: str = "local[2]"
-    driver_memory: str = "2g"
+    driver_memory: str = "3g"
     shuffle_partitions: int = 4
 
 

@@ -28,5 +28,11 @@ def spark_session(app_name: str, settings: Settings | None = None):
         .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
         .config("spark.sql.warehouse.dir", str(s.var_dir / "spark-warehouse"))
         .config("spark.ui.enabled", "false")
+        # The status store keeps every finished job, stage and SQL execution up to these counts (defaults 1,000
+        # each) even with the UI off: in a long-lived driver (a stream job, a test session) that retained state
+        # filled a 2g heap until a broadcast ran out of memory. Nothing here reads past runs from it.
+        .config("spark.ui.retainedJobs", "100")
+        .config("spark.ui.retainedStages", "100")
+        .config("spark.sql.ui.retainedExecutions", "50")
         .getOrCreate()
     )
