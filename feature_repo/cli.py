@@ -16,13 +16,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from feature_repo.loads import loads_path, parse_materialize, quarantined_in, record, stamps_present
+from feature_repo.loads import (
+    QuarantinedDays,
+    loads_path,
+    parse_materialize,
+    record,
+    refuse_quarantined,
+    stamps_present,
+)
 from feature_repo.store import REPO, OnlineStoreDown, write_config
 from infra.settings import Settings, get_settings
-
-
-class QuarantinedDays(RuntimeError):
-    """A materialization would load a quarantined gold day."""
 
 
 def feast(args: list[str], settings: Settings | None = None, online: str | None = None,
@@ -42,10 +45,7 @@ def feast(args: list[str], settings: Settings | None = None, online: str | None 
         from infra.spark_session import spark_session
 
         present = stamps_present(spark_session("feast-loads", settings), settings, loads)
-        if blocked := quarantined_in(settings, present):
-            raise QuarantinedDays("feature_repo.cli: not materialized: quarantined gold days in the interval: "
-                                  + "; ".join(f"{v}: {', '.join(d)}" for v, d in blocked.items())
-                                  + " (release them with batch_jobs.quality.release, or fix and re-run gold)")
+        refuse_quarantined(settings, present, "feature_repo.cli")
     done = subprocess.run([exe, "-c", str(REPO), "-f", str(config), *args], env=env, check=check)
     if present is not None and done.returncode == 0:
         from infra.spark_session import spark_session

@@ -109,6 +109,19 @@ def stamps_present(spark, settings: Settings, spec: Materialization) -> dict[str
     return out
 
 
+class QuarantinedDays(RuntimeError):
+    """A materialization would load a quarantined gold day."""
+
+
+def refuse_quarantined(settings: Settings, present: dict[str, tuple[int | None, list[int]]], who: str) -> None:
+    """Raise :class:`QuarantinedDays` (naming ``who`` refused, each view and its days) when a load would read a
+    quarantined gold day; the one check both materialization paths make before writing anything."""
+    if blocked := quarantined_in(settings, present):
+        raise QuarantinedDays(f"{who}: not materialized: quarantined gold days in the interval: "
+                              + "; ".join(f"{v}: {', '.join(d)}" for v, d in blocked.items())
+                              + " (release them with batch_jobs.quality.release, or fix and re-run gold)")
+
+
 def quarantined_in(settings: Settings, present: dict[str, tuple[int | None, list[int]]]) -> dict[str, list[str]]:
     """Per view, the quarantined gold days (``batch_jobs.quality``) among the stamps a load would read: a day
     quarantined after it was published (by a person, or a later check) must not reach the online store."""

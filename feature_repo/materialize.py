@@ -13,11 +13,18 @@ Delta table. With ``ADS_ONLINE_STORE=sqlite`` (an explicit local store) the comm
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 from feature_repo.bulk import bulk_write, newer_than_stored
-from feature_repo.cli import QuarantinedDays
-from feature_repo.loads import Materialization, parse_materialize, quarantined_in, record, stamps_present
+from feature_repo.loads import (
+    Materialization,
+    QuarantinedDays,
+    parse_materialize,
+    record,
+    refuse_quarantined,
+    stamps_present,
+)
 from feature_repo.store import OnlineStoreDown, write_config
 from infra.settings import Settings, get_settings
 from schemas.features import BY_VIEW
@@ -41,10 +48,7 @@ def materialize(settings: Settings, spec: Materialization, spark=None) -> dict[s
     write_config(settings, "redis")  # a loud OnlineStoreDown when Redis is not reachable, before any work
     spark = spark or spark_session("materialize", settings)
     present = stamps_present(spark, settings, spec)
-    if blocked := quarantined_in(settings, present):
-        raise QuarantinedDays("feature_repo.materialize: not materialized: quarantined gold days in the interval: "
-                              + "; ".join(f"{v}: {', '.join(d)}" for v, d in blocked.items())
-                              + " (release them with batch_jobs.quality.release, or fix and re-run gold)")
+    refuse_quarantined(settings, present, "feature_repo.materialize")
     written = {}
     for view, (_, stamps) in present.items():
         table = BY_VIEW[view]
@@ -57,20 +61,29 @@ def materialize(settings: Settings, spec: Materialization, spark=None) -> dict[s
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+def command(args: list[str], settings: Settings) -> None:
+    """Run one materialize command line (``feast``'s arguments): our loader into Redis; with an explicit SQLite
+    online store, Feast's CLI (the bulk loader writes Redis only). Raises on failure (``QuarantinedDays``,
+    ``OnlineStoreDown``, a failed Feast command); the demo and the chaos run load gold through this."""
     spec = parse_materialize(args)
     if spec is None:
-        print(__doc__)
-        return 2
-    settings = get_settings()
-    if settings.online_store != "redis":  # the bulk loader writes Redis; an explicit SQLite store goes to Feast
+        raise ValueError(f"not a materialize command: {' '.join(args)!r}")
+    if settings.online_store != "redis":
         from feature_repo.cli import feast
 
-        return feast(args, settings, check=False).returncode
+        feast(args, settings)
+        return
+    materialize(settings, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if parse_materialize(args) is None:
+        print(__doc__)
+        return 2
     try:
-        materialize(settings, spec)
-    except (OnlineStoreDown, QuarantinedDays) as exc:
+        command(args, get_settings())
+    except (OnlineStoreDown, QuarantinedDays, subprocess.CalledProcessError) as exc:
         print(f"feature_repo.materialize: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -6,7 +6,8 @@ them, with a supervisor that restarts whatever exits (as systemd's ``Restart=alw
 - day 0 (uniform serving): the label joiner and the real-time feature worker run; the joiner and the
   real-time worker are killed with ``kill -9``, the broker and Redis are stopped and restarted. Then the batch
   side: a bronze run and a gold run are killed in the middle (``kill -9`` of the Spark driver while it lands or
-  writes) and re-run; silver, ``feast materialize``, the training set and a full retrain (promoted).
+  writes) and re-run; silver, the materialization (``feature_repo.materialize``, as ``make materialize``),
+  the training set and a full retrain (promoted).
 - day 1 (the ad server asks the scoring service over HTTP; it falls back to uniform serving while the service
   is down): the scoring service with its prediction logger and the online trainer run as well; each is killed
   with ``kill -9`` mid-traffic, the broker and Redis are restarted again, the joiner killed again. Then the
@@ -559,7 +560,8 @@ def check_prediction_log(run: ChaosRun) -> Check:
 
 
 def check_online_store(run: ChaosRun) -> Check:
-    """The online store equals a fresh materialization of the lake into a new project, key by key."""
+    """The online store equals a fresh materialization of the lake into a new project by Feast's own
+    ``feast materialize`` (an independent writer: the run loaded its store with ours), key by key."""
     from feature_repo.cli import feast
 
     settings = run.settings

@@ -5,8 +5,9 @@ label joiner and the real-time feature worker, then simulates ``--days`` + 1 day
 midnight (paced: a simulated day in about a minute):
 
 - day 0 (bootstrap): the simulator's ad server serves uniformly (the candidates as drawn, no model); then
-  the batch side (bronze -> silver -> gold with data-quality checks -> ``feast apply`` +
-  ``feast materialize`` -> the point-in-time training set) and a full retrain, promoted;
+  the batch side (bronze -> silver -> gold with data-quality checks -> ``feast apply`` + the materialization
+  ``make materialize`` runs (``feature_repo.materialize``) -> the point-in-time training set) and a full
+  retrain, promoted;
 - days 1..N: the ad server asks the scorer for every request (in process: features from the online store,
   the promoted model hot-reloaded, eCPM auction with second prices, frequency caps, exploration of new ads,
   an A/B experiment: ``control`` keeps the full retrain, ``treatment`` follows promotions), and the scorer
@@ -67,6 +68,7 @@ def day_batch(settings, ds, *, training_set: bool, replay: bool, before=None) ->
     given, runs before each of ``bronze``, ``realtime_log``, ``silver`` and ``gold`` (the chaos run kills a run
     of it there)."""
     from batch_jobs import bronze, gold, realtime_log, silver
+    from feature_repo import materialize
     from feature_repo.cli import feast
 
     before = before or (lambda _step: None)
@@ -79,8 +81,8 @@ def day_batch(settings, ds, *, training_set: bool, replay: bool, before=None) ->
     before("gold")
     print(f"demo: gold {ds}: {gold.run(ds, settings)}", flush=True)
     feast(["apply"], settings)
-    feast(["materialize", (datetime.combine(ds, datetime.min.time()) - timedelta(days=1)).isoformat(),
-           (datetime.combine(ds, datetime.min.time()) + timedelta(days=2)).isoformat()], settings)
+    materialize.command(["materialize", (datetime.combine(ds, datetime.min.time()) - timedelta(days=1)).isoformat(),
+                         (datetime.combine(ds, datetime.min.time()) + timedelta(days=2)).isoformat()], settings)
     if training_set:
         from batch_jobs import training_set as ts
 

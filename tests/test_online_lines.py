@@ -141,3 +141,33 @@ def test_the_gate_promotes_only_a_line_no_worse_than_the_promoted_model():
         worse.learn(encode(_frame(100, seed), spec))
     gate = worse.gate()
     assert not gate["passed"] and gate["line_logloss"] > gate["incumbent_logloss"], gate
+
+
+def test_the_line_s_own_promotion_keeps_the_reference_and_its_window():
+    """After the line promotes its own version the gate still compares the line to the model it began against,
+    over the same sliding window, so the next publication need not wait for ``online_gate_min_examples`` new
+    examples (at the live rate, 500 examples are ~83 s). With no reference, the first version becomes it."""
+    spec = InputSpec.from_schemas(SMALL.id_buckets, SMALL.small_buckets)
+    cfg = SMALL.model_copy(update={"online_gate_margin": 0.01, "online_gate_min_examples": 200})
+    good = Ranker.from_settings(spec, cfg)
+    good.shift_ctr_logit(-3.0)
+    root = Ranker.from_settings(spec, cfg)
+    root.load_state_dict(good.state_dict())
+    root.shift_ctr_logit(3.0)
+
+    learner = OnlineLearner(good, cfg, torch.device("cpu"), "naive")
+    learner.set_incumbent(root, "v-root")
+    for seed in range(2, 5):
+        learner.learn(encode(_frame(100, seed), spec))
+    assert learner.gate()["passed"]
+    learner.promoted_own("v-online-1")
+    learner.learn(encode(_frame(20, 9), spec))  # a few new examples only
+    gate = learner.gate()
+    assert gate["against"] == "v-root" and gate["examples"] == 320 and gate["passed"], gate
+
+    fresh = OnlineLearner(good, cfg, torch.device("cpu"), "naive")
+    assert fresh.gate()["passed"] and "nothing promoted" in fresh.gate()["why"]
+    fresh.promoted_own("v-first")
+    fresh.learn(encode(_frame(100, 3), spec))
+    gate = fresh.gate()
+    assert gate["against"] == "v-first" and not gate["passed"] and "not enough" in gate["why"], gate

@@ -35,9 +35,13 @@ the line learned), so ``warm_start`` can refuse a day an ancestor saw.
    validation: each batch is scored before it is learned, by the line and by the promoted version.
 
 **Gated promotion.** Every ``publish_every_s`` a version is registered (``cadence=online``) with the input
-offsets it learned up to; it is promoted only when its progressive CTR log loss on the newest examples is no
-worse than the promoted version's on the same examples by ``online_gate_margin``
-(``meta["gate"]`` has the numbers). The circuit breaker judges a line as a whole.
+offsets it learned up to; it is promoted only when its progressive CTR log loss on the newest examples (a
+window of ``online_gate_window``, at least ``online_gate_min_examples``) is no worse than the *reference's* on
+the same examples by ``online_gate_margin`` (``meta["gate"]`` has the numbers). The reference is the version
+that was promoted when the line began (usually its batch root) and stays while the line promotes its own
+versions, so after the window first fills every publication can promote (freshness at low rates); a version
+promoted by anyone else (a batch model, a rollback) becomes the new reference and the window restarts. The
+circuit breaker judges a line as a whole.
 """
 
 from __future__ import annotations
@@ -275,7 +279,7 @@ def _logloss(model: Ranker, batch: Batch, keep: np.ndarray, device: torch.device
 
 class OnlineLearner:
     """The model, its optimizers and progressive metrics: ``learn(batch)`` scores (by the line and by the
-    promoted *incumbent*) then learns; :meth:`gate` compares the two over the newest examples."""
+    gate's reference, the *incumbent*) then learns; :meth:`gate` compares the two over the newest examples."""
 
     def __init__(self, model: Ranker, cfg: TrainerSettings, device: torch.device, scheme: str, steps: int = 0):
         self.model, self.cfg, self.device, self.scheme = model.to(device), cfg, device, scheme
@@ -317,6 +321,14 @@ class OnlineLearner:
         self.losses.append(mean)
         return mean
 
+    def promoted_own(self, version: str) -> None:
+        """The line's own ``version`` was just promoted. The gate keeps its reference (the model the line started
+        against, usually the batch root) and its sliding window, so the next version is judged on the newest
+        ``online_gate_window`` examples at once instead of waiting for ``online_gate_min_examples`` new ones.
+        With no reference yet (nothing was promoted when the line began), this first version becomes it."""
+        if self.incumbent is None:
+            self.set_incumbent(copy.deepcopy(self.model), version)
+
     def gate(self) -> dict:
         """Whether the line beats the incumbent on the newest examples (both scored before the line learned)."""
         n = sum(w[0] for w in self.window)
@@ -325,7 +337,7 @@ class OnlineLearner:
         if self.incumbent is None:
             return {**out, "passed": True, "why": "nothing promoted to compare against"}
         if n < self.cfg.online_gate_min_examples:
-            return {**out, "passed": False, "why": "not enough examples since the promoted version changed"}
+            return {**out, "passed": False, "why": "not enough examples since the reference changed"}
         line = sum(w[1] for w in self.window) / n
         theirs = sum(w[2] for w in self.window) / n
         passed = line <= theirs * (1 + self.cfg.online_gate_margin)
@@ -451,11 +463,17 @@ def delta_base(registry: Registry, line: Line, chain: int) -> str | None:
     return line.parent if depth < chain else line.line_root
 
 
-def incumbent_of(registry: Registry) -> tuple[Ranker | None, str | None]:
-    """The promoted version on the stream's scale, what a new online version must not be worse than."""
+def incumbent_of(registry: Registry, line: Line | None = None) -> tuple[Ranker | None, str | None]:
+    """The gate's reference on the stream's scale, what a new online version must not be worse than: the
+    promoted version, or, when that is ``line``'s own newest version (a restart), the reference that version was
+    judged against, if it still exists and was never rolled back."""
     version = registry.promoted()
     if version is None:
         return None, None
+    if line is not None and version == line.parent:
+        against = (registry.meta(version).get("gate") or {}).get("against")
+        if against and against in registry.names() and not registry.tainted(against):
+            version = against
     return stream_scale(load(registry, version)), version
 
 
@@ -509,7 +527,7 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
         if line.optimizer is not None:
             learner.load_optimizer_state(line.optimizer)
             print(f"online: Adam state restored (step {learner.steps})", flush=True)
-        learner.set_incumbent(*incumbent_of(registry))
+        learner.set_incumbent(*incumbent_of(registry, line))
         for tp in parts:
             if tp.partition in line.offsets:
                 consumer.seek(tp, line.offsets[tp.partition])
@@ -552,7 +570,7 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
             registry.promote(version, reason=f"online update after {learner.examples:,} examples: {gate['why']}")
             line.parent = version
             published.append(version)
-            learner.set_incumbent(copy.deepcopy(learner.model), version)
+            learner.promoted_own(version)
         checkpoint.save(line, learner, position)
         report_position(consumer, topic, position)
         print(f"online: {'published and promoted ' + version if version else 'checkpointed, not promoted'} "
@@ -562,7 +580,7 @@ def run(settings: Settings, scheme: str | None = None, publish_every_s: float | 
         if head != line.line_root:
             print(f"online: line {line.line} ends: a newer batch model {head} was promoted", flush=True)
             return False
-        if registry.promoted() != learner.incumbent_version:
+        if registry.promoted() not in (learner.incumbent_version, line.parent):  # promoted by someone else
             learner.set_incumbent(*incumbent_of(registry))
         return True
 
