@@ -225,6 +225,10 @@ class TrainerSettings(BaseModel):
     # Full retrain: the last N days of training sets; warm start: the latest day, from the promoted model.
     full_retrain_days: int = 30
     epochs: int = 2
+    # Candidate retrieval's two towers (trainers/retrieval.py), trained by the batch cadences beside the ranker on
+    # the same rows' clicks: epochs per cadence (0: no towers) and the vectors' size.
+    retrieval_epochs: int = 3
+    retrieval_dim: int = 32
     # Online updates: mini-batch size, and a new model version published every N seconds.
     online_batch_size: int = 256
     online_learning_rate: float = 3e-3  # lower than the batch rate: the stream never ends

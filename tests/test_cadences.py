@@ -17,6 +17,7 @@ from trainers.data import InputSpec, encode
 from trainers.evaluate import downsample
 from trainers.model import Ranker
 from trainers.registry import Registry
+from trainers.retrieval import towers_of
 from trainers.scoring import load
 from trainers.train import fit
 
@@ -61,11 +62,22 @@ def test_full_retrain_then_warm_start(lake):
     assert meta["data_range"] == [days[0]] and meta["parent"] is None and meta["negative_rate"] == 0.5
     assert set(meta["metrics"]) == {"ctr", "ctcvr"}
     assert meta["metrics"]["ctr"]["calibrated"]["auc"] > 0.55, meta["metrics"]
+    # Candidate retrieval's towers are trained beside the ranker, on the same rows' clicks, and stored with it.
+    towers = towers_of(registry, first)
+    assert towers is not None and meta["retrieval"]["clicks"] > 100
 
     second = warm_start.run(settings, ds=days[1])
     meta2 = registry.load(second)[1]
     assert registry.promoted() == second
     assert meta2["parent"] == first and meta2["data_range"] == days[:2] and meta2["cadence"] == "warm"
+    # The warm start continues the parent's towers (trained on: their ad table moved from the parent's).
+    towers2 = towers_of(registry, second)
+    ad_table = "tables.ad_id.weight"
+    assert towers2.config == towers.config
+    assert not torch.equal(towers2.state_dict()[ad_table], towers.state_dict()[ad_table])
+    # Started from the parent's, not afresh: rows of ads no click touched on day 2 keep the parent's values.
+    untouched = (towers2.state_dict()[ad_table] == towers.state_dict()[ad_table]).all(1)
+    assert untouched.sum() > 0.5 * len(untouched)
     # The promoted model scores rows with the downsampling undone: its mean pCTR is near the true rate.
     scoring = load(registry)
     assert scoring.version == second and scoring.negative_rate == 0.5

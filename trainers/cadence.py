@@ -20,6 +20,7 @@ from trainers.datasets import holdout_mask
 from trainers.metrics import summary
 from trainers.model import Ranker
 from trainers.registry import Registry
+from trainers.retrieval import EXTRA_FILE, TwoTower, clicked_rows, to_bytes, train_two_tower
 from trainers.scoring import ScoringModel, reference_of, save
 from trainers.train import fit
 
@@ -72,8 +73,9 @@ def calibrate(scoring: ScoringModel, held: pd.DataFrame, spec, device: torch.dev
 def train_and_register(model: Ranker, train: Batch, held: pd.DataFrame, *, settings: Settings, cadence: str,
                        data_range: list[str], parent: str | None, negative_rate: float, epochs: int, lr: float,
                        device: torch.device, promote: bool, checkpoint=None,
-                       source: str = "training") -> tuple[str, dict]:
-    """Train ``model`` on ``train``, calibrate and measure on ``held``, register; promote when asked."""
+                       source: str = "training", towers: TwoTower | None = None) -> tuple[str, dict]:
+    """Train ``model`` on ``train``, calibrate and measure on ``held``; train candidate retrieval's towers on
+    ``train``'s clicks (on from ``towers``, the parent's, when given); register both; promote when asked."""
     cfg = settings.trainer
     progress = fit(model, train, epochs=epochs, batch_size=cfg.batch_size, lr=lr, device=device,
                    checkpoint=checkpoint, desc=cadence)
@@ -84,6 +86,13 @@ def train_and_register(model: Ranker, train: Batch, held: pd.DataFrame, *, setti
     for task, m in metrics.items():
         print(f"{cadence}: held-out {task}: AUC {m['calibrated']['auc']:.4f} NE {m['calibrated']['ne']:.4f} "
               f"ECE raw {m['raw']['ece']:.4f} -> calibrated {m['calibrated']['ece']:.4f}", flush=True)
+    extra, retrieval = {}, None
+    clicks = len(clicked_rows(train))
+    if cfg.retrieval_epochs > 0 and clicks >= 2:
+        start = towers if towers is not None else TwoTower(model.spec, out_dim=cfg.retrieval_dim)
+        towers = train_two_tower(train, model.spec, epochs=cfg.retrieval_epochs, model=start)
+        extra[EXTRA_FILE] = to_bytes(towers)
+        retrieval = {"config": towers.config, "epochs": cfg.retrieval_epochs, "clicks": clicks}
     registry = Registry(settings.registry_dir)
     meta = {"cadence": cadence, "data_range": data_range, "source": source, "parent": parent, "metrics": metrics,
             "feature_service": {"name": "ranker", "spec": model.spec.fingerprint()},
@@ -91,7 +100,9 @@ def train_and_register(model: Ranker, train: Batch, held: pd.DataFrame, *, setti
                       "device": str(device)},
             "created_ms": int(time.time() * 1000),
             "reference": reference_of(scoring, held)}  # the monitor's PSI (the breaker compares with the parent)
-    version = save(registry, scoring, cadence, meta)
+    if retrieval:
+        meta["retrieval"] = retrieval
+    version = save(registry, scoring, cadence, meta, extra=extra)
     print(f"{cadence}: registered {version} in {settings.registry_dir}", flush=True)
     if promote:
         registry.promote(version, reason=f"{cadence} over {data_range[0]}..{data_range[-1]}")

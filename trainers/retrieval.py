@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,10 @@ from torch import Tensor, nn
 from trainers.data import Batch, InputSpec, minibatches
 from trainers.train import optimizers
 
+if TYPE_CHECKING:
+    from trainers.registry import Registry
+
+EXTRA_FILE = "retrieval.safetensors"  # the towers, an extra file of the batch version they were trained with
 USER_FIELDS = ("user_id", "placement", "device")
 AD_FIELDS = ("ad_id", "advertiser_id", "campaign_id", "category_id")
 # Both towers' vectors are unit length (an inner product is a cosine: HNSW's graph search finds the top of a
@@ -103,12 +108,21 @@ def in_batch_loss(model: TwoTower, batch: Batch, log_q: Tensor) -> Tensor:
     return nn.functional.cross_entropy(logits, torch.arange(len(users)))
 
 
+def clicked_rows(data: Batch) -> Tensor:
+    """Indices of ``data``'s clicks, each once: FNW's duplicated conversion rows (CTR weight 0) and rows that take
+    an example back (negative weight) are not clicks."""
+    keep = (data.label_ctr > 0.5) & (data.weight > 0)
+    if data.ctr_weight is not None:
+        keep &= data.ctr_weight > 0
+    return torch.nonzero(keep).squeeze(1)
+
+
 def train_two_tower(data: Batch, spec: InputSpec, *, epochs: int = 3, batch_size: int = 512, lr: float = 0.005,
                     seed: int = 0, model: TwoTower | None = None, progress: bool = True) -> TwoTower:
     """Fit the towers on ``data``'s clicked rows (a warm start continues ``model``); returns the model, in eval
     mode. Rows with ``label_ctr`` 0 are not used: retrieval learns which ads a user clicks."""
     torch.manual_seed(seed)
-    clicked = torch.nonzero(data.label_ctr > 0.5).squeeze(1)
+    clicked = clicked_rows(data)
     if len(clicked) < 2:
         raise ValueError(f"two-tower training needs clicked rows; the data has {len(clicked)}")
     clicks = data.slice(clicked)
@@ -131,6 +145,31 @@ def train_two_tower(data: Batch, spec: InputSpec, *, epochs: int = 3, batch_size
         if progress:
             print(f"two-tower: epoch {epoch + 1}/{epochs}, in-batch softmax loss {total / max(n, 1):.4f} "
                   f"over {n:,} clicks", flush=True)
+    return model.eval()
+
+
+def to_bytes(model: TwoTower) -> bytes:
+    """The towers' weights as safetensors bytes (their config goes to the version's ``meta["retrieval"]``)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+
+
+def towers_of(registry: Registry, version: str) -> TwoTower | None:
+    """The towers that serve with ``version``: its own, or its line root's for an online version (the online
+    trainer updates the ranker only); None for a version trained before the towers existed."""
+    from safetensors.torch import load
+
+    from trainers.model import spec_from_dict
+
+    meta = registry.meta(version)
+    if "retrieval" not in meta and meta.get("line_root"):
+        version, meta = meta["line_root"], registry.meta(meta["line_root"])
+    info = meta.get("retrieval")
+    if not info:
+        return None
+    model = TwoTower(spec_from_dict(meta["model_config"]["spec"]), **info["config"])
+    model.load_state_dict(load(registry.extra(version, EXTRA_FILE)), strict=True)
     return model.eval()
 
 

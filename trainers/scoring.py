@@ -79,14 +79,15 @@ def reference_of(scoring: ScoringModel, frame: pd.DataFrame) -> dict:
     return reference_distribution(scores, labels["clicked"], labels["converted"], weights)
 
 
-def save(registry: Registry, scoring: ScoringModel, cadence: str, meta: dict, base: str | None = None) -> str:
-    """Register the model (weights + config + calibrators); returns the new version. With ``base``, stored as a
-    delta over that version (``Registry.register``)."""
+def save(registry: Registry, scoring: ScoringModel, cadence: str, meta: dict, base: str | None = None,
+         extra: dict[str, bytes] | None = None) -> str:
+    """Register the model (weights + config + calibrators, ``extra`` files beside them); returns the new version.
+    With ``base``, stored as a delta over that version (``Registry.register``)."""
     full = {**meta, "model_config": scoring.model.config, "negative_rate": scoring.negative_rate,
             "fnw": scoring.fnw, "calibrators": {k: c.to_json() for k, c in scoring.calibrators.items()}}
     state = {k: v.detach().cpu().contiguous() for k, v in scoring.model.state_dict().items()}
     json.dumps(full)  # fail here, before anything is written, if the metadata is not JSON
-    return registry.register(state, full, cadence=cadence, base=base)
+    return registry.register(state, full, cadence=cadence, base=base, extra=extra)
 
 
 def from_registry(state: dict[str, torch.Tensor], meta: dict, version: str) -> ScoringModel:

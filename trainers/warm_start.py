@@ -22,6 +22,7 @@ from trainers.datasets import SOURCES, available_days, encode_split, read_days
 from trainers.full_retrain import negative_rate_of
 from trainers.model import pick_device
 from trainers.registry import Registry
+from trainers.retrieval import towers_of
 from trainers.scoring import ScoringModel, load
 
 WARM_LR_FACTOR = 0.3
@@ -78,7 +79,8 @@ def run(settings: Settings, ds: str | None = None, epochs: int = 1, promote: boo
                                     data_range=[*seen, day], parent=parent.version,
                                     negative_rate=negative_rate_of(frame), epochs=epochs,
                                     lr=cfg.learning_rate * WARM_LR_FACTOR, device=pick_device(cfg.device),
-                                    promote=promote, checkpoint=ckpt, source=source)
+                                    promote=promote, checkpoint=ckpt, source=source,
+                                    towers=towers_of(registry, parent.version))
     return version
 
 
