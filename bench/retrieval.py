@@ -36,10 +36,10 @@ K = 500
 
 def world(seed: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """History (2 days) and held-out day of one world, and its catalog (one row per ad)."""
-    settings = get_settings().model_copy(update={"var_dir": Path(tempfile.mkdtemp(prefix="bench-retrieval-"))})
     cfg = SimulatorConfig(seed=seed, start=START, hours=72, users=20_000, ads=2_000, impressions_per_hour=12_000,
                           ctr=0.05, cvr=0.1, speed=0, prediction_log=False)
-    frame = _frame(generate(cfg, settings).truth, 1.0)
+    with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as var:  # the run's truth files, read back here
+        frame = _frame(generate(cfg, get_settings().model_copy(update={"var_dir": Path(var)})).truth, 1.0)
     day = (frame["impression_time_ms"].to_numpy() - cfg.start_ms) // DAY_MS
     return frame[day < 2], frame[day == 2], frame.drop_duplicates("ad_id")[list(AD_FIELDS)]
 

@@ -19,7 +19,7 @@ from tests.test_online_trainer import produce
 from trainers import warm_start
 from trainers.data import InputSpec, encode
 from trainers.model import Ranker
-from trainers.online import DAY_MS, OnlineLearner, run
+from trainers.online import DAY_MS, Line, OnlineLearner, incumbent_of, run
 from trainers.registry import Registry, RegistryError
 from trainers.scoring import ScoringModel, save
 
@@ -171,3 +171,30 @@ def test_the_line_s_own_promotion_keeps_the_reference_and_its_window():
     fresh.learn(encode(_frame(100, 3), spec))
     gate = fresh.gate()
     assert gate["against"] == "v-first" and not gate["passed"] and "not enough" in gate["why"], gate
+
+
+def test_a_restarted_line_judges_against_the_reference_its_newest_version_was_judged_against(tmp_path):
+    """After a restart the promoted version is the line's own newest one; the gate's reference is recovered from
+    that version's ``meta["gate"]["against"]`` (the batch root here), unless that version was rolled back."""
+    registry = Registry(tmp_path / "registry")
+    spec = InputSpec.from_schemas(SMALL.id_buckets, SMALL.small_buckets)
+    root = batch_model(registry, spec, "full", DAYS[:1], None)
+    online = save(registry, ScoringModel(Ranker.from_settings(spec, SMALL)), "online",
+                  {"line": f"{root}~1", "line_root": root, "gate": {"against": root, "passed": True},
+                   "feature_service": {"name": "ranker", "spec": spec.fingerprint()}})
+    registry.promote(online, reason="test: the line's own version")
+    line = Line(Ranker.from_settings(spec, SMALL), root, online, f"{root}~1", {}, 0, None)
+    model, version = incumbent_of(registry, line)
+    assert version == root and model is not None
+    # Without a line (or for another line's version) the reference is the promoted version itself.
+    assert incumbent_of(registry)[1] == online
+    # A reference that was rolled back is not recovered: the promoted version itself is the reference.
+    bad = batch_model(registry, spec, "warm", DAYS[:2], root)
+    registry.rollback("test: the warm start was bad")
+    assert registry.tainted(bad) == bad
+    judged = save(registry, ScoringModel(Ranker.from_settings(spec, SMALL)), "online",
+                  {"line": f"{root}~2", "line_root": root, "gate": {"against": bad, "passed": True},
+                   "feature_service": {"name": "ranker", "spec": spec.fingerprint()}})
+    registry.promote(judged, reason="test: a version judged against the rolled-back one")
+    line2 = Line(Ranker.from_settings(spec, SMALL), root, judged, f"{root}~2", {}, 0, None)
+    assert incumbent_of(registry, line2)[1] == judged
