@@ -201,8 +201,8 @@ class AdIndex:
         with torch.inference_mode():
             vectors = model.ad_vectors(torch.from_numpy(catalog.ad_sparse)).numpy().astype(np.float32)
         self.vectors = np.ascontiguousarray(vectors)
-        self.catalog, self.model_version = catalog, model_version
-        self.built_for = (model_version, catalog.fingerprint())
+        self.catalog = catalog
+        self.built_for = (model_version, catalog.fingerprint())  # what :meth:`stale` compares with
         self.hnsw = faiss.IndexHNSWFlat(vectors.shape[1], m, faiss.METRIC_INNER_PRODUCT)
         self.hnsw.hnsw.efConstruction = ef_construction
         self.hnsw.add(self.vectors)
