@@ -229,6 +229,8 @@ class TrainerSettings(BaseModel):
     # the same rows' clicks: epochs per cadence (0: no towers) and the vectors' size.
     retrieval_epochs: int = 3
     retrieval_dim: int = 32
+    # The funnel's pre-ranker (trainers/preranker.py), distilled from each batch version's ranker; 0 = none.
+    preranker_epochs: int = 3
     # Online updates: mini-batch size, and a new model version published every N seconds.
     online_batch_size: int = 256
     online_learning_rate: float = 3e-3  # lower than the batch rate: the stream never ends
@@ -282,6 +284,10 @@ class ServingSettings(BaseModel):
     explore_share: float = 0.05
     new_ad_impressions: int = 100
     prior_strength: float = 50.0
+    # The funnel (trainers/preranker.py): the pre-ranker picks this many candidates by estimated eCPM for the
+    # ranker (plus the new ads on an exploring request); 0, or a version without a pre-ranker: the ranker scores
+    # every candidate.
+    rank_top_k: int = 50
     # Prediction logging: bounded in-memory queue, then a bounded on-disk spool while Kafka is down.
     log_queue_records: int = 100_000
     log_spool_bytes: int = 256 * 1024 * 1024

@@ -112,7 +112,7 @@ def test_logged_features_equal_served_features(fresh_topics, tmp_path):
     by_impression = {}
     for s in served:
         assert len(s.shown) == 3 and [x.position for x in s.shown] == [0, 1, 2]
-        for shown, row in zip(s.shown, s.auction.winners.tolist(), strict=True):
+        for shown, row in zip(s.shown, s.ranked[s.auction.winners].tolist(), strict=True):
             by_impression[shown.impression_id] = (s, row)
     records = consume_all(settings, settings.topics.prediction_log, len(by_impression))
     logged = {}
@@ -153,7 +153,7 @@ def test_logged_features_equal_served_features(fresh_topics, tmp_path):
             assert np.allclose(lean[task], full[task], rtol=0, atol=1e-9), task
         assert np.array_equal(lean["ctr"], s.scores["ctr"])
     for s in served:
-        rows = s.auction.winners.tolist()
+        rows = s.ranked[s.auction.winners].tolist()
         logs = [logged[x.impression_id] for x in s.shown]
         replay = encode(frame_from_logs(logs, scoring=True), model.model.spec)
         assert_same_batch(replay, s.encoded.batch.slice(torch.tensor(rows)))

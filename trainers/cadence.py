@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from infra.settings import Settings
+from trainers import preranker
 from trainers.calibration import Calibrator
 from trainers.data import Batch, encode
 from trainers.datasets import holdout_mask
@@ -86,13 +87,19 @@ def train_and_register(model: Ranker, train: Batch, held: pd.DataFrame, *, setti
     for task, m in metrics.items():
         print(f"{cadence}: held-out {task}: AUC {m['calibrated']['auc']:.4f} NE {m['calibrated']['ne']:.4f} "
               f"ECE raw {m['raw']['ece']:.4f} -> calibrated {m['calibrated']['ece']:.4f}", flush=True)
-    extra, retrieval = {}, None
+    extra, retrieval, prerank = {}, None, None
     clicks = len(clicked_rows(train))
     if cfg.retrieval_epochs > 0 and clicks >= 2:
         start = towers if towers is not None else TwoTower(model.spec, out_dim=cfg.retrieval_dim)
         towers = train_two_tower(train, model.spec, epochs=cfg.retrieval_epochs, model=start)
         extra[EXTRA_FILE] = to_bytes(towers)
         retrieval = {"config": towers.config, "epochs": cfg.retrieval_epochs, "clicks": clicks}
+    if cfg.preranker_epochs > 0:  # the funnel's pre-ranker, distilled from the ranker just trained
+        pre = preranker.distil(scoring, train, epochs=cfg.preranker_epochs)
+        extra[preranker.EXTRA_FILE] = preranker.to_bytes(pre)
+        prerank = {"config": pre.config, "epochs": cfg.preranker_epochs,
+                   "held_out": preranker.agreement(scoring, pre, encode(held, model.spec)) if len(held) else {}}
+        print(f"{cadence}: pre-ranker vs the ranker on held-out rows: {prerank['held_out']}", flush=True)
     registry = Registry(settings.registry_dir)
     meta = {"cadence": cadence, "data_range": data_range, "source": source, "parent": parent, "metrics": metrics,
             "feature_service": {"name": "ranker", "spec": model.spec.fingerprint()},
@@ -102,6 +109,8 @@ def train_and_register(model: Ranker, train: Batch, held: pd.DataFrame, *, setti
             "reference": reference_of(scoring, held)}  # the monitor's PSI (the breaker compares with the parent)
     if retrieval:
         meta["retrieval"] = retrieval
+    if prerank:
+        meta["preranker"] = prerank
     version = save(registry, scoring, cadence, meta, extra=extra)
     print(f"{cadence}: registered {version} in {settings.registry_dir}", flush=True)
     if promote:

@@ -4,8 +4,10 @@ For a request (a user, a context, N candidate ads from the ad server's catalog, 
 
 1. the user's arm of the A/B experiment picks the model: the promoted one, or a version the arm is pinned to;
 2. the features of the user and of every candidate come from the online read path in one call;
-3. the request is encoded with numpy (``request_features.encode_request``, no pandas) and scored by the model in
-   one batched call under ``torch.inference_mode()``;
+3. the request is encoded with numpy (``request_features.encode_request``, no pandas); the funnel's pre-ranker
+   (``trainers.preranker``, stored with the version) picks the ``serving.rank_top_k`` candidates with the highest
+   estimated eCPM, plus the new ads when the request explores, and the ranker scores those in one batched call
+   under ``torch.inference_mode()`` (every candidate when the version has no pre-ranker);
 4. frequency caps: one read (``HGETALL``) of the user's counters of the UTC day of the request's event time
    (``fcap:<project>:<yyyymmdd>:<user_id>``, a field per campaign); a campaign at the cap cannot win;
 5. the auction (``auction.run_auction``): eCPM ranking, generalized second price, Thompson exploration of new ads;
@@ -39,12 +41,13 @@ import torch
 from feature_repo.online import OnlineReader, wall_ms
 from infra.settings import Settings
 from schemas.events import PredictionLog
-from streams.serving.auction import NO_CAP, AuctionResult, run_auction
+from streams.serving.auction import NO_CAP, AuctionResult, explores, run_auction
 from streams.serving.experiment import PROMOTED, Experiment
 from streams.serving.request_features import EncodedRequest, ad_counts, encode_request
 from trainers.calibration import undo_downsampling
 from trainers.data import Batch
 from trainers.model import autocast
+from trainers.preranker import Funnel, PreRanker, preranker_of
 from trainers.registry import Registry
 from trainers.scoring import ScoringModel, load
 
@@ -111,11 +114,12 @@ class Served:
     arm: str
     model: ScoringModel | None
     encoded: EncodedRequest | None = None
-    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # of the ranked rows
+    ranked: np.ndarray | None = None  # the request rows the ranker scored (the funnel's pick, or every row)
     auction: AuctionResult | None = None
     shown: list[Shown] = field(default_factory=list)
     logs: list[PredictionLog] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)  # ms per stage: features, encode, model, auction, log
+    timings: dict[str, float] = field(default_factory=dict)  # ms per stage: features, encode, prerank, model, ...
 
 
 def score_batch(model: ScoringModel, batch: Batch, device: torch.device) -> dict[str, np.ndarray]:
@@ -158,6 +162,7 @@ class Scorer:
         self._promoted: ScoringModel | None = None
         self._pinned: dict[str, ScoringModel] = {}
         self._cache: dict[str, ScoringModel] = {}
+        self._prerankers: dict[str, PreRanker | None] = {}  # by the version whose files hold it (a line root)
         self._failed: dict[str, object] = {}  # version -> the promotion (its at_ms) it failed to load under
         self._reload_lock = threading.Lock()
         self._stats_lock = threading.Lock()
@@ -230,7 +235,23 @@ class Scorer:
                       clicked=torch.zeros(1, dtype=torch.bool))
         with torch.inference_mode():
             model.score(dummy, self.device)
+        self._funnel_for(model)
         return model
+
+    def _funnel_for(self, model: ScoringModel) -> Funnel | None:
+        """The pre-ranker that serves with ``model`` over its embeddings (loaded once per line root); None without."""
+        if self.settings.serving.rank_top_k <= 0 or model.version is None:
+            return None
+        source = model.meta.get("line_root") or model.version
+        if source not in self._prerankers:
+            try:
+                self._prerankers[source] = preranker_of(self.registry, source)
+            except Exception as err:  # noqa: BLE001 - a broken pre-ranker file: the ranker scores every candidate
+                log.warning("scorer: %s serves without its pre-ranker (%s): the ranker scores every candidate",
+                            model.version, err)
+                self._prerankers[source] = None
+        pre = self._prerankers[source]
+        return None if pre is None else Funnel(model.model, pre)
 
     def reload(self) -> bool:
         """Swap in the promoted version if it changed; True when a new model now serves. Loading happens here,
@@ -299,19 +320,24 @@ class Scorer:
                              campaign_ids=request.campaign_ids, advertiser_ids=request.advertiser_ids,
                              category_ids=request.category_ids)
         t2 = clock()
-        scores = score_batch(model, enc.batch, self.device)
+        bids = np.asarray(request.bids, dtype=np.float64)
+        impressions, clicks = ad_counts(features)
+        ranked = self._prerank(model, enc.batch, bids, impressions, request.request_id)
+        t_pre = clock()
+        batch = enc.batch if ranked is None else enc.batch.slice(torch.from_numpy(ranked))
+        scores = score_batch(model, batch, self.device)
         t3 = clock()
+        rows = np.arange(len(bids)) if ranked is None else ranked  # the ranked candidates' request rows
         campaigns = np.asarray(request.campaign_ids, dtype=np.int64)
         key = fcap_key(self.settings.feast_project, request.event_time_ms, request.user_id)
-        cap_left = self._cap_left(key, campaigns)
-        impressions, clicks = ad_counts(features)
-        result = run_auction(np.asarray(request.bids, dtype=np.float64), scores["ctr"], scores["cvr"], scores["neg"],
-                             ad_ids=np.asarray(request.ad_ids, dtype=np.int64), slots=request.slots,
-                             campaign_ids=campaigns, cap_left=cap_left, impressions=impressions, clicks=clicks,
-                             request_id=request.request_id, quality_exponent=s.quality_exponent,
+        cap_left = self._cap_left(key, campaigns[rows])
+        result = run_auction(bids[rows], scores["ctr"], scores["cvr"], scores["neg"],
+                             ad_ids=np.asarray(request.ad_ids, dtype=np.int64)[rows], slots=request.slots,
+                             campaign_ids=campaigns[rows], cap_left=cap_left, impressions=impressions[rows],
+                             clicks=clicks[rows], request_id=request.request_id, quality_exponent=s.quality_exponent,
                              reserve_ecpm=s.reserve_ecpm, explore_share=s.explore_share,
                              new_ad_impressions=s.new_ad_impressions, prior_strength=s.prior_strength)
-        winners = result.winners.tolist()
+        winners = rows[result.winners].tolist()
         if winners and s.frequency_cap > 0:
             pipe = self.redis.pipeline(transaction=False)
             for i in winners:
@@ -320,10 +346,10 @@ class Scorer:
             pipe.execute()
         t4 = clock()
         out.encoded, out.scores, out.auction = enc, scores, result
-        for slot, i in enumerate(winners):
+        for slot, (i, r) in enumerate(zip(winners, result.winners.tolist(), strict=True)):
             shown = Shown(impression_id(request.request_id, slot), int(request.ad_ids[i]), int(campaigns[i]),
                           int(request.advertiser_ids[i]), int(request.category_ids[i]), slot, float(request.bids[i]),
-                          float(scores["ctr"][i]), float(scores["cvr"][i]), float(result.ecpm[slot]),
+                          float(scores["ctr"][r]), float(scores["cvr"][r]), float(result.ecpm[slot]),
                           float(result.price[slot]), bool(result.explored[slot]), model.version, out.arm)
             features_i, lists_i = enc.logged(i)
             out.shown.append(shown)
@@ -338,8 +364,22 @@ class Scorer:
                 ad_checked_ms=int(features.read_ms["checked"][i]) if "checked" in features.read_ms else -1))
         if out.logs:
             self.logger.log(out.logs)
-        out.timings = {"features": (t1 - t0) * 1000, "encode": (t2 - t1) * 1000, "model": (t3 - t2) * 1000,
+        out.ranked = rows
+        out.timings = {"features": (t1 - t0) * 1000, "encode": (t2 - t1) * 1000, "prerank": (t_pre - t2) * 1000,
+                       "model": (t3 - t_pre) * 1000,
                        "auction": (t4 - t3) * 1000, "log": (clock() - t4) * 1000}
+
+    def _prerank(self, model: ScoringModel, batch: Batch, bids: np.ndarray, impressions: np.ndarray,
+                 request_id: str) -> np.ndarray | None:
+        """The request rows the ranker scores (sorted), or None for every row: the funnel's top ``rank_top_k`` by
+        estimated eCPM, plus every new ad when the request explores (exploration must see them)."""
+        k = self.settings.serving.rank_top_k
+        funnel = self._funnel_for(model) if 0 < k < len(bids) else None
+        if funnel is None:
+            return None
+        s = self.settings.serving
+        new = (np.nan_to_num(impressions) < s.new_ad_impressions) if explores(request_id, s.explore_share) else None
+        return funnel.top(batch, bids, k, s.quality_exponent, must=new)
 
     def _cap_left(self, key: str, campaigns: np.ndarray) -> np.ndarray:
         """Impressions each candidate's campaign may still get for this user today. One ``HGETALL`` of the user's
