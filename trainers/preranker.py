@@ -7,7 +7,8 @@ estimated eCPM go through the ranker and the auction.
 - **Shares the ranker's embeddings**: its inputs are the served ranker's own id embeddings (every sparse field),
   the mean of the user's recent ads' embeddings (computed once per request: no attention), the dot product of
   every pair of those vectors, and the ranker's normalized dense inputs, from the same
-  :class:`~trainers.data.Batch` the ranker reads; a two-layer MLP, three outputs. An online version's pre-ranker reads that version's embeddings.
+  :class:`~trainers.data.Batch` the ranker reads; a two-layer MLP, three outputs. An online version's
+  pre-ranker reads that version's embeddings.
 - **Distilled from the ranker**: trained on the training rows to match the ranker's *calibrated* log-odds of
   pCTR, pCTCVR and pNeg (mean squared error on the logits: the ordering among small probabilities is what the
   funnel needs, and a probability loss would ignore it). The ranker is frozen; the pre-ranker is retrained by
