@@ -16,6 +16,7 @@ from trainers import full_retrain, warm_start
 from trainers.data import InputSpec, encode
 from trainers.evaluate import downsample
 from trainers.model import Ranker
+from trainers.preranker import preranker_of
 from trainers.registry import Registry
 from trainers.retrieval import towers_of
 from trainers.scoring import load
@@ -65,6 +66,9 @@ def test_full_retrain_then_warm_start(lake):
     # Candidate retrieval's towers are trained beside the ranker, on the same rows' clicks, and stored with it.
     towers = towers_of(registry, first)
     assert towers is not None and meta["retrieval"]["clicks"] > 100
+    # So is the funnel's pre-ranker, distilled from the ranker: it orders held-out rows as the ranker does.
+    assert preranker_of(registry, first) is not None
+    assert min(meta["preranker"]["held_out"].values()) > 0.95, meta["preranker"]  # 0.998 when written
 
     second = warm_start.run(settings, ds=days[1])
     meta2 = registry.load(second)[1]

@@ -25,6 +25,7 @@ estimated eCPM go through the ranker and the auction.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,9 +82,11 @@ def teacher_logits(scoring: ScoringModel, batch: Batch) -> Tensor:
 
 
 def distil(scoring: ScoringModel, data: Batch, *, epochs: int = 3, batch_size: int = 512, lr: float = 0.003,
-           max_rows: int = 300_000, seed: int = 0, progress: bool = True) -> PreRanker:
-    """Fit a pre-ranker to ``scoring``'s calibrated outputs on (up to ``max_rows`` of) ``data``; eval mode."""
+           max_rows: int = 300_000, min_steps: int = 1_500, seed: int = 0, progress: bool = True) -> PreRanker:
+    """Fit a pre-ranker to ``scoring``'s calibrated outputs on (up to ``max_rows`` of) ``data``; eval mode. Small
+    training sets get more epochs, so that it takes at least ``min_steps`` optimizer steps."""
     torch.manual_seed(seed)
+    epochs = max(epochs, math.ceil(min_steps * batch_size / max(len(data), 1)))
     if len(data) > max_rows:
         data = data.slice(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:max_rows])
     ranker = scoring.model.cpu().eval()
@@ -105,7 +108,7 @@ def distil(scoring: ScoringModel, data: Batch, *, epochs: int = 3, batch_size: i
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(rows)
-        if progress:
+        if progress and (epoch + 1 == epochs or epoch % 10 == 0):
             print(f"pre-ranker: epoch {epoch + 1}/{epochs}, logit MSE to the ranker {total / len(data):.4f} "
                   f"over {len(data):,} rows", flush=True)
     return model.eval()

@@ -1,0 +1,77 @@
+"""The funnel in the scorer, against the real Redis, Kafka and a registry: the pre-ranker stored with a version
+picks the rows the ranker scores, the ranker's scores of those rows are the full path's, the winners are the
+ones the ranker on every candidate picks, and an exploring request keeps every new ad."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from feature_repo.online import OnlineReader
+from streams.serving.prediction_log import PredictionLogger
+from streams.serving.scorer import Scorer
+from tests.test_scorer import NO_ROW, fill_store, random_requests, register, serving_settings
+from trainers import preranker
+from trainers.data import InputSpec, concat
+from trainers.model import Ranker
+from trainers.registry import Registry
+from trainers.scoring import ScoringModel, save
+
+K = 20
+
+
+def serve_all(settings, registry, requests, tmp_path, name):
+    logger = PredictionLogger(settings, spool_dir=tmp_path / name).start()
+    scorer = Scorer(settings, registry, reader=OnlineReader(settings), logger=logger, threads=1).start()
+    try:
+        return [scorer.serve(r) for r in requests]
+    finally:
+        scorer.close()
+        logger.close()
+
+
+def funnel_version(settings, registry, tmp_path) -> tuple[str, list]:
+    """A ranker and a pre-ranker distilled from it on the encoded batches of 30 served requests (the serving
+    distribution, features from the store), registered and promoted; and the full path's serving of 30 others."""
+    torch.manual_seed(3)
+    spec = InputSpec.from_schemas(settings.trainer.id_buckets, settings.trainer.small_buckets)
+    scoring = ScoringModel(Ranker.from_settings(spec, settings.trainer))
+    plain = save(registry, scoring, "full", {"seed": 3})
+    registry.promote(plain, "the ranker alone")
+    full = settings.model_copy(update={"serving": settings.serving.model_copy(update={"rank_top_k": 0})})
+    served = serve_all(full, registry, random_requests(60, seed=8), tmp_path, "full")
+    pre = preranker.distil(scoring, concat([s.encoded.batch for s in served[:30]]), progress=False)
+    version = save(registry, scoring, "full", {"seed": 3, "preranker": {"config": pre.config}},
+                   extra={preranker.EXTRA_FILE: preranker.to_bytes(pre)})
+    registry.promote(version, "with its pre-ranker")
+    return version, served[30:]
+
+
+def test_the_scorer_ranks_the_pre_rankers_top_k_and_shows_what_the_full_ranker_shows(fresh_topics, tmp_path):
+    settings = serving_settings(fresh_topics, tmp_path, rank_top_k=K, frequency_cap=1000, explore_share=0.0)
+    fill_store(settings)
+    registry = Registry(settings.registry_dir)
+    register(registry, settings, seed=1)  # a version without a pre-ranker: every candidate ranked
+    plain = serve_all(settings, registry, random_requests(3, seed=9), tmp_path, "plain")
+    assert all(len(s.ranked) == len(s.request.ad_ids) for s in plain)
+
+    version, full = funnel_version(settings, registry, tmp_path)
+    served = serve_all(settings, registry, [s.request for s in full], tmp_path, "funnel")
+    same = 0
+    for f, s in zip(full, served, strict=True):
+        assert s.model.version == version and len(s.ranked) == K and len(s.request.ad_ids) == 80
+        assert {x.ad_id for x in s.shown} <= {s.request.ad_ids[i] for i in s.ranked.tolist()}
+        for task in ("ctr", "cvr", "neg"):  # the ranker's scores of the ranked rows are the full path's (float32
+            assert np.allclose(s.scores[task], f.scores[task][s.ranked], rtol=0, atol=1e-6), task  # of a batch)
+        same += [x.ad_id for x in s.shown] == [x.ad_id for x in f.shown]
+    assert same >= 0.9 * len(full), same  # distilled on other requests of the same traffic
+
+
+def test_an_exploring_request_ranks_every_new_ad(fresh_topics, tmp_path):
+    settings = serving_settings(fresh_topics, tmp_path, rank_top_k=K, frequency_cap=1000, explore_share=1.0)
+    fill_store(settings)
+    registry = Registry(settings.registry_dir)
+    funnel_version(settings, registry, tmp_path)
+    for s in serve_all(settings, registry, random_requests(10, seed=10), tmp_path, "explore"):
+        new = [i for i, a in enumerate(s.request.ad_ids) if a >= NO_ROW]  # no feature rows: no impressions yet
+        assert new and set(new) <= set(s.ranked.tolist()) and len(s.ranked) >= K
