@@ -1,5 +1,7 @@
 """Scoring latency: one ad request of 500 candidates, features + model + auction with prediction logging on, in
-process (``streams.serving.scorer.Scorer``) on the CPU and on CUDA when present, vs the naive peer (the same
+process (``streams.serving.scorer.Scorer``) on the CPU and on CUDA when present: the full ranker on every
+candidate, and the funnel (a pre-ranker distilled from the same ranker picks the top ``--rank-top-k`` for it; the
+share of requests where both showed the same ads is reported), vs the naive peer (the same
 model scoring the candidates one at a time) and the pandas peer (the request as a DataFrame through
 ``trainers.data.encode``, then one batched call); then the HTTP service (``python -m streams.serving``) under
 load: requests/s and latency with N keep-alive clients. The scorer is also measured while online versions (deltas
@@ -41,13 +43,14 @@ from streams.serving.auction import run_auction
 from streams.serving.prediction_log import PredictionLogger
 from streams.serving.request_features import encode_request, request_frame
 from streams.serving.scorer import AdRequest, Scorer, score_batch
-from trainers.data import InputSpec, encode
+from trainers import preranker
+from trainers.data import InputSpec, concat, encode
 from trainers.model import Ranker
 from trainers.registry import Registry
 from trainers.scoring import ScoringModel, load, save
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("features", "encode", "model", "auction", "log")
+STAGES = ("features", "encode", "prerank", "model", "auction", "log")
 
 
 PROMOTE_EVERY_S = 0.5
@@ -123,11 +126,31 @@ def in_process(settings: Settings, registry: Registry, reader: OnlineReader, log
             cpu.append((time.thread_time() - c0) * 1000)
             for s in STAGES:
                 stages[s].append(out.timings[s])
+            stages.setdefault("shown", []).append([x.ad_id for x in out.shown])
         stages["reloads"] = scorer.reloads
         return total, cpu, stages
     finally:
         stop.set()
         scorer.close()
+
+
+def with_preranker(settings: Settings, registry: Registry, reader: OnlineReader, requests: list[AdRequest]) -> str:
+    """The promoted ranker again, with a pre-ranker distilled from it on ``requests``' encoded batches (features
+    from the store, as served), registered and promoted: the funnel's version."""
+    model = load(registry)
+    batches = [encode_request(model.model.spec, reader.features(r.user_id, r.ad_ids), placement=r.placement,
+                              device=r.device, campaign_ids=r.campaign_ids, advertiser_ids=r.advertiser_ids,
+                              category_ids=r.category_ids).batch for r in requests]
+    pre = preranker.distil(model, concat(batches))
+    version = save(registry, model, "full", {"preranker": {"config": pre.config}},
+                   extra={preranker.EXTRA_FILE: preranker.to_bytes(pre)})
+    registry.promote(version, "bench: the funnel")
+    return version
+
+
+def same_shown(a: list[list[int]], b: list[list[int]]) -> float:
+    """Share of requests where two paths showed the same ads in the same slots."""
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
 
 
 def peer(settings: Settings, model: ScoringModel, reader: OnlineReader, requests: list[AdRequest],
@@ -243,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,4", help="concurrent HTTP clients (0: skip the HTTP service)")
     p.add_argument("--http-seconds", type=float, default=5.0)
     p.add_argument("--reload-versions", type=int, default=20, help="delta versions promoted while serving")
+    p.add_argument("--rank-top-k", type=int, default=50, help="the funnel: candidates the ranker scores")
     a = p.parse_args(argv)
     rng = random.Random(17)
     base = get_settings()
@@ -250,11 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = base.model_copy(update={"var_dir": base.var_dir / "bench-scoring" / run,
                                        "feast_project": f"benchscore{run}"})
     settings = with_topic_prefix(settings, f"bench{run}")
+    settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={"rank_top_k": a.rank_top_k})})
     populate(settings, a.ads, a.users, rng)
     registry = Registry(settings.registry_dir)
     spec = InputSpec.from_schemas(settings.trainer.id_buckets, settings.trainer.small_buckets)
     torch.manual_seed(0)
-    registry.promote(save(registry, ScoringModel(Ranker.from_settings(spec, settings.trainer)), "full", {}), "bench")
+    plain = save(registry, ScoringModel(Ranker.from_settings(spec, settings.trainer)), "full", {})
+    registry.promote(plain, "bench: the ranker alone")
     reader = OnlineReader(settings)
     reader.features(0, list(range(a.ads)))  # warm: every ad in the cache, as a serving process would be
     reader.start()
@@ -268,12 +294,24 @@ def main(argv: list[str] | None = None) -> int:
     for device in devices:
         for threads in [int(t) for t in a.threads.split(",")] if device == "cpu" else [1]:
             total, cpu, stages = in_process(settings, registry, reader, logger, requests, device, threads)
-            results.append(row(f"scorer, one batched call ({device})", threads, len(total), *quantiles(total),
-                               statistics.median(cpu)))
+            full_shown = stages["shown"]
+            results.append(row(f"scorer, full ranker on every candidate ({device})", threads, len(total),
+                               *quantiles(total), statistics.median(cpu)))
             breakdown.append(row(f"{device}, {threads} thread(s)",
                                  *[f"{quantiles(stages[s])[0]:.2f} / {quantiles(stages[s])[1]:.2f}" for s in STAGES]))
             print(f"bench: in process on {device} with {threads} thread(s): p99 {quantiles(total)[1]:.2f} ms",
                   flush=True)
+    with_preranker(settings, registry, reader, make_requests(200, a.users, a.ads, a.candidates, rng, "distil"))
+    total, cpu, stages = in_process(settings, registry, reader, logger, requests, "cpu", 1)
+    agree = same_shown(stages["shown"], full_shown)
+    results.append(row(f"scorer, funnel: pre-ranker on every candidate, ranker on the top {a.rank_top_k} (cpu; "
+                       f"same ads shown as the full ranker in {100 * agree:.0f} % of requests)", 1, len(total),
+                       *quantiles(total), statistics.median(cpu)))
+    breakdown.append(row(f"funnel (top {a.rank_top_k}), cpu, 1 thread",
+                         *[f"{quantiles(stages[s])[0]:.2f} / {quantiles(stages[s])[1]:.2f}" for s in STAGES]))
+    print(f"bench: funnel in process: p99 {quantiles(total)[1]:.2f} ms, same ads as the full ranker in "
+          f"{100 * agree:.1f} % of requests", flush=True)
+    registry.promote(plain, "bench: the ranker alone")  # the reload row and the peers: the full ranker
     deltas = delta_versions(registry, registry.promoted(), a.reload_versions)
     total, cpu, stages = in_process(settings, registry, reader, logger, requests, "cpu", 1, promote=deltas)
     results.append(row(f"scorer, a new delta version promoted every {PROMOTE_EVERY_S:g} s (cpu; "

@@ -25,6 +25,7 @@ estimated eCPM go through the ranker and the auction.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -56,9 +57,15 @@ def shared_inputs(ranker: RankerBase, batch: Batch, one_user: bool = False) -> T
     if one_user:
         recent = recent.expand(len(batch), -1)
     vectors = torch.cat([fields, recent.unsqueeze(1)], 1)
-    dots = torch.bmm(vectors, vectors.transpose(1, 2))
-    i, j = torch.triu_indices(vectors.shape[1], vectors.shape[1], offset=1)
-    return torch.cat([fields.flatten(1), recent, dots[:, i, j], ranker.dense_inputs(batch)], 1)
+    dots = torch.bmm(vectors, vectors.transpose(1, 2)).flatten(1).index_select(1, _pairs(vectors.shape[1]))
+    return torch.cat([fields.flatten(1), recent, dots, ranker.dense_inputs(batch)], 1)
+
+
+@functools.cache
+def _pairs(n: int) -> Tensor:
+    """Flat indices of the upper triangle (each pair once) of an ``n x n`` matrix."""
+    i, j = torch.triu_indices(n, n, offset=1)
+    return i * n + j
 
 
 class PreRanker(nn.Module):
