@@ -85,3 +85,18 @@ def test_rows_that_must_be_ranked_are_added_to_the_top_k(trained):
     must[outside] = True
     with_must = funnel.top(batch, bids, K, must=must)
     assert set(with_must) == set(top) | set(outside.tolist()) and len(with_must) == K + 3
+
+
+def test_rows_that_cannot_win_are_ranked_only_when_too_few_can(trained):
+    """A campaign at its frequency cap cannot win: its rows leave the top k to rows that can."""
+    _, funnel, held, ads = trained
+    rows, bids = requests(held, ads, 1, seed=5)[0]
+    batch = encode(rows, SPEC)
+    top = funnel.top(batch, bids, K)
+    eligible = np.ones(CANDIDATES, dtype=bool)
+    eligible[top[:10]] = False
+    assert not set(funnel.top(batch, bids, K, eligible=eligible)) & set(top[:10].tolist())
+    few = np.zeros(CANDIDATES, dtype=bool)
+    few[:5] = True
+    got = funnel.top(batch, bids, K, eligible=few)
+    assert len(got) == K and set(range(5)) <= set(got.tolist())

@@ -151,11 +151,14 @@ class Funnel:
         return {t: p[:, j] for j, t in enumerate(TASKS)}
 
     def top(self, batch: Batch, bids: np.ndarray, k: int, quality_exponent: float = 1.0,
-            must: np.ndarray | None = None) -> np.ndarray:
-        """Sorted row indices of the ``k`` candidates with the highest estimated eCPM, plus the rows of ``must``
-        (the auction's exploration candidates) when given."""
+            must: np.ndarray | None = None, eligible: np.ndarray | None = None) -> np.ndarray:
+        """Sorted row indices of the ``k`` candidates with the highest estimated eCPM (``eligible`` ones first: a
+        row that cannot win is taken only when fewer than ``k`` can), plus the rows of ``must`` (the auction's
+        exploration candidates) when given."""
         p = self.predict(batch)
         ecpm = bids * p["ctcvr"] * np.clip(1.0 - p["neg"], 0.0, 1.0) ** quality_exponent
+        if eligible is not None:
+            ecpm = np.where(eligible, ecpm, -1.0)
         rows = np.argpartition(-ecpm, k - 1)[:k] if k < len(ecpm) else np.arange(len(ecpm))
         if must is not None and must.any():
             rows = np.union1d(rows, np.flatnonzero(must))

@@ -195,7 +195,8 @@ class AdIndex:
     """Every active ad's tower vector in a faiss HNSW index (inner product), with the exact search beside it."""
 
     def __init__(self, model: TwoTower, catalog: Catalog, model_version: str | None = None, m: int = 32,
-                 ef_construction: int = 200, ef_search: int = 1024) -> None:
+                 ef_construction: int = 200, ef_search: int = 1024, hnsw: bool = True) -> None:
+        """``hnsw=False``: only the exact search (a small catalog, where scoring every ad is faster)."""
         import faiss
 
         with torch.inference_mode():
@@ -203,10 +204,12 @@ class AdIndex:
         self.vectors = np.ascontiguousarray(vectors)
         self.catalog = catalog
         self.built_for = (model_version, catalog.fingerprint())  # what :meth:`stale` compares with
-        self.hnsw = faiss.IndexHNSWFlat(vectors.shape[1], m, faiss.METRIC_INNER_PRODUCT)
-        self.hnsw.hnsw.efConstruction = ef_construction
-        self.hnsw.add(self.vectors)
-        self.hnsw.hnsw.efSearch = ef_search
+        self.hnsw = None
+        if hnsw:
+            self.hnsw = faiss.IndexHNSWFlat(vectors.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+            self.hnsw.hnsw.efConstruction = ef_construction
+            self.hnsw.add(self.vectors)
+            self.hnsw.hnsw.efSearch = ef_search
 
     def __len__(self) -> int:
         return len(self.catalog.ad_ids)
@@ -217,6 +220,8 @@ class AdIndex:
 
     def search(self, users: np.ndarray, k: int) -> np.ndarray:
         """``[Q, k]`` catalog ad ids of the approximate top ``k`` per user vector (``users``: ``[Q, dim]``)."""
+        if self.hnsw is None:
+            raise ValueError("this index was built without HNSW (hnsw=False): use exact()")
         k = min(k, len(self))
         self.hnsw.hnsw.efSearch = max(self.hnsw.hnsw.efSearch, k)
         _, rows = self.hnsw.search(np.ascontiguousarray(users, dtype=np.float32), k)

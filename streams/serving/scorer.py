@@ -4,14 +4,15 @@ For a request (a user, a context, N candidate ads from the ad server's catalog, 
 
 1. the user's arm of the A/B experiment picks the model: the promoted one, or a version the arm is pinned to;
 2. the features of the user and of every candidate come from the online read path in one call;
-3. the request is encoded with numpy (``request_features.encode_request``, no pandas); the funnel's pre-ranker
-   (``trainers.preranker``, stored with the version) picks the ``serving.rank_top_k`` candidates with the highest
-   estimated eCPM, plus the new ads when the request explores, and the ranker scores those in one batched call
-   under ``torch.inference_mode()`` (every candidate when the version has no pre-ranker);
+3. the request is encoded with numpy (``request_features.encode_request``, no pandas);
 4. frequency caps: one read (``HGETALL``) of the user's counters of the UTC day of the request's event time
    (``fcap:<project>:<yyyymmdd>:<user_id>``, a field per campaign); a campaign at the cap cannot win;
-5. the auction (``auction.run_auction``): eCPM ranking, generalized second price, Thompson exploration of new ads;
-6. the winners' counters are incremented (``HINCRBY``, ``EXPIRE`` 2 days; one pipeline) and one
+5. the funnel's pre-ranker (``trainers.preranker``, stored with the version) picks the ``serving.rank_top_k``
+   candidates that can win with the highest estimated eCPM, plus the new ads when the request explores, and the
+   ranker scores those in one batched call under ``torch.inference_mode()`` (every candidate when the version
+   has no pre-ranker);
+6. the auction (``auction.run_auction``): eCPM ranking, generalized second price, Thompson exploration of new ads;
+7. the winners' counters are incremented (``HINCRBY``, ``EXPIRE`` 2 days; one pipeline) and one
    :class:`~schemas.events.PredictionLog` per shown ad is handed to the prediction logger, which never blocks.
 
 A thread polls the registry every ``serving.reload_every_s``; a newly promoted version is loaded, warmed up and
@@ -322,18 +323,18 @@ class Scorer:
         t2 = clock()
         bids = np.asarray(request.bids, dtype=np.float64)
         impressions, clicks = ad_counts(features)
-        ranked = self._prerank(model, enc.batch, bids, impressions, request.request_id)
+        campaigns = np.asarray(request.campaign_ids, dtype=np.int64)
+        key = fcap_key(self.settings.feast_project, request.event_time_ms, request.user_id)
+        cap_left = self._cap_left(key, campaigns)
+        ranked = self._prerank(model, enc.batch, bids, impressions, (cap_left > 0) & (bids > 0), request.request_id)
         t_pre = clock()
         batch = enc.batch if ranked is None else enc.batch.slice(torch.from_numpy(ranked))
         scores = score_batch(model, batch, self.device)
         t3 = clock()
         rows = np.arange(len(bids)) if ranked is None else ranked  # the ranked candidates' request rows
-        campaigns = np.asarray(request.campaign_ids, dtype=np.int64)
-        key = fcap_key(self.settings.feast_project, request.event_time_ms, request.user_id)
-        cap_left = self._cap_left(key, campaigns[rows])
         result = run_auction(bids[rows], scores["ctr"], scores["cvr"], scores["neg"],
                              ad_ids=np.asarray(request.ad_ids, dtype=np.int64)[rows], slots=request.slots,
-                             campaign_ids=campaigns[rows], cap_left=cap_left, impressions=impressions[rows],
+                             campaign_ids=campaigns[rows], cap_left=cap_left[rows], impressions=impressions[rows],
                              clicks=clicks[rows], request_id=request.request_id, quality_exponent=s.quality_exponent,
                              reserve_ecpm=s.reserve_ecpm, explore_share=s.explore_share,
                              new_ad_impressions=s.new_ad_impressions, prior_strength=s.prior_strength)
@@ -370,16 +371,17 @@ class Scorer:
                        "auction": (t4 - t3) * 1000, "log": (clock() - t4) * 1000}
 
     def _prerank(self, model: ScoringModel, batch: Batch, bids: np.ndarray, impressions: np.ndarray,
-                 request_id: str) -> np.ndarray | None:
+                 eligible: np.ndarray, request_id: str) -> np.ndarray | None:
         """The request rows the ranker scores (sorted), or None for every row: the funnel's top ``rank_top_k`` by
-        estimated eCPM, plus every new ad when the request explores (exploration must see them)."""
+        estimated eCPM among the ``eligible`` (a campaign at its frequency cap cannot win: ranking it would take
+        a place of one that can), plus every new ad when the request explores (exploration must see them)."""
         k = self.settings.serving.rank_top_k
         funnel = self._funnel_for(model) if 0 < k < len(bids) else None
         if funnel is None:
             return None
         s = self.settings.serving
         new = (np.nan_to_num(impressions) < s.new_ad_impressions) if explores(request_id, s.explore_share) else None
-        return funnel.top(batch, bids, k, s.quality_exponent, must=new)
+        return funnel.top(batch, bids, k, s.quality_exponent, must=new, eligible=eligible)
 
     def _cap_left(self, key: str, campaigns: np.ndarray) -> np.ndarray:
         """Impressions each candidate's campaign may still get for this user today. One ``HGETALL`` of the user's

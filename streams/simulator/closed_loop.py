@@ -2,7 +2,8 @@
 choices shape the data the next model learns from.
 
 Per simulated hour: requests arrive (the same diurnal Poisson process, users and context as
-``traffic.py``); the ad server draws each request's candidates from the live ads by popularity, drops the
+``traffic.py``); the ad server draws each request's candidates from the live ads by popularity (or asks a
+:class:`CandidateSource`, e.g. ``streams.serving.retrieval.Retriever``: the two-tower index), drops the
 campaigns its budget pacing holds back, and asks the policy for the request's slots. The hidden truth
 (``true_ctr_logit`` / ``true_cvr_logit``, the same world as the open-loop simulator) then decides clicks and
 conversions of what was shown, at the position it was shown in. Conversions are billed at the auction's
@@ -24,6 +25,7 @@ import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -65,6 +67,25 @@ class Request:
     category_ids: np.ndarray
     bids: np.ndarray
     slot_ids: np.ndarray  # the world's ad slots of the candidates (truth only, never shown to the policy)
+
+
+class CandidateSource(Protocol):
+    """Where the ad server's candidates come from when not by popularity: told the live ads of each hour
+    (:meth:`ClosedLoop.live_ads`), it names a request's candidates as rows of that frame (= the world's slots)."""
+
+    def for_hour(self, ads: pd.DataFrame) -> None: ...
+
+    def candidates(self, user_id: int, placement: str, device: str, event_time_ms: int) -> np.ndarray: ...
+
+
+class EveryAd:
+    """Every live ad is a candidate of every request (the peer of a funnel: the ranker sees everything)."""
+
+    def for_hour(self, ads: pd.DataFrame) -> None:
+        self.rows = np.arange(len(ads))
+
+    def candidates(self, user_id: int, placement: str, device: str, event_time_ms: int) -> np.ndarray:
+        return self.rows
 
 
 @dataclass
@@ -163,12 +184,13 @@ def _seed(text: str) -> int:
 class ClosedLoop:
     """The ad server over a simulated period (``cfg.start`` for ``cfg.hours``), one hour at a time.
 
-    ``candidates``: ads drawn per request; ``budget_scale``: the catalog's daily budgets times this (the
+    ``candidates``: ads drawn per request by popularity, unless ``source`` chooses them (candidate retrieval);
+    ``budget_scale``: the catalog's daily budgets times this (the
     budgets are in the simulated traffic's currency: scale them to the volume so that pacing binds)."""
 
     def __init__(self, cfg: SimulatorConfig, settings: Settings, candidates: int = 200,
-                 budget_scale: float = 0.01):
-        self.cfg, self.settings, self.candidates = cfg, settings, candidates
+                 budget_scale: float = 0.01, source: CandidateSource | None = None):
+        self.cfg, self.settings, self.candidates, self.source = cfg, settings, candidates, source
         self.rng = np.random.default_rng([cfg.seed, 11])
         self.world: World = build_world(cfg, np.random.default_rng(cfg.seed))
         self.pacer = Pacer(self.world.campaign_daily_budget * budget_scale)
@@ -223,31 +245,49 @@ class ClosedLoop:
         return expit(ctr + self.ctr_offset), expit(cvr + self.cvr_offset)
 
     # -- one simulated hour ------------------------------------------------------------------------------------
+    def live_ads(self, hour: int) -> pd.DataFrame:
+        """The catalog of simulated hour ``hour``: the ad in each of the world's slots (row = slot) and its ids."""
+        w = self.world
+        slots = np.arange(w.n_slots)
+        gen = w.generation[min(hour, w.generation.shape[0] - 1), slots]
+        return pd.DataFrame({"ad_id": w.ad_id(gen, slots).astype(np.int64),
+                             "advertiser_id": w.advertiser_of(slots).astype(np.int64),
+                             "campaign_id": w.campaign_of(slots).astype(np.int64),
+                             "category_id": w.category_of(slots).astype(np.int64)})
+
     def requests(self, hour: int) -> list[Request]:
-        """The requests of simulated hour ``hour`` (deterministic for the seed and the hour)."""
+        """The requests of simulated hour ``hour`` (deterministic for the seed and the hour). Each request's user
+        and context come first from their own generator, so every candidate source sees the same requests."""
         cfg, w = self.cfg, self.world
         rng = np.random.default_rng([cfg.seed, 13, hour])
+        draw = np.random.default_rng([cfg.seed, 17, hour])  # candidates and pacing
         start = cfg.start_ms + hour * 3_600_000
         hour_cfg = cfg.model_copy(update={"start": pd.Timestamp(start, unit="ms", tz="UTC").to_pydatetime(),
                                           "hours": 1.0})
         times = _request_times(hour_cfg, rng, float(np.arange(1, MAX_SLOTS + 1) @ SLOT_P))
+        if self.source is not None:
+            self.source.for_hour(self.live_ads(hour))
         out = []
         for i, t in enumerate(times.tolist()):
-            slots = np.unique(rng.choice(w.n_slots, self.candidates, p=w.slot_p))
+            user = int(rng.choice(len(w.user_p), p=w.user_p))
+            placement = str(PLACEMENTS[rng.choice(len(PLACEMENTS), p=PLACEMENT_P)])
+            device = str(DEVICES[rng.choice(len(DEVICES), p=DEVICE_P)])
+            n_slots = int(rng.choice(np.arange(1, MAX_SLOTS + 1), p=SLOT_P))
+            if self.source is None:
+                slots = np.unique(draw.choice(w.n_slots, self.candidates, p=w.slot_p))
+            else:
+                slots = np.asarray(self.source.candidates(user, placement, device, int(t)), dtype=np.int64)
             campaigns = w.campaign_of(slots)
             self.pacer.at(t)
-            keep = self.pacer.eligible(campaigns, rng)
+            keep = self.pacer.eligible(campaigns, draw)
             slots, campaigns = slots[keep], campaigns[keep]
             gen = w.generation[self._hour_index(np.array([t]))[0], slots]
             out.append(Request(
-                request_id=f"{cfg.prefix}-h{hour}r{i}", user_id=int(rng.choice(len(w.user_p), p=w.user_p)),
-                placement=str(PLACEMENTS[rng.choice(len(PLACEMENTS), p=PLACEMENT_P)]),
-                device=str(DEVICES[rng.choice(len(DEVICES), p=DEVICE_P)]), event_time_ms=int(t),
-                slots=int(rng.choice(np.arange(1, MAX_SLOTS + 1), p=SLOT_P)),
-                ad_ids=w.ad_id(gen, slots).astype(np.int64), campaign_ids=campaigns.astype(np.int64),
-                advertiser_ids=w.advertiser_of(slots).astype(np.int64),
-                category_ids=w.category_of(slots).astype(np.int64),
-                bids=np.round(w.campaign_bid[campaigns], 4), slot_ids=slots))
+                request_id=f"{cfg.prefix}-h{hour}r{i}", user_id=user, placement=placement, device=device,
+                event_time_ms=int(t), slots=n_slots, ad_ids=w.ad_id(gen, slots).astype(np.int64),
+                campaign_ids=campaigns.astype(np.int64), advertiser_ids=w.advertiser_of(slots).astype(np.int64),
+                category_ids=w.category_of(slots).astype(np.int64), bids=np.round(w.campaign_bid[campaigns], 4),
+                slot_ids=slots))
         return out
 
     def serve_hour(self, hour: int, policy: Callable[[Request], list[dict]]) -> pd.DataFrame:

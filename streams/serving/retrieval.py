@@ -1,0 +1,83 @@
+"""Candidate retrieval for the ad server: the promoted version's two towers and an index over the live ads.
+
+The funnel's first stage (``trainers.retrieval`` holds the model and the index). Per hour, or whenever the
+catalog or the promoted version's towers change, the index over the live ads is rebuilt (:meth:`AdIndex.stale`);
+per request, the user's recent ads are read from the online store (the ``user_recent_ad_ids`` feature the ranker
+reads too), the user tower embeds the user, placement, device and those ads, and the ``k`` ads with the nearest
+vectors are the request's candidates. Below ``exact_below`` ads the search is exhaustive (numpy, faster than HNSW
+at that size: ``make bench-retrieval``), above it faiss's HNSW graph.
+
+:class:`Retriever` is a ``streams.simulator.closed_loop.CandidateSource``: the closed loop's ad server asks it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+
+from feature_repo.online import OnlineReader
+from trainers.data import HISTORY_COLUMN
+from trainers.registry import Registry
+from trainers.retrieval import USER_FIELDS, AdIndex, Catalog, TwoTower, towers_of
+
+log = logging.getLogger(__name__)
+
+
+class Retriever:
+    """The ``k`` live ads nearest to each request's user vector (see the module docstring)."""
+
+    def __init__(self, registry: Registry, reader: OnlineReader, k: int = 500, exact_below: int = 100_000) -> None:
+        self.registry, self.reader, self.k, self.exact_below = registry, reader, k, exact_below
+        self.towers: TwoTower | None = None
+        self.towers_of: str | None = None  # the version whose files hold the towers (a line root)
+        self.index: AdIndex | None = None
+        self.rebuilds = 0
+
+    def _load_towers(self) -> None:
+        version = self.registry.promoted()
+        if version is None:
+            raise RuntimeError("candidate retrieval: nothing is promoted")
+        source = self.registry.meta(version).get("line_root") or version
+        if source != self.towers_of:
+            towers = towers_of(self.registry, source)
+            if towers is None:
+                raise RuntimeError(f"candidate retrieval: {version} has no retrieval towers")
+            self.towers, self.towers_of = towers, source
+
+    def for_hour(self, ads: pd.DataFrame) -> None:
+        """Index ``ads`` (one row per live ad) with the promoted version's towers, unless that index exists."""
+        self._load_towers()
+        catalog = Catalog.from_frame(ads, self.towers.spec)
+        if len(catalog.ad_ids) != len(ads):
+            raise ValueError("candidate retrieval: the live ads must be one row per ad")
+        if self.index is None or self.index.stale(self.towers_of, catalog):
+            self.index = AdIndex(self.towers, catalog, self.towers_of, hnsw=len(catalog.ad_ids) >= self.exact_below)
+            self.rebuilds += 1
+            log.info("retrieval: index over %d ads for %s", len(catalog.ad_ids), self.towers_of)
+        self._order = np.argsort(catalog.ad_ids, kind="stable")
+        self._sorted = catalog.ad_ids[self._order]
+
+    def user_vector(self, user_id: int, placement: str, device: str, event_time_ms: int) -> np.ndarray:
+        """``[1, dim]``: the user tower on the user's ids and recent ads as the online store has them now."""
+        spec = self.towers.spec
+        recent = self.reader.features(user_id, [], as_of_ms=event_time_ms).user.get(HISTORY_COLUMN) or []
+        history = np.zeros((1, spec.history_len), dtype=np.int64)
+        if len(recent):
+            ads = np.asarray(recent[: spec.history_len], dtype=np.int64)
+            history[0, : len(ads)] = spec.hash_ids("ad_id", ads)
+        sparse = np.zeros((1, len(spec.sparse_fields)), dtype=np.int64)
+        for field, value in zip(USER_FIELDS, (user_id, placement, device), strict=True):
+            sparse[0, spec.sparse_fields.index(field)] = spec.hash_ids(field, np.array([value]))[0]
+        with torch.inference_mode():
+            return self.towers.user_vectors(torch.from_numpy(sparse), torch.from_numpy(history)).numpy()
+
+    def candidates(self, user_id: int, placement: str, device: str, event_time_ms: int) -> np.ndarray:
+        """Rows of the hour's ads (as given to :meth:`for_hour`) of the request's ``k`` candidates."""
+        if self.index is None:
+            raise RuntimeError("candidate retrieval: for_hour() must index the live ads first")
+        user = self.user_vector(user_id, placement, device, event_time_ms)
+        found = self.index.search(user, self.k)[0] if self.index.hnsw else self.index.exact(user, self.k)[0]
+        return self._order[np.searchsorted(self._sorted, found)]
