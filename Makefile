@@ -10,7 +10,7 @@ HOURS  ?= 3
 .PHONY: install system-deps jars up down status topics demo simulate joiner realtime bronze silver batch-labels gold \
 	realtime-log training-set quality feast-apply materialize serve replay-set skew-report monitor breaker breaker-watch \
 	ab-report bench-scoring full-retrain warm-start online registry registry-gc promote rollback evaluate evaluate-features evaluate-spread delay-curve delay-report test kill-loop lint flink bench-produce \
-	bench-joiner bench-restart bench-decode bench-retrieval bench-train bench-online-freshness bench-online bench-materialize bench-freshness chaos soak cluster cluster-up cluster-down clean
+	bench-joiner bench-restart bench-decode bench-retrieval bench-funnel bench-train bench-online-freshness bench-online bench-materialize bench-freshness chaos soak cluster cluster-up cluster-down clean
 
 install: system-deps $(VENV)/.installed jars
 
@@ -245,6 +245,10 @@ bench-scoring: up
 # the towers' top k vs popularity on held-out clicks.
 bench-retrieval: install
 	$(PY) -m bench.retrieval
+
+# The funnel in the closed loop: revenue and CTR of retrieval + pre-ranker + ranker vs the ranker on every ad.
+bench-funnel: up
+	$(PY) -m bench.funnel
 
 # Training examples/s of the full ranker vs a plain MLP over the same embeddings, with the input-wait share.
 bench-train: install

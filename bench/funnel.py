@@ -117,11 +117,14 @@ def serve_arm(name: str, cfg: SimulatorConfig, settings: Settings, hours: range,
 def summarize(result: dict) -> dict:
     shown = result["shown"]
     expected_revenue = float((shown["true_pctr"] * shown["true_pcvr"] * shown["price"]).sum())
+    expected_value = float((shown["true_pctr"] * shown["true_pcvr"] * shown["bid"]).sum())
     realized = float(shown.loc[shown["converted_in_window"], "price"].sum())
     q = np.percentile(result["ms"], [50, 99])
     r = np.percentile(result["retrieval_ms"], [50, 99]) if result["retrieval_ms"] else [np.nan, np.nan]
     return {"arm": result["arm"], "impressions": len(shown), "requests": shown["request_id"].nunique(),
             "expected_ctr": float(shown["true_pctr"].mean()), "expected_revenue": expected_revenue,
+            "expected_value": expected_value, "price_share": float(shown["price"].sum() / shown["bid"].sum()),
+            "top_ads": shown[shown["position"] == 0].set_index("request_id")["ad_id"],
             "clicks": int(shown["clicked"].sum()), "realized_revenue": realized,
             "scorer_p50": float(q[0]), "scorer_p99": float(q[1]), "retrieval_p50": float(r[0]),
             "retrieval_p99": float(r[1])}
@@ -165,15 +168,18 @@ def main(argv: list[str] | None = None) -> int:
           f"on {TRAIN_HOURS} h of open-loop traffic; {a.hours} closed-loop hours per arm on the same requests; "
           f"retrieval k={a.retrieve} (exhaustive below 100k ads), ranker on the pre-ranker's top {a.top_k}; one "
           "torch thread (ms)\n")
-    print("| arm | requests | impressions | expected CTR | vs peer | expected revenue | vs peer | clicks | "
-          "realized revenue | scorer p50 | scorer p99 | retrieval p50 | retrieval p99 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| arm | requests | impressions | top ad as peer | expected CTR | vs peer | expected revenue | vs peer | "
+          "expected value at bid | vs peer | price / bid | clicks | realized revenue | scorer p50 | scorer p99 | "
+          "retrieval p50 | retrieval p99 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (label, *_), r in zip(arms, results, strict=True):
-        print(f"| {label} | {r['requests']:,} | {r['impressions']:,} | {r['expected_ctr']:.5f} | "
-              f"{100 * (r['expected_ctr'] / peer['expected_ctr'] - 1):+.2f} % | {r['expected_revenue']:,.1f} | "
-              f"{100 * (r['expected_revenue'] / peer['expected_revenue'] - 1):+.2f} % | {r['clicks']:,} | "
-              f"{r['realized_revenue']:,.1f} | {r['scorer_p50']:.2f} | {r['scorer_p99']:.2f} | "
-              f"{r['retrieval_p50']:.2f} | {r['retrieval_p99']:.2f} |")
+        same = r["top_ads"].reindex(peer["top_ads"].index) == peer["top_ads"]
+        print(f"| {label} | {r['requests']:,} | {r['impressions']:,} | {100 * same.mean():.1f} % | "
+              f"{r['expected_ctr']:.5f} | {100 * (r['expected_ctr'] / peer['expected_ctr'] - 1):+.2f} % | "
+              f"{r['expected_revenue']:,.1f} | {100 * (r['expected_revenue'] / peer['expected_revenue'] - 1):+.2f} % | "
+              f"{r['expected_value']:,.1f} | {100 * (r['expected_value'] / peer['expected_value'] - 1):+.2f} % | "
+              f"{r['price_share']:.3f} | {r['clicks']:,} | {r['realized_revenue']:,.1f} | {r['scorer_p50']:.2f} | "
+              f"{r['scorer_p99']:.2f} | {r['retrieval_p50']:.2f} | {r['retrieval_p99']:.2f} |")
     return 0
 
 

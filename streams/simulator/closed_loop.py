@@ -246,14 +246,16 @@ class ClosedLoop:
 
     # -- one simulated hour ------------------------------------------------------------------------------------
     def live_ads(self, hour: int) -> pd.DataFrame:
-        """The catalog of simulated hour ``hour``: the ad in each of the world's slots (row = slot) and its ids."""
+        """The catalog of simulated hour ``hour``: the ad in each of the world's slots (row = slot), its ids and
+        its campaign's bid (per conversion)."""
         w = self.world
         slots = np.arange(w.n_slots)
         gen = w.generation[min(hour, w.generation.shape[0] - 1), slots]
+        campaigns = w.campaign_of(slots).astype(np.int64)
         return pd.DataFrame({"ad_id": w.ad_id(gen, slots).astype(np.int64),
-                             "advertiser_id": w.advertiser_of(slots).astype(np.int64),
-                             "campaign_id": w.campaign_of(slots).astype(np.int64),
-                             "category_id": w.category_of(slots).astype(np.int64)})
+                             "advertiser_id": w.advertiser_of(slots).astype(np.int64), "campaign_id": campaigns,
+                             "category_id": w.category_of(slots).astype(np.int64),
+                             "bid": np.round(w.campaign_bid[campaigns], 4)})
 
     def requests(self, hour: int) -> list[Request]:
         """The requests of simulated hour ``hour`` (deterministic for the seed and the hour). Each request's user
