@@ -301,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                                  *[f"{quantiles(stages[s])[0]:.2f} / {quantiles(stages[s])[1]:.2f}" for s in STAGES]))
             print(f"bench: in process on {device} with {threads} thread(s): p99 {quantiles(total)[1]:.2f} ms",
                   flush=True)
-    with_preranker(settings, registry, reader, make_requests(200, a.users, a.ads, a.candidates, rng, "distil"))
+    funnel = with_preranker(settings, registry, reader,
+                            make_requests(200, a.users, a.ads, a.candidates, rng, "distil"))
     total, cpu, stages = in_process(settings, registry, reader, logger, requests, "cpu", 1)
     agree = same_shown(stages["shown"], full_shown)
     results.append(row(f"scorer, funnel: pre-ranker on every candidate, ranker on the top {a.rank_top_k} (cpu; "
@@ -332,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     reader.close()
     logger.close()
     clients = [int(c) for c in a.clients.split(",") if int(c) > 0]
+    registry.promote(funnel, reason="bench: the HTTP service serves the funnel, as production does")
     http_rows = serve_http(settings, 1, requests, clients, a.http_seconds) if clients else []
 
     load1 = os.getloadavg()[0]
@@ -345,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| configuration | " + " | ".join(STAGES) + " |\n|---|" + "---|" * len(STAGES))
     print("\n".join(breakdown))
     if http_rows:
-        print("\nHTTP service (`python -m streams.serving`, one uvicorn worker, 1 torch thread), keep-alive clients\n")
+        print(f"\nHTTP service (`python -m streams.serving`, one uvicorn worker, 1 torch thread, the funnel: ranker on "
+              f"the top {a.rank_top_k}), keep-alive clients\n")
         print("| clients | requests | requests/s | p50 | p99 | mean |\n|---|---|---|---|---|---|")
         print("\n".join(http_rows))
     print(f"\nPrediction log: {logged['logged']:,} records logged, {logged['dropped']:,} dropped.")
