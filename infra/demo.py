@@ -8,13 +8,15 @@ midnight (paced: a simulated day in about a minute):
   the batch side (bronze -> silver -> gold with data-quality checks -> ``feast apply`` + the materialization
   ``make materialize`` runs (``feature_repo.materialize``) -> the point-in-time training set) and a full
   retrain, promoted;
-- days 1..N: the ad server asks the scorer for every request (in process: features from the online store,
-  the promoted model hot-reloaded, eCPM auction with second prices, frequency caps, exploration of new ads,
-  an A/B experiment: ``control`` keeps the full retrain, ``treatment`` follows promotions), and the scorer
-  logs every shown ad to the prediction log. The circuit breaker checks the promoted model every simulated
-  hour. After each day: the batch side, the log-and-replay training set and the skew report, a warm start
-  on the replayed day (promoted), and online updates from the joiner's training examples. On the last day
-  a deliberately broken model (its CTR logit shifted) is promoted at hour 6: the breaker rolls it back.
+- days 1..N: the ad server retrieves each request's candidates with the promoted version's two towers
+  (``streams.serving.retrieval``: bid-aware, the users' recent ads from the online store) and asks the scorer for
+  every request (in process: features from the online store, the funnel's pre-ranker picks the top 50 for the
+  ranker, the promoted model hot-reloaded, eCPM auction with second prices, frequency caps, exploration of new ads,
+  an A/B experiment: ``control`` keeps the full retrain, ``treatment`` follows promotions), and the scorer logs
+  every shown ad to the prediction log. The circuit breaker checks the promoted model every simulated hour. After
+  each day: the batch side, the log-and-replay training set and the skew report, a warm start on the replayed day
+  (promoted), and online updates from the joiner's training examples. On the last day a deliberately broken model
+  (its CTR logit shifted) is promoted at hour 6: the breaker rolls it back.
 - at the end: the monitoring report and the A/B report (checked against the simulator's truth).
 
 The demo's conversion window is one hour (the default is seven days), so its labels mature within the run.
@@ -128,6 +130,8 @@ def demo_settings(run_id: str, days: int):
 def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
+    from feature_repo.online import OnlineReader
+    from streams.serving.retrieval import Retriever
     from streams.simulator.closed_loop import ClosedLoop, random_policy, run_hours, scorer_policy
     from streams.simulator.config import SimulatorConfig
     from streams.simulator.run import make_producer, send_catalog
@@ -167,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         v1 = full_retrain.run(settings, end=start.date().isoformat(), days=1)
         print(f"demo: full retrain {v1} promoted", flush=True)
         scorer, logger, metrics = start_scorer(settings, registry, control=v1)
+        # From now on the ad server retrieves each request's candidates with the promoted version's towers (the
+        # users' recent ads from the online store) instead of drawing them by popularity.
+        loop.source = Retriever(registry, OnlineReader(settings), k=a.candidates)
         served_log = ServedLog(settings)  # the breaker reads the prediction log incrementally
         for day in range(1, a.days + 1):
             ds = (start + timedelta(days=day)).date()
@@ -270,7 +277,7 @@ def inject_broken_model(registry) -> None:
     good.model.shift_ctr_logit(2.0)
     # Its own lineage: not a member of the promoted version's online line, not a delta.
     dropped = ("model_config", "negative_rate", "fnw", "calibrators", "line", "line_root", "delta_of", "delta_depth",
-               "gate", "kafka_offsets", "learned_range", "skip_until_ms")
+               "gate", "kafka_offsets", "learned_range", "skip_until_ms", "retrieval", "preranker", "extra")
     meta = {k: v for k, v in good.meta.items() if k not in dropped}
     version = save(registry, good, cadence="broken", meta={**meta, "parent": good.version})
     registry.promote(version, reason="demo: a deliberately broken model (CTR logit +2)")

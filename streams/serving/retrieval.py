@@ -43,15 +43,24 @@ class Retriever:
         self.rebuilds = 0
 
     def _load_towers(self) -> None:
+        """The promoted version's towers (its line root's for an online version). A promoted version without
+        towers, or whose towers do not load, leaves the current ones serving (logged); with none yet, it raises."""
         version = self.registry.promoted()
         if version is None:
             raise RuntimeError("candidate retrieval: nothing is promoted")
         source = self.registry.meta(version).get("line_root") or version
-        if source != self.towers_of:
+        if source == self.towers_of:
+            return
+        try:
             towers = towers_of(self.registry, source)
             if towers is None:
-                raise RuntimeError(f"candidate retrieval: {version} has no retrieval towers")
-            self.towers, self.towers_of = towers, source
+                raise ValueError("it has no retrieval towers")
+        except Exception as err:  # noqa: BLE001 - missing, corrupt or incompatible towers: keep the current ones
+            if self.towers is None:
+                raise RuntimeError(f"candidate retrieval: promoted {version}: {err}") from err
+            log.warning("retrieval: promoted %s: %s; the towers of %s keep serving", version, err, self.towers_of)
+            return
+        self.towers, self.towers_of = towers, source
 
     def for_hour(self, ads: pd.DataFrame) -> None:
         """Index ``ads`` (one row per live ad) with the promoted version's towers, unless that index exists."""
