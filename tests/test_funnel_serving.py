@@ -127,6 +127,12 @@ def test_the_ad_server_retrieves_each_requests_candidates_from_the_live_ads(redi
     towers_version(settings, registry, seed=5)
     retriever.for_hour(loop.live_ads(1).iloc[:250])
     assert retriever.rebuilds == built + 2
+    # A promoted version without towers (a bad push, an older model) leaves the current towers serving.
+    serving = retriever.towers_of
+    register(registry, settings, seed=2)
+    retriever.for_hour(loop.live_ads(1))
+    assert retriever.towers_of == serving and retriever.rebuilds == built + 3  # another catalog: rebuilt
+    assert len(retriever.candidates(1, "feed", "ios", cfg.start_ms)) == 40
 
 
 def test_the_graph_index_retrieves_what_exhaustive_scoring_does(redis_settings, tmp_path):
