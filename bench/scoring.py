@@ -46,7 +46,7 @@ from streams.serving.scorer import AdRequest, Scorer, score_batch
 from trainers import preranker
 from trainers.data import InputSpec, concat, encode
 from trainers.model import Ranker
-from trainers.registry import Registry
+from trainers.registry import Registry, module_bytes
 from trainers.scoring import ScoringModel, load, save
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,7 +143,7 @@ def with_preranker(settings: Settings, registry: Registry, reader: OnlineReader,
                               category_ids=r.category_ids).batch for r in requests]
     pre = preranker.distil(model, concat(batches))
     version = save(registry, model, "full", {"preranker": {"config": pre.config}},
-                   extra={preranker.EXTRA_FILE: preranker.to_bytes(pre)})
+                   extra={preranker.EXTRA_FILE: module_bytes(pre)})
     registry.promote(version, "bench: the funnel")
     return version
 

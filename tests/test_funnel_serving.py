@@ -21,10 +21,9 @@ from tests.test_scorer import NO_ROW, fill_store, random_requests, register, ser
 from trainers import preranker
 from trainers.data import InputSpec, concat
 from trainers.model import Ranker
-from trainers.registry import Registry
+from trainers.registry import Registry, module_bytes
 from trainers.retrieval import EXTRA_FILE as RETRIEVAL_FILE
 from trainers.retrieval import TwoTower
-from trainers.retrieval import to_bytes as retrieval_bytes
 from trainers.scoring import ScoringModel, save
 
 K = 20
@@ -52,7 +51,7 @@ def funnel_version(settings, registry, tmp_path) -> tuple[str, list]:
     served = serve_all(full, registry, random_requests(60, seed=8), tmp_path, "full")
     pre = preranker.distil(scoring, concat([s.encoded.batch for s in served[:30]]), progress=False)
     version = save(registry, scoring, "full", {"seed": 3, "preranker": {"config": pre.config}},
-                   extra={preranker.EXTRA_FILE: preranker.to_bytes(pre)})
+                   extra={preranker.EXTRA_FILE: module_bytes(pre)})
     registry.promote(version, "with its pre-ranker")
     return version, served[30:]
 
@@ -93,7 +92,7 @@ def towers_version(settings, registry: Registry, seed: int = 4) -> str:
     spec = InputSpec.from_schemas(settings.trainer.id_buckets, settings.trainer.small_buckets)
     towers = TwoTower(spec, embedding_dim=8, hidden=16, out_dim=8)
     version = save(registry, ScoringModel(Ranker.from_settings(spec, settings.trainer)), "full",
-                   {"retrieval": {"config": towers.config}}, extra={RETRIEVAL_FILE: retrieval_bytes(towers)})
+                   {"retrieval": {"config": towers.config}}, extra={RETRIEVAL_FILE: module_bytes(towers)})
     registry.promote(version, "towers")
     return version
 

@@ -20,8 +20,8 @@ from trainers.data import Batch, encode
 from trainers.datasets import holdout_mask
 from trainers.metrics import summary
 from trainers.model import Ranker
-from trainers.registry import Registry
-from trainers.retrieval import EXTRA_FILE, TwoTower, clicked_rows, to_bytes, train_two_tower
+from trainers.registry import Registry, module_bytes
+from trainers.retrieval import EXTRA_FILE, TwoTower, clicked_rows, train_two_tower
 from trainers.scoring import ScoringModel, reference_of, save
 from trainers.train import fit
 
@@ -92,11 +92,11 @@ def train_and_register(model: Ranker, train: Batch, held: pd.DataFrame, *, setti
     if cfg.retrieval_epochs > 0 and clicks >= 2:
         start = towers if towers is not None else TwoTower(model.spec, out_dim=cfg.retrieval_dim)
         towers = train_two_tower(train, model.spec, epochs=cfg.retrieval_epochs, model=start)
-        extra[EXTRA_FILE] = to_bytes(towers)
+        extra[EXTRA_FILE] = module_bytes(towers)
         retrieval = {"config": towers.config, "epochs": cfg.retrieval_epochs, "clicks": clicks}
     if cfg.preranker_epochs > 0:  # the funnel's pre-ranker, distilled from the ranker just trained
         pre = preranker.distil(scoring, train, epochs=cfg.preranker_epochs)
-        extra[preranker.EXTRA_FILE] = preranker.to_bytes(pre)
+        extra[preranker.EXTRA_FILE] = module_bytes(pre)
         prerank = {"config": pre.config, "epochs": cfg.preranker_epochs,
                    "held_out": preranker.agreement(scoring, pre, encode(held, model.spec)) if len(held) else {}}
         print(f"{cadence}: pre-ranker vs the ranker on held-out rows: {prerank['held_out']}", flush=True)

@@ -131,12 +131,6 @@ def agreement(scoring: ScoringModel, model: PreRanker, data: Batch) -> dict[str,
     return {f"spearman_{t}": float(spearmanr(out[:, j], target[:, j]).statistic) for j, t in enumerate(TASKS[:2])}
 
 
-def to_bytes(model: PreRanker) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-
-
 @dataclass
 class Funnel:
     """The pre-ranker that serves with one ranker version, over that version's embeddings."""
@@ -170,12 +164,10 @@ def preranker_of(registry: Registry, version: str) -> PreRanker | None:
     none (a version trained before the funnel, or with it off)."""
     from safetensors.torch import load
 
-    meta = registry.meta(version)
-    if "preranker" not in meta and meta.get("line_root"):
-        version, meta = meta["line_root"], registry.meta(meta["line_root"])
-    info = meta.get("preranker")
-    if not info:
+    holder = registry.extra_holder(version, "preranker")
+    if holder is None:
         return None
-    model = PreRanker(**info["config"])
+    version, meta = holder
+    model = PreRanker(**meta["preranker"]["config"])
     model.load_state_dict(load(registry.extra(version, EXTRA_FILE)), strict=True)
     return model.eval()

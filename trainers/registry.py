@@ -60,6 +60,11 @@ from safetensors.torch import save as save_safetensors
 
 log = logging.getLogger(__name__)
 
+
+def module_bytes(module: torch.nn.Module) -> bytes:
+    """A module's weights as safetensors bytes: what an extra file of a version holds (its config goes in meta)."""
+    return save_safetensors({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
+
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
 EXTRA_DIR = "extra"
@@ -378,6 +383,15 @@ class Registry:
         for name in meta.get("extra", {}):
             self.extra(version, name)
         return meta
+
+    def extra_holder(self, version: str, key: str) -> tuple[str, dict] | None:
+        """The version whose extra files serve with ``version`` for meta key ``key`` (``"retrieval"``,
+        ``"preranker"``), and its meta: ``version`` itself, or its line root for an online version without its own;
+        None when neither has the key."""
+        meta = self._read_meta(version)
+        if key not in meta and meta.get("line_root"):
+            version, meta = meta["line_root"], self._read_meta(meta["line_root"])
+        return (version, meta) if meta.get(key) else None
 
     def extra(self, version: str, name: str) -> bytes:
         """One extra file of ``version``, checked against its recorded sha256."""

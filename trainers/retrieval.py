@@ -148,13 +148,6 @@ def train_two_tower(data: Batch, spec: InputSpec, *, epochs: int = 3, batch_size
     return model.eval()
 
 
-def to_bytes(model: TwoTower) -> bytes:
-    """The towers' weights as safetensors bytes (their config goes to the version's ``meta["retrieval"]``)."""
-    from safetensors.torch import save
-
-    return save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-
-
 def towers_of(registry: Registry, version: str) -> TwoTower | None:
     """The towers that serve with ``version``: its own, or its line root's for an online version (the online
     trainer updates the ranker only); None for a version trained before the towers existed."""
@@ -162,13 +155,11 @@ def towers_of(registry: Registry, version: str) -> TwoTower | None:
 
     from trainers.model import spec_from_dict
 
-    meta = registry.meta(version)
-    if "retrieval" not in meta and meta.get("line_root"):
-        version, meta = meta["line_root"], registry.meta(meta["line_root"])
-    info = meta.get("retrieval")
-    if not info:
+    holder = registry.extra_holder(version, "retrieval")
+    if holder is None:
         return None
-    model = TwoTower(spec_from_dict(meta["model_config"]["spec"]), **info["config"])
+    version, meta = holder
+    model = TwoTower(spec_from_dict(meta["model_config"]["spec"]), **meta["retrieval"]["config"])
     model.load_state_dict(load(registry.extra(version, EXTRA_FILE)), strict=True)
     return model.eval()
 

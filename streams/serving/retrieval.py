@@ -41,6 +41,7 @@ class Retriever:
         self.towers_of: str | None = None  # the version whose files hold the towers (a line root)
         self.index: AdIndex | None = None
         self.rebuilds = 0
+        self._refused: str | None = None  # the promoted version whose towers were refused (said once)
 
     def _load_towers(self) -> None:
         """The promoted version's towers (its line root's for an online version). A promoted version without
@@ -49,7 +50,7 @@ class Retriever:
         if version is None:
             raise RuntimeError("candidate retrieval: nothing is promoted")
         source = self.registry.meta(version).get("line_root") or version
-        if source == self.towers_of:
+        if source in (self.towers_of, self._refused):
             return
         try:
             towers = towers_of(self.registry, source)
@@ -59,6 +60,7 @@ class Retriever:
             if self.towers is None:
                 raise RuntimeError(f"candidate retrieval: promoted {version}: {err}") from err
             log.warning("retrieval: promoted %s: %s; the towers of %s keep serving", version, err, self.towers_of)
+            self._refused = source
             return
         self.towers, self.towers_of = towers, source
 
