@@ -8,7 +8,8 @@ Streaming stream-stream join and a bare aiokafka consume loop, on the same topic
   commit is the transaction holding the outputs and state changes of the events before it; worker
   start-up excluded). Spark: from the query's start (session up) until the joined clicks are in Kafka (it
   takes the backlog in one micro-batch). Flink: a bounded SQL job (``bench/flink_join.py``) from submit to
-  end, start-up included. Bare aiokafka: a consume loop that only counts records.
+  end, start-up included. Bare aiokafka: a consume loop that only counts records. Join only: the same events
+  through the joiner's processor and RocksDB state in this process, no Kafka (the ceiling of one process).
 * latency: the simulator sends a live minute at ``--live-rate`` events/s (event times now, record times
   the send times) while the join runs; for every click the time from the arrival in Kafka (record
   timestamp) of the event that completes its join (the later of the click and its impression) to its
@@ -69,6 +70,50 @@ def bare_consume(settings: Settings, n: int) -> float:
 
 
 # -- our joiner ---------------------------------------------------------------------------------------
+def join_only(settings: Settings, cfg: SimulatorConfig, batch: int = 20_000) -> float:
+    """The joiner's own work without Kafka: the same events as records of one partition, in delivery order,
+    through ``JoinProcessor`` on a RocksDB store (decode, join, state encoded and written per batch, outputs
+    encoded), the garbage collector tuned as the engine tunes it; events/s on one core. A ceiling for one
+    process: the consumer's fetch, the producer's batches and the broker are not in it."""
+    import gc
+    import tempfile
+
+    from aiokafka.structs import ConsumerRecord
+
+    from label_joiner.processor import JoinProcessor
+    from label_joiner.schemes import make_scheme
+    from streams.engine import EngineConfig, Outbox
+    from streams.simulator.delivery import iter_messages
+    from streams.state import RocksStore
+
+    t = settings.topics
+    inputs = {t.impressions, t.clicks, t.conversions, t.negative_feedback}
+    records = [ConsumerRecord(topic, 0, i, when, 0, key, value, None, len(key), len(value), headers)
+               for i, (topic, key, value, headers, when) in enumerate(iter_messages(generate(cfg, settings,
+                                                                                             drain=True).schedule))
+               if topic in inputs]
+    young = EngineConfig.gc_young_threshold
+    with tempfile.TemporaryDirectory() as d:
+        store = RocksStore(Path(d))
+        processor = JoinProcessor(settings, make_scheme("naive"), 0, store)
+        gc.collect()
+        gc.freeze()
+        old = gc.get_threshold()
+        gc.set_threshold(young, *old[1:])
+        t0 = time.perf_counter()
+        for lo in range(0, len(records), batch):
+            out = Outbox()
+            processor.process(records[lo:lo + batch], out)
+            processor.advance(set(), 0, out)
+            store.changes()
+            store.commit(lo)
+        seconds = time.perf_counter() - t0
+        gc.set_threshold(*old)
+        gc.unfreeze()
+        store.close()
+    return len(records) / seconds
+
+
 def committed_throughput(settings: Settings, n: int, log: Path, workers: int = 1,
                    app_module: str = "label_joiner.app") -> float:
     """From the workers' first committed input offset until they have committed every input event (each
@@ -224,8 +269,8 @@ def main() -> None:
     p.add_argument("--hours", type=float, default=6.0)
     p.add_argument("--live-seconds", type=float, default=60.0)
     p.add_argument("--live-rate", type=float, default=500.0, help="events/s for the latency runs")
-    p.add_argument("--paths", default="bare,ours,ours2,spark,flink",
-                   help="comma-separated subset of bare,ours,ours2,spark,flink")
+    p.add_argument("--paths", default="bare,join,ours,ours2,spark,flink",
+                   help="comma-separated subset of bare,join,ours,ours2,spark,flink")
     p.add_argument("--no-latency", action="store_true", help="throughput only")
     a = p.parse_args()
     paths = set(a.paths.split(","))
@@ -241,6 +286,8 @@ def main() -> None:
     if "bare" in paths:
         s = fresh("bare")
         add("bare aiokafka consume (ceiling)", bare_consume(s, load(s, cfg)))
+    if "join" in paths:
+        add("join only, no Kafka (1 core; ceiling for ours)", join_only(get_settings(), cfg))
     if "ours" in paths:
         s = fresh("ours")
         thr = committed_throughput(s, load(s, cfg), tmp / "ours.log", workers=1)

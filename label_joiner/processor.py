@@ -85,11 +85,10 @@ class JoinProcessor:
         self._write(emitted, out)
 
     def _write(self, emitted: Emitted, out: Outbox) -> None:
-        add, dumps = out.add, orjson.dumps
-        for ex in emitted.examples:
-            add(self.examples_topic, ex["impression_id"].encode(), dumps(ex), self._example_headers)
-        for m in emitted.matured:
-            add(self.matured_topic, m["impression_id"].encode(), dumps(m), self._matured_headers)
+        dumps, topic, headers = orjson.dumps, self.examples_topic, self._example_headers
+        out.records += [(topic, ex["impression_id"].encode(), dumps(ex), headers, None) for ex in emitted.examples]
+        topic, headers = self.matured_topic, self._matured_headers
+        out.records += [(topic, m["impression_id"].encode(), dumps(m), headers, None) for m in emitted.matured]
         for rej in emitted.rejected:
             self._dead(out, self.topic_of_source[rej.source], rej.offset, rej.reason, dumps(rej.event), rej.arrival,
                        counted=True)

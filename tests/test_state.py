@@ -3,7 +3,9 @@ real broker, an invalid local checkpoint)."""
 
 from __future__ import annotations
 
-from streams.state import MemoryStore, RocksStore
+import orjson
+
+from streams.state import MemoryStore, RocksStore, decode_record, encode_record
 
 
 def test_rocks_store_keeps_records_and_due_times_across_reopen(tmp_path):
@@ -40,6 +42,28 @@ def test_restore_from_changelog_equals_the_original(tmp_path):
     assert restored.count() == 99 and restored.get("k7") is None and restored.get("k8") == {"d": 80, "i": 8}
     assert restored.due(55) == ["k0", "k1", "k2", "k3", "k4", "k5"]
     assert restored.changelog_next == 100
+
+
+def test_records_are_messagepack_and_json_records_from_before_still_read(tmp_path):
+    """The store and the changelog hold MessagePack, the bytes the changelog got are the bytes stored (encoded
+    once); a record written as JSON by the version before (a local store, or a changelog restored on a new
+    machine) reads back equal, due time included."""
+    record = {"imp": {"t": 1_700_000_000_000, "user_id": 7, "placement": "feed"}, "click": None, "held": [],
+              "seen": ["cl:c1"], "sent": {"click": "c1"}, "d": 1_700_000_030_000, "w": 0.25}
+    s = RocksStore(tmp_path / "p0")
+    s.put("new", record)
+    (key, value), = s.changes()
+    assert key == b"new" and value == encode_record(record) and value[:1] != b"{"
+    assert len(value) < len(orjson.dumps(record))
+    s.commit(changelog_next=1)
+    assert s.db.get(b"rnew") == value and s.get("new") == record
+    s.db.put(b"rold", orjson.dumps(record))  # a local record of the version before
+    assert s.get("old") == record
+    s.restore([(b"json", orjson.dumps(record)), (b"mp", value), (b"gone", value), (b"gone", None)],
+              changelog_next=5)
+    assert s.get("json") == record == s.get("mp") and s.get("gone") is None
+    assert s.due(1_700_000_030_001) == ["json", "mp", "new"]
+    assert decode_record(orjson.dumps(record)) == decode_record(value) == record
 
 
 def test_a_checkpoint_outside_the_changelog_is_wiped_and_restored(kafka_settings, tmp_path):
