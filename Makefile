@@ -218,7 +218,7 @@ flink: install
 	bench/flink/setup.sh
 
 bench-joiner: up flink
-	$(PY) -m bench.joiner --hours 6
+	$(PY) -m bench.joiner --hours 24
 
 # State size per open impression and restart-to-caught-up time with OPEN open impressions in state.
 OPEN ?= 5000000

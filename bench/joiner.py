@@ -53,7 +53,7 @@ def bare_consume(settings: Settings, n: int) -> float:
 
     async def run() -> float:
         t = settings.topics
-        consumer = AIOKafkaConsumer(t.impressions, t.clicks, t.conversions,
+        consumer = AIOKafkaConsumer(t.impressions, t.clicks, t.conversions, t.negative_feedback,
                                     bootstrap_servers=settings.kafka.bootstrap_servers,
                                     auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
         await consumer.start()
@@ -126,7 +126,7 @@ def committed_throughput(settings: Settings, n: int, log: Path, workers: int = 1
     try:
         t0 = None
         while True:
-            done, total = group_lag(settings, app_id, [t.impressions, t.clicks, t.conversions])
+            done, total = group_lag(settings, app_id, [t.impressions, t.clicks, t.conversions, t.negative_feedback])
             if done and t0 is None:
                 t0, done0 = time.perf_counter(), done
             if total and done >= total:
@@ -287,7 +287,7 @@ def main() -> None:
         s = fresh("bare")
         add("bare aiokafka consume (ceiling)", bare_consume(s, load(s, cfg)))
     if "join" in paths:
-        add("join only, no Kafka (1 core; ceiling for ours)", join_only(get_settings(), cfg))
+        add("join only, no Kafka (ceiling of ours)", join_only(get_settings(), cfg))
     if "ours" in paths:
         s = fresh("ours")
         thr = committed_throughput(s, load(s, cfg), tmp / "ours.log", workers=1)

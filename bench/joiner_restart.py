@@ -5,7 +5,7 @@
 1. seeds the state of a joiner group with ``--open`` clicked impressions (each stays open for its
    conversion window), by running the join's own code over synthetic impressions and clicks into the
    task stores (RocksDB) and writing the same changes to the group's changelog topic, as a worker would;
-2. reports bytes per open impression: the stored record (JSON), RocksDB's files, the changelog's log;
+2. reports bytes per open impression: the stored record (MessagePack), RocksDB's files, the changelog's log;
 3. restarts: 1,000 new impressions arrive, a worker process starts, and the time until the group has
    committed them is measured, (a) with the local state present (only the changelog's tail is read)
    and (b) with the local state deleted (the whole changelog is read back).
@@ -166,7 +166,7 @@ def main() -> None:
     cold = restart(settings, group, log)
     changelog = changelog_bytes(base, f"{group}-changelog") / a.open
     print(f"\n{'open impressions':<44} {a.open:>12,}")
-    print(f"{'bytes per open impression: record (JSON)':<44} {size['record']:>12,.0f}")
+    print(f"{'bytes per open impression: record (MessagePack)':<44} {size['record']:>12,.0f}")
     print(f"{'bytes per open impression: RocksDB files':<44} {size['rocksdb']:>12,.0f}")
     print(f"{'bytes per open impression: changelog log':<44} {changelog:>12,.0f}")
     print(f"{'restart to caught up, local state (s)':<44} {warm:>12.1f}")

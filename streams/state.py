@@ -1,7 +1,7 @@
 """State per input partition: a key -> record store with a due-time index and a changelog of its changes.
 
 A processor reads and writes plain JSON-able dicts by key, stored as MessagePack (``encode_record``: about
-30 % smaller than JSON, as fast; records written as JSON by an older version are still read). A record may
+20 % smaller than JSON, as fast; records written as JSON by an older version are still read). A record may
 carry a due time under ``"d"`` (epoch ms): :meth:`due` lists the keys whose due time has passed, so a processor
 can close windows without holding an index of every open key in memory. Writes collect in :attr:`pending` until the
 runtime has made them durable (a Kafka transaction with the outputs they produced), then :meth:`commit`
