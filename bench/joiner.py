@@ -73,7 +73,7 @@ def bare_consume(settings: Settings, n: int) -> float:
 def join_only(settings: Settings, cfg: SimulatorConfig, batch: int = 20_000) -> float:
     """The joiner's own work without Kafka: the same events as records of one partition, in delivery order,
     through ``JoinProcessor`` on a RocksDB store (decode, join, state encoded and written per batch, outputs
-    encoded), the garbage collector tuned as the engine tunes it; events/s on one core. A ceiling for one
+    encoded), the garbage collector tuned as the worker tunes it; events/s on one core. A ceiling for one
     process: the consumer's fetch, the producer's batches and the broker are not in it."""
     import gc
     import tempfile
@@ -82,7 +82,8 @@ def join_only(settings: Settings, cfg: SimulatorConfig, batch: int = 20_000) -> 
 
     from label_joiner.processor import JoinProcessor
     from label_joiner.schemes import make_scheme
-    from streams.engine import EngineConfig, Outbox
+    from streams.engine import Outbox
+    from streams.service import tune_gc
     from streams.simulator.delivery import iter_messages
     from streams.state import RocksStore
 
@@ -92,20 +93,16 @@ def join_only(settings: Settings, cfg: SimulatorConfig, batch: int = 20_000) -> 
                for i, (topic, key, value, headers, when) in enumerate(iter_messages(generate(cfg, settings,
                                                                                              drain=True).schedule))
                if topic in inputs]
-    young = EngineConfig.gc_young_threshold
     with tempfile.TemporaryDirectory() as d:
         store = RocksStore(Path(d))
         processor = JoinProcessor(settings, make_scheme("naive"), 0, store)
-        gc.collect()
-        gc.freeze()
-        old = gc.get_threshold()
-        gc.set_threshold(young, *old[1:])
+        old = tune_gc()
         t0 = time.perf_counter()
         for lo in range(0, len(records), batch):
             out = Outbox()
             processor.process(records[lo:lo + batch], out)
             processor.advance(set(), 0, out)
-            store.changes()
+            store.changes()  # encoded as the engine encodes its changelog records; commit stores those bytes
             store.commit(lo)
         seconds = time.perf_counter() - t0
         gc.set_threshold(*old)

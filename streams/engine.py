@@ -23,7 +23,6 @@ to keep a quiet input from holding their clocks back.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import time
@@ -87,11 +86,6 @@ class EngineConfig:
     idle_timeout_s: float = 10.0
     # A record over this many bytes is not written; a truncated dead letter says what it was.
     max_record_bytes: int = 1_000_000
-    # Python's cyclic garbage collector, tuned for a worker that allocates a few dicts per event and keeps few
-    # (state lives in RocksDB): what exists once the worker has started is frozen (never scanned again), and a
-    # young-generation collection runs every this many net allocations instead of 700. Measured on the joiner:
-    # the collector took ~15 % of the in-process time per event at the default. 0 leaves Python's defaults.
-    gc_young_threshold: int = 50_000
     transaction_timeout_ms: int = 120_000
     # Folders of tasks no process owns are deleted once untouched this long (Kafka Streams' state.cleanup.delay.ms).
     state_cleanup_delay_s: float = 600.0
@@ -150,11 +144,6 @@ class Engine:
             partition_assignment_strategy=(_range_assignor(),))
         self.consumer.subscribe(self.config.inputs, listener=_Listener(self))
         await self.consumer.start()
-        if self.config.gc_young_threshold:
-            gc.collect()
-            gc.freeze()  # the modules, settings and clients made so far: kept for the process's life
-            _, older, oldest = gc.get_threshold()
-            gc.set_threshold(self.config.gc_young_threshold, older, oldest)
         log.info("%s: consumer group %s started on %s", self.config.stage, self.config.group_id, self.config.inputs)
 
     async def run(self) -> None:

@@ -31,7 +31,6 @@ import orjson
 
 META = "\x00meta/"  # keys of the processor's own bookkeeping (clocks), changelogged like records
 _NO_DUE = -1
-_ABSENT = object()
 
 
 def rocksdb_options(raw_mode: bool = False):
@@ -226,13 +225,6 @@ class RocksStore(Store):
         self._resolved: list[bytes] = []  # due keys handed out since the last commit
 
     def _committed(self, key: str) -> dict | None:
-        raw = self.db.get(b"r" + key.encode())
-        return None if raw is None else decode_record(raw)
-
-    def get(self, key: str) -> dict | None:  # Store.get, inlined: once or twice per event
-        record = self.pending.get(key, _ABSENT)
-        if record is not _ABSENT:
-            return record
         raw = self.db.get(b"r" + key.encode())
         return None if raw is None else decode_record(raw)
 
