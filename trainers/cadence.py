@@ -44,13 +44,18 @@ def row_weights(frame: pd.DataFrame) -> np.ndarray:
 ISOTONIC_MIN_POSITIVES = 1_000  # below this, isotonic steps overfit: Platt's two parameters do better
 
 
+def calibration_half(held: pd.DataFrame) -> np.ndarray:
+    """The held-out rows calibrators are fitted on (and early stopping watches); the rest only measure."""
+    return holdout_mask(held["impression_id"], 0.5, salt="calibration")
+
+
 def calibrate(scoring: ScoringModel, held: pd.DataFrame, spec, device: torch.device, method: str = "auto") -> dict:
     """Fit the calibrators on half the held-out rows; return metrics (raw and calibrated) on the other half.
 
     ``method`` "auto": isotonic where the fitting half has ``ISOTONIC_MIN_POSITIVES`` positives, else Platt."""
     if len(held) == 0:
         return {}
-    fit_half = holdout_mask(held["impression_id"], 0.5, salt="calibration")
+    fit_half = calibration_half(held)
     metrics: dict[str, dict] = {}
     parts = {name: held[mask].reset_index(drop=True) for name, mask in (("fit", fit_half), ("eval", ~fit_half))}
     raw = {name: scoring.uncalibrated(encode(part, spec), device) for name, part in parts.items()}
@@ -78,8 +83,9 @@ def train_and_register(model: Ranker, train: Batch, held: pd.DataFrame, *, setti
     """Train ``model`` on ``train``, calibrate and measure on ``held``; train candidate retrieval's towers on
     ``train``'s clicks (on from ``towers``, the parent's, when given); register both; promote when asked."""
     cfg = settings.trainer
+    validation = encode(held[calibration_half(held)], model.spec) if len(held) else None
     progress = fit(model, train, epochs=epochs, batch_size=cfg.batch_size, lr=lr, device=device,
-                   checkpoint=checkpoint, desc=cadence)
+                   checkpoint=checkpoint, desc=cadence, validation=validation, patience=cfg.early_stopping_patience)
     print(f"{cadence}: {progress.examples:,} examples in {progress.seconds:.1f} s "
           f"({progress.examples / max(progress.seconds, 1e-9):,.0f}/s); loss {progress.loss}", flush=True)
     scoring = ScoringModel(model.cpu(), negative_rate=negative_rate)
@@ -104,7 +110,7 @@ def train_and_register(model: Ranker, train: Batch, held: pd.DataFrame, *, setti
     meta = {"cadence": cadence, "data_range": data_range, "source": source, "parent": parent, "metrics": metrics,
             "feature_service": {"name": "ranker", "spec": model.spec.fingerprint()},
             "train": {"examples": progress.examples, "seconds": progress.seconds, "epochs": epochs, "lr": lr,
-                      "device": str(device)},
+                      "device": str(device), "validation_auc": progress.validation, "best_epoch": progress.best_epoch},
             "created_ms": int(time.time() * 1000),
             "reference": reference_of(scoring, held)}  # the monitor's PSI (the breaker compares with the parent)
     if retrieval:

@@ -65,7 +65,7 @@ class FeatureScale:
     ads: int
     impressions_per_hour: float
     history_days: int
-    epochs: int
+    epochs: int  # at most (early stopping may pick fewer: trainers/train.py)
     # Days simulated and processed before the history, whose rows train nothing: gold describes the days
     # before its stamp, so without them the first history day would have no gold row at all.
     warmup_days: int = 1

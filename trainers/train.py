@@ -3,12 +3,19 @@
 ``fit`` trains a model for some epochs over encoded rows and can resume from a checkpoint (the
 model's and optimizers' state plus the step reached, written atomically every ``checkpoint_every``
 steps); the order of rows is fixed by the seed, so a resumed run continues exactly where it stopped.
+With ``validation`` rows, ``epochs`` is a maximum: after each epoch the rows are scored as serving scores them and
+training stops once their ranking (the mean AUC of pCTR and pCTCVR, what the auction's eCPM ranks by) has not
+improved for ``patience`` epochs; the model keeps the weights of its best epoch. Deep CTR models over sparse ids
+overfit within a few epochs (the "one-epoch phenomenon"). The criterion is a ranking, not the loss: the
+validation log loss turns up an epoch or two before the ranking stops improving (the model grows overconfident,
+which the post-hoc calibrators then undo), so stopping on the loss stopped too early (README, issue 20).
 ``predict`` scores rows in batches without the position bias, as serving does.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,6 +27,7 @@ from tqdm import tqdm
 
 from trainers.data import Batch, minibatches
 from trainers.loss import multitask_loss
+from trainers.metrics import auc
 from trainers.model import autocast
 
 log = logging.getLogger(__name__)
@@ -48,6 +56,15 @@ class Progress:
     examples: int = 0
     seconds: float = 0.0
     loss: dict[str, float] = field(default_factory=dict)
+    validation: list[float] = field(default_factory=list)  # the validation score after each epoch (higher: better)
+    best_epoch: int | None = None  # 1-based: the epoch whose weights the model kept
+
+    def best(self) -> int:
+        """0-based index of the best epoch so far (the first of equals)."""
+        return self.validation.index(max(self.validation))
+
+    def epochs_since_best(self) -> int:
+        return len(self.validation) - 1 - self.best()
 
     def update(self, metrics: dict[str, float], n: int, alpha: float = 0.05) -> None:
         self.steps += 1
@@ -76,21 +93,42 @@ def step(model: torch.nn.Module, opts: list[torch.optim.Optimizer], batch: Batch
     return metrics
 
 
-def _save_checkpoint(path: Path, model, opts, epoch: int, batch_index: int, progress: Progress) -> None:
+def validation_score(model: torch.nn.Module, data: Batch, device: torch.device) -> float:
+    """The mean AUC of pCTR (against clicks) and pCTCVR (against conversions) on ``data``, scored as serving
+    scores; pCTR's alone where the rows hold no conversion; NaN where they cannot rank clicks either."""
+    p = predict(model, data, device)
+    aucs = [auc(data.label_ctr.numpy() > 0.5, p["ctr"]), auc(data.label_ctcvr.numpy() > 0.5, p["ctcvr"])]
+    aucs = [a for a in aucs if not math.isnan(a)]
+    return float(np.mean(aucs)) if aucs else math.nan
+
+
+def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _save_checkpoint(path: Path, model, opts, epoch: int, batch_index: int, progress: Progress,
+                     best: dict | None) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizers": [o.state_dict() for o in opts], "epoch": epoch,
-                "batch_index": batch_index, "steps": progress.steps, "examples": progress.examples}, tmp)
+                "batch_index": batch_index, "steps": progress.steps, "examples": progress.examples,
+                "validation": progress.validation, "best": best}, tmp)
     os.replace(tmp, path)
 
 
 def fit(model: torch.nn.Module, data: Batch, *, epochs: int, batch_size: int, lr: float, device: torch.device,
         scheme: str = "naive", seed: int = 0, checkpoint: Path | None = None, checkpoint_every: int = 200,
-        desc: str = "train") -> Progress:
-    """Train ``model`` in place on ``data``; resume from ``checkpoint`` if it exists (same data and seed)."""
+        desc: str = "train", validation: Batch | None = None, patience: int = 1) -> Progress:
+    """Train ``model`` in place on ``data``; resume from ``checkpoint`` if it exists (same data and seed).
+
+    With ``validation`` (and ``patience`` > 0), stop early and keep the best epoch's weights (module docstring);
+    validation rows without both a click and a non-click cannot rank, and every epoch runs."""
     model.to(device)
     opts = optimizers(model, lr)
     progress = Progress()
     start_epoch, start_batch = 0, 0
+    # Early stopping needs rows it can rank: at least one click and one non-click (else every epoch runs).
+    early = patience > 0 and validation is not None and 0 < int((validation.label_ctr > 0.5).sum()) < len(validation)
+    best: dict[str, torch.Tensor] | None = None
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
@@ -98,6 +136,7 @@ def fit(model: torch.nn.Module, data: Batch, *, epochs: int, batch_size: int, lr
             opt.load_state_dict(s)
         start_epoch, start_batch = state["epoch"], state["batch_index"]
         progress.steps, progress.examples = state["steps"], state["examples"]
+        progress.validation, best = list(state.get("validation", [])), state.get("best")
         log.info("%s: resumed from %s at epoch %d batch %d", desc, checkpoint, start_epoch, start_batch)
     per_epoch = (len(data) + batch_size - 1) // batch_size
     began = time.monotonic()
@@ -112,8 +151,19 @@ def fit(model: torch.nn.Module, data: Batch, *, epochs: int, batch_size: int, lr
                 if progress.steps % 50 == 0:
                     bar.set_postfix({k: f"{v:.4f}" for k, v in progress.loss.items()})
                 if checkpoint is not None and progress.steps % checkpoint_every == 0:
-                    _save_checkpoint(checkpoint, model, opts, epoch, i + 1, progress)
+                    _save_checkpoint(checkpoint, model, opts, epoch, i + 1, progress, best)
             start_batch = 0
+            if early:
+                progress.validation.append(validation_score(model, validation, device))
+                if progress.best() == len(progress.validation) - 1:
+                    best = _copy_state(model)
+                log.info("%s: epoch %d validation AUC %.5f", desc, epoch + 1, progress.validation[-1])
+                bar.set_postfix({"val": f"{progress.validation[-1]:.4f}"})
+                if progress.epochs_since_best() >= patience:
+                    break
+    if early and best is not None:
+        model.load_state_dict(best)
+        progress.best_epoch = progress.best() + 1
     progress.seconds = time.monotonic() - began
     if checkpoint is not None and checkpoint.exists():
         checkpoint.unlink()  # finished: a later run starts fresh
