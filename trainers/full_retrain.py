@@ -1,11 +1,12 @@
 """Weekly full retrain: a new ranker from scratch over the last N days of training sets.
 
-    python -m trainers.full_retrain [--end YYYY-MM-DD] [--days 30] [--epochs 2] [--no-promote]
+    python -m trainers.full_retrain [--end YYYY-MM-DD] [--days 30] [--epochs 4] [--no-promote]
 
 Reads the training-set partitions (``batch_jobs.training_set``) of the days up to ``--end`` (default: the
-newest), holds out a share of impressions for calibration and metrics, trains, registers the model with its
-metadata and promotes it. Resumable: an interrupted run continues from its last checkpoint
-(``var/trainers/full-<end>.ckpt``) when started again with the same arguments.
+newest), holds out a share of impressions for calibration and metrics, trains (``--epochs`` at most: early
+stopping on the calibration rows, ``trainers/train.py``), registers the model with its metadata and promotes it.
+Resumable: an interrupted run continues from its last checkpoint (``var/trainers/full-<end>.ckpt``) when started
+again with the same arguments.
 """
 
 from __future__ import annotations
