@@ -141,11 +141,12 @@ def fit_ranker(rows: pd.DataFrame, spec: InputSpec, settings: Settings, epochs: 
     if model is None:
         model = Ranker.from_settings(spec, cfg)
         model.fit_normalizer(train.dense)
-    validation = encode(rows[held][calibration_half(rows[held])], spec)
+    held_rows = rows[held].reset_index(drop=True)
+    validation = encode(held_rows[calibration_half(held_rows)], spec)
     fit(model, train, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate * lr_factor,
         device=torch.device("cpu"), desc="batch", validation=validation, patience=cfg.early_stopping_patience)
     scoring = ScoringModel(model, negative_rate=rate)
-    calibrate(scoring, rows[held].reset_index(drop=True), spec, torch.device("cpu"))
+    calibrate(scoring, held_rows, spec, torch.device("cpu"))
     return scoring
 
 

@@ -126,8 +126,10 @@ def fit(model: torch.nn.Module, data: Batch, *, epochs: int, batch_size: int, lr
     opts = optimizers(model, lr)
     progress = Progress()
     start_epoch, start_batch = 0, 0
-    # Early stopping needs rows it can rank: at least one click and one non-click (else every epoch runs).
-    early = patience > 0 and validation is not None and 0 < int((validation.label_ctr > 0.5).sum()) < len(validation)
+    # Early stopping needs a choice to make (more than one epoch) and rows it can rank: at least one click and one
+    # non-click (else every epoch runs).
+    early = (epochs > 1 and patience > 0 and validation is not None
+             and 0 < int((validation.label_ctr > 0.5).sum()) < len(validation))
     best: dict[str, torch.Tensor] | None = None
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
