@@ -13,7 +13,11 @@ RocksDB together with the changelog offset they reach. So a crash at any point l
 offsets, outputs and changelog consistent (readers use ``read_committed``); a restart opens the local
 store, reads the changelog from the offset it records to the end, and resumes from the committed
 offsets. A worker that lost its partitions while stalled (a zombie) is fenced by the new owner's
-producer and cannot commit. No private attribute of aiokafka or faust is used.
+producer and cannot commit. Each task also tracks the next offset it must process per input (its committed
+offset when it opened, then the end of each batch): a fetch answered for an earlier assignment can still be
+handed out after a rebalance reopened the task, and its records below that offset are already in the
+restored state, so they are skipped (counted as ``stale records skipped``), never applied twice. No private
+attribute of aiokafka or faust is used.
 
 Idleness, per input partition: read to its end (the consumer's position at the last stable offset,
 from a fetch answered in the last few seconds) and no record for ``idle_timeout_s``. Processors use it
@@ -107,6 +111,7 @@ class Task:
         self.producer = producer
         self.outbox = Outbox()
         self.offsets: dict[TopicPartition, int] = {}  # next offset to commit, per input partition
+        self.position: dict[TopicPartition, int] = {}  # next offset to process (from the committed offset on)
         self.dirty = False
         self.last_record_wall: dict[str, float] = {}
         self.opened_wall = time.monotonic()
@@ -180,8 +185,18 @@ class Engine:
             task = self.tasks.get(tp.partition)
             if task is None or not records:
                 continue  # revoked meanwhile: not ours to process
+            start = task.position.get(tp)
+            if start is not None and records[0].offset < start:
+                # Fetched before the task was (re)opened at its committed offset: already in its state.
+                stale = sum(1 for r in records if r.offset < start)
+                self.counts["stale records skipped"] += stale
+                log.warning("%s: task %d skipped %d records of %s fetched before it was opened at offset %d",
+                            self.config.stage, tp.partition, stale, tp, start)
+                records = records[stale:]
+                if not records:
+                    continue
             by_task[tp.partition].extend(records)
-            task.offsets[tp] = records[-1].offset + 1
+            task.offsets[tp] = task.position[tp] = records[-1].offset + 1
             task.last_record_wall[tp.topic] = now
         n = 0
         for p, records in by_task.items():
@@ -324,6 +339,7 @@ class Engine:
         await producer.start()  # InitProducerId: a zombie with the same id is fenced, its open transaction aborted
         store = await self.restore_task(p, RocksStore(await self._lock_task(p)))
         assert self.consumer is not None
+        positions: dict[TopicPartition, int] = {}
         for topic in self.config.inputs:
             tp = TopicPartition(topic, p)
             committed = await self.consumer.committed(tp)
@@ -332,7 +348,9 @@ class Engine:
                 # (seen with aiokafka 0.14 on a manually assigned changelog partition).
                 committed = (await self.consumer.beginning_offsets([tp]))[tp]
             self.consumer.seek(tp, committed)
+            positions[tp] = committed
         self.tasks[p] = Task(p, store, self.make_processor(p, store), producer)
+        self.tasks[p].position.update(positions)
 
     async def restore_task(self, p: int, store: RocksStore) -> RocksStore:
         """Bring the task's local store up to the changelog's end; return the store to use. A local checkpoint

@@ -74,9 +74,9 @@ def consume_all(settings: Settings, topic: str, expected: int, timeout_s: float 
 CLOSE_WHEN_IDLE = 100_000.0
 
 
-def simulated_run(topics: Settings, var_dir, cfg, conversion_window_s: float = 3600.0):
-    """Send a drained simulator run to ``topics`` with a short conversion window (every window closes
-    within the run); return the settings a worker must use and the generated run."""
+def simulated_run(topics: Settings, var_dir, cfg, conversion_window_s: float = 3600.0, send_it: bool = True):
+    """Send a drained simulator run to ``topics`` (unless not ``send_it``) with a short conversion window (every
+    window closes within the run); return the settings a worker must use and the generated run."""
     from streams.simulator.run import generate, send
 
     settings = topics.model_copy(update={
@@ -85,5 +85,6 @@ def simulated_run(topics: Settings, var_dir, cfg, conversion_window_s: float = 3
                                                      "idle_advance_rate": CLOSE_WHEN_IDLE}),
     })
     gen = generate(cfg, settings, drain=True)
-    send(gen.schedule, settings, speed=0, start_ms=cfg.start_ms)
+    if send_it:
+        send(gen.schedule, settings, speed=0, start_ms=cfg.start_ms)
     return settings, gen
