@@ -94,14 +94,15 @@ def expected_counts(imps: pd.DataFrame, clicks: pd.DataFrame, key: str) -> pd.Da
     return pd.DataFrame(out)
 
 
-def run_worker_until_caught_up(settings: Settings, tmp_path, mid_run: Callable[[], None] | None = None) -> None:
-    """Run the worker until both stages are done. ``mid_run`` is called once, when stage 2 has begun writing;
-    a worker that exits after it is started again (a supervisor's restart)."""
+def run_worker_until_caught_up(settings: Settings, tmp_path, mid_run: Callable[[], None] | None = None) -> int:
+    """Run the worker until both stages are done; return how many times it was started. ``mid_run`` is called
+    once, when stage 2 has begun writing; a worker that exits after it is started again (a supervisor's
+    restart)."""
     group = f"rt-{uuid.uuid4().hex[:6]}"
     logs = iter(tmp_path / f"worker.{i}.log" for i in range(100))
     log = next(logs)
     proc = start_worker(settings, group, log, app_module="streams.realtime_app")
-    settle_until = 0.0
+    settle_until, starts = 0.0, 1
     try:
         deadline, last = time.monotonic() + 240, None
         while time.monotonic() < deadline:
@@ -121,11 +122,13 @@ def run_worker_until_caught_up(settings: Settings, tmp_path, mid_run: Callable[[
                 assert settle_until > 0, log.read_text()[-3000:]
                 log = next(logs)
                 proc = start_worker(settings, group, log, app_module="streams.realtime_app")
+                starts += 1
             time.sleep(3)
         else:
             raise AssertionError(f"worker did not catch up: {a} {b}")
     finally:
         stop_worker(proc)
+    return starts
 
 
 def check_against_an_independent_count(settings: Settings) -> None:
@@ -189,5 +192,7 @@ def test_redis_restart_mid_run_loses_nothing(fresh_topics, tmp_path):
         finally:
             redis.start()
 
-    run_worker_until_caught_up(settings, tmp_path, mid_run=outage)
+    starts = run_worker_until_caught_up(settings, tmp_path, mid_run=outage)
+    # The outage hit the worker with writes to make: it failed them, exited and was started again.
+    assert starts >= 2, "the worker never met the outage"
     check_against_an_independent_count(settings)

@@ -147,15 +147,20 @@ def river_scores(history: pd.DataFrame, held: pd.DataFrame) -> dict[str, np.ndar
     return out
 
 
-def evaluate_world(settings: Settings, scale: FeatureScale, seed: int, rate: float, start: datetime) -> dict:
-    """One world through the pipeline; per model, with and without features, the held-out day's metrics."""
-    cfg = SimulatorConfig(seed=seed, run_id=settings.feast_project, start=start,
-                          hours=24.0 * (scale.warmup_days + scale.history_days + 1), users=scale.users,
-                          ads=scale.ads,
-                          impressions_per_hour=scale.impressions_per_hour, ctr=0.05, cvr=0.1, neg_rate=0.02,
-                          drift_logit_per_day=0.0, speed=scale.speed, prediction_log=False,
-                          effects=Effects.realistic())
-    frame, truth = through_the_pipeline(settings, cfg)
+def world_config(settings: Settings, scale: FeatureScale, seed: int, start: datetime) -> SimulatorConfig:
+    """The features world of ``seed``: the truth has the effects the features are built to see."""
+    return SimulatorConfig(seed=seed, run_id=settings.feast_project, start=start,
+                           hours=24.0 * (scale.warmup_days + scale.history_days + 1), users=scale.users,
+                           ads=scale.ads,
+                           impressions_per_hour=scale.impressions_per_hour, ctr=0.05, cvr=0.1, neg_rate=0.02,
+                           drift_logit_per_day=0.0, speed=scale.speed, prediction_log=False,
+                           effects=Effects.realistic())
+
+
+def split_world(frame: pd.DataFrame, truth: pd.DataFrame, cfg: SimulatorConfig,
+                scale: FeatureScale) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The training-set rows with their labels and the oracle's probabilities, split into (history days, the
+    held-out day); the warm-up days train nothing."""
     truth = truth.set_index("impression_id")
     share = float(truth["converted_in_window"].sum() / max(truth["converts"].sum(), 1))
     frame = frame.sort_values(["impression_time_ms", "impression_id"], kind="stable").reset_index(drop=True)
@@ -171,6 +176,13 @@ def evaluate_world(settings: Settings, scale: FeatureScale, seed: int, rate: flo
     print(f"evaluate-features: {len(frame):,} training-set rows ({len(truth):,} impressions simulated); history "
           f"{len(history):,}, held-out {len(held):,}; oracle matched {frame['oracle_ctr'].notna().mean():.4f}",
           flush=True)
+    return history, held
+
+
+def evaluate_world(settings: Settings, scale: FeatureScale, seed: int, rate: float, start: datetime) -> dict:
+    """One world through the pipeline; per model, with and without features, the held-out day's metrics."""
+    cfg = world_config(settings, scale, seed, start)
+    history, held = split_world(*through_the_pipeline(settings, cfg), cfg, scale)
     spec = InputSpec.from_schemas(settings.trainer.id_buckets, settings.trainer.small_buckets)
     oracle = {"ctr": held["oracle_ctr"].to_numpy(), "cvr": held["oracle_cvr"].to_numpy()}
     oracle["ctcvr"] = oracle["ctr"] * oracle["cvr"]

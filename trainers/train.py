@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,11 +118,13 @@ def _save_checkpoint(path: Path, model, opts, epoch: int, batch_index: int, prog
 
 def fit(model: torch.nn.Module, data: Batch, *, epochs: int, batch_size: int, lr: float, device: torch.device,
         scheme: str = "naive", seed: int = 0, checkpoint: Path | None = None, checkpoint_every: int = 200,
-        desc: str = "train", validation: Batch | None = None, patience: int = 1) -> Progress:
+        desc: str = "train", validation: Batch | None = None, patience: int = 1,
+        on_epoch: Callable[[int], None] | None = None) -> Progress:
     """Train ``model`` in place on ``data``; resume from ``checkpoint`` if it exists (same data and seed).
 
     With ``validation`` (and ``patience`` > 0), stop early and keep the best epoch's weights (module docstring);
-    validation rows without both a click and a non-click cannot rank, and every epoch runs."""
+    validation rows without both a click and a non-click cannot rank, and every epoch runs. ``on_epoch(n)`` is
+    called after epoch n (1-based) with the model as that epoch left it (for measurements)."""
     model.to(device)
     opts = optimizers(model, lr)
     progress = Progress()
@@ -155,6 +158,8 @@ def fit(model: torch.nn.Module, data: Batch, *, epochs: int, batch_size: int, lr
                 if checkpoint is not None and progress.steps % checkpoint_every == 0:
                     _save_checkpoint(checkpoint, model, opts, epoch, i + 1, progress, best)
             start_batch = 0
+            if on_epoch is not None:
+                on_epoch(epoch + 1)
             if early:
                 progress.validation.append(validation_score(model, validation, device))
                 if progress.best() == len(progress.validation) - 1:
