@@ -339,7 +339,7 @@ class Engine:
         await producer.start()  # InitProducerId: a zombie with the same id is fenced, its open transaction aborted
         store = await self.restore_task(p, RocksStore(await self._lock_task(p)))
         assert self.consumer is not None
-        positions: dict[TopicPartition, int] = {}
+        task = Task(p, store, self.make_processor(p, store), producer)
         for topic in self.config.inputs:
             tp = TopicPartition(topic, p)
             committed = await self.consumer.committed(tp)
@@ -348,9 +348,8 @@ class Engine:
                 # (seen with aiokafka 0.14 on a manually assigned changelog partition).
                 committed = (await self.consumer.beginning_offsets([tp]))[tp]
             self.consumer.seek(tp, committed)
-            positions[tp] = committed
-        self.tasks[p] = Task(p, store, self.make_processor(p, store), producer)
-        self.tasks[p].position.update(positions)
+            task.position[tp] = committed
+        self.tasks[p] = task
 
     async def restore_task(self, p: int, store: RocksStore) -> RocksStore:
         """Bring the task's local store up to the changelog's end; return the store to use. A local checkpoint

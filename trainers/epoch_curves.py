@@ -22,9 +22,8 @@ import torch
 
 from infra.settings import Settings, get_settings
 from trainers import evaluate_features as ef
-from trainers.cadence import calibration_half
 from trainers.data import Batch, InputSpec, encode
-from trainers.evaluate import downsample, holdout_mask
+from trainers.evaluate import downsample, training_split
 from trainers.model import Ranker
 from trainers.train import fit, validation_score
 
@@ -48,15 +47,6 @@ def load_world(seed: int, cache: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return history, held
 
 
-def split_for_training(history: pd.DataFrame, spec: InputSpec, settings: Settings,
-                       rate: float) -> tuple[Batch, Batch]:
-    """(training rows, validation rows) exactly as ``trainers.evaluate.fit_ranker`` splits them."""
-    rows = downsample(history, rate)
-    held = holdout_mask(rows["impression_id"], settings.trainer.calibration_share)
-    held_rows = rows[held].reset_index(drop=True)
-    return encode(rows[~held], spec), encode(held_rows[calibration_half(held_rows)], spec)
-
-
 def curves(history: pd.DataFrame, held: pd.DataFrame, settings: Settings, epochs: int, rate: float = 0.25,
            seed: int = 11) -> pd.DataFrame:
     """One row per ranker and epoch: the validation rows' and the held-out day's ranking after that epoch."""
@@ -64,7 +54,7 @@ def curves(history: pd.DataFrame, held: pd.DataFrame, settings: Settings, epochs
     cfg = settings.trainer
     out = []
     for label, view in (("with features", lambda f: f), ("ids and context only", ef.without_features)):
-        train, validation = split_for_training(view(history), spec, settings, rate)
+        train, _, validation = training_split(downsample(view(history), rate), spec, settings)
         test = encode(view(held), spec)
         torch.manual_seed(seed)
         model = Ranker.from_settings(spec, cfg)

@@ -45,7 +45,7 @@ from streams.simulator.config import Effects, SimulatorConfig
 from streams.simulator.run import generate
 from trainers.cadence import calibrate, calibration_half
 from trainers.calibration import reliability_plot
-from trainers.data import InputSpec, encode
+from trainers.data import Batch, InputSpec, encode
 from trainers.datasets import holdout_mask
 from trainers.lightgbm_baseline import LightGBMBaseline
 from trainers.metrics import log_loss, summary
@@ -131,18 +131,23 @@ def train_batch(frame: pd.DataFrame, spec: InputSpec, settings: Settings, scale:
     return fit_ranker(downsample(frame, rate), spec, settings, epochs or scale.epochs, rate, model, lr_factor)
 
 
+def training_split(rows: pd.DataFrame, spec: InputSpec, settings: Settings) -> tuple[Batch, pd.DataFrame, Batch]:
+    """(training rows, the held-out rows the calibrators fit on, the validation rows early stopping scores: the
+    held-out rows' calibration half), as the batch cadences split them."""
+    held = holdout_mask(rows["impression_id"], settings.trainer.calibration_share)
+    held_rows = rows[held].reset_index(drop=True)
+    return encode(rows[~held], spec), held_rows, encode(held_rows[calibration_half(held_rows)], spec)
+
+
 def fit_ranker(rows: pd.DataFrame, spec: InputSpec, settings: Settings, epochs: int, rate: float,
                model: Ranker | None = None, lr_factor: float = 1.0) -> ScoringModel:
     """Train on downsampled ``rows`` less the held-out share (from scratch or on from ``model``) and calibrate on
     the held-out rows, as the batch cadences do."""
     cfg = settings.trainer
-    held = holdout_mask(rows["impression_id"], cfg.calibration_share)
-    train = encode(rows[~held], spec)
+    train, held_rows, validation = training_split(rows, spec, settings)
     if model is None:
         model = Ranker.from_settings(spec, cfg)
         model.fit_normalizer(train.dense)
-    held_rows = rows[held].reset_index(drop=True)
-    validation = encode(held_rows[calibration_half(held_rows)], spec)
     fit(model, train, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate * lr_factor,
         device=torch.device("cpu"), desc="batch", validation=validation, patience=cfg.early_stopping_patience)
     scoring = ScoringModel(model, negative_rate=rate)
