@@ -11,7 +11,7 @@ from trainers.evaluate import goals_table
 from trainers.evaluate_features import run
 
 
-def test_the_features_from_the_real_pipeline_help_the_ranker(kafka_settings, redis_settings, tmp_path, capsys):
+def test_the_real_features_speed_up_the_rankers_first_epoch(kafka_settings, redis_settings, tmp_path, capsys):
     result = run("ci", worlds=1, out_dir=tmp_path)
     with capsys.disabled():
         print(f"\nfeature coverage on the held-out day: {result['feature_coverage']}\n{goals_table(result['goals'])}")
@@ -28,7 +28,9 @@ def test_the_features_from_the_real_pipeline_help_the_ranker(kafka_settings, red
     names = {"(a) oracle"} | {f"{m}, {v}" for m in ("ranker", "lightgbm", "river")
                               for v in ("with features", "ids and context only")}
     assert set(rows) == names
-    # The features carry what the ids cannot (fatigue, recency, novelty, hour): the ranker's CTR AUC gains.
+    # The features carry what the ids cannot (fatigue, recency, novelty, hour): after the CI scale's one epoch the
+    # ranker's CTR AUC gains from them. That is learning speed, not the ceiling: at each ranker's best epoch they
+    # add nothing measurable at this scale (README, "Over four worlds and three training seeds").
     gain = rows["ranker, with features"]["ctr"]["auc"] - rows["ranker, ids and context only"]["ctr"]["auc"]
     assert gain > 0.01, rows
     # Nobody reaches the oracle.
