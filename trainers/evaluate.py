@@ -164,10 +164,10 @@ def train_lightgbm(frame: pd.DataFrame, spec: InputSpec, settings: Settings, rat
 
 def fit_lightgbm(rows: pd.DataFrame, spec: InputSpec, settings: Settings, rate: float,
                  seed: int) -> LightGBMBaseline:
-    """The LightGBM peer on downsampled ``rows``, split and calibrated as :func:`fit_ranker` does."""
-    held = holdout_mask(rows["impression_id"], settings.trainer.calibration_share)
-    peer = LightGBMBaseline(negative_rate=rate, seed=seed).fit(encode(rows[~held], spec))
-    calibrate(peer, rows[held].reset_index(drop=True), spec, torch.device("cpu"))
+    """The LightGBM peer on downsampled ``rows``, split, stopped early and calibrated as :func:`fit_ranker` is."""
+    train, held_rows, validation = training_split(rows, spec, settings)
+    peer = LightGBMBaseline(negative_rate=rate, seed=seed).fit(train, validation)
+    calibrate(peer, held_rows, spec, torch.device("cpu"))
     return peer
 
 
