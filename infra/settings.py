@@ -211,6 +211,10 @@ class SparkSettings(BaseModel):
     master: str = "local[2]"
     driver_memory: str = "3g"
     shuffle_partitions: int = 4
+    # Tasks Delta uses to rebuild a table's snapshot from its log (Delta's default: 50). Every read, write and
+    # merge of a Delta table rebuilds one; on a small driver the 50 tasks' scheduling outweighs the work. Raise it
+    # with the cluster's cores and the tables' log sizes.
+    delta_snapshot_partitions: int = 4
 
 
 class TrainerSettings(BaseModel):

@@ -23,6 +23,7 @@ def spark_session(app_name: str, settings: Settings | None = None):
         .config("spark.jars", ",".join(jars))
         .config("spark.driver.memory", s.spark.driver_memory)
         .config("spark.sql.shuffle.partitions", str(s.spark.shuffle_partitions))
+        .config("spark.databricks.delta.snapshotPartitions", str(s.spark.delta_snapshot_partitions))
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
         .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")

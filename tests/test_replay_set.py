@@ -147,8 +147,6 @@ def lake(kafka_settings, tmp_path_factory):
     settings = with_topic_prefix(kafka_settings, f"t{uuid.uuid4().hex[:8]}").model_copy(
         update={"var_dir": tmp_path_factory.mktemp("replay")})
     spark = spark_session("replay-set-test", settings)
-    # A handful of rows: Delta's default of 50 tasks to rebuild a table's snapshot is most of the time here.
-    spark.conf.set("spark.databricks.delta.snapshotPartitions", "2")
     publish(settings)
     bronze.run(None, settings, quality=False)
     silver.run(D, settings, quality=False)
@@ -158,10 +156,7 @@ def lake(kafka_settings, tmp_path_factory):
     write(spark, users, UserFeatures, gold_path(settings, UserFeatures))
     write(spark, [gold_row(AdFeatures, ds, {"ad_id": a}, **ad_values(a)) for a in ADS], AdFeatures,
           gold_path(settings, AdFeatures))
-    try:
-        yield settings, spark
-    finally:
-        spark.conf.unset("spark.databricks.delta.snapshotPartitions")
+    yield settings, spark
 
 
 def expected_row(record: PredictionLog) -> dict:

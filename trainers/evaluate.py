@@ -164,9 +164,10 @@ def train_lightgbm(frame: pd.DataFrame, spec: InputSpec, settings: Settings, rat
 
 def fit_lightgbm(rows: pd.DataFrame, spec: InputSpec, settings: Settings, rate: float,
                  seed: int) -> LightGBMBaseline:
-    """The LightGBM peer on downsampled ``rows``, split, stopped early and calibrated as :func:`fit_ranker` is."""
-    train, held_rows, validation = training_split(rows, spec, settings)
-    peer = LightGBMBaseline(negative_rate=rate, seed=seed).fit(train, validation)
+    """The LightGBM peer on downsampled ``rows``, split and calibrated as :func:`fit_ranker` is (its rounds chosen by
+    cross-validation on the training rows)."""
+    train, held_rows, _ = training_split(rows, spec, settings)
+    peer = LightGBMBaseline(negative_rate=rate, seed=seed).fit(train)
     calibrate(peer, held_rows, spec, torch.device("cpu"))
     return peer
 
