@@ -224,6 +224,12 @@ class TrainerSettings(BaseModel):
     id_buckets: int = 200_003
     small_buckets: int = 1_009  # placement, device, category, position
     embedding_dim: int = 16
+    # The ranker's wide part (trainers/model.py): each id of these fields adds a bias of its own to these tasks'
+    # logits, trained at this scale x the learning rate. CVR only: a per-user CTR bias at that rate overfits.
+    wide_fields: tuple[str, ...] = ("user_id", "ad_id", "advertiser_id", "campaign_id", "category_id", "placement",
+                                    "device")
+    wide_tasks: tuple[str, ...] = ("cvr",)
+    wide_learning_rate_scale: float = 10.0
     batch_size: int = 512
     learning_rate: float = 1e-2
     # Full retrain: the last N days of training sets; warm start: the latest day, from the promoted model.

@@ -384,3 +384,60 @@ def test_cvr_on_clicks_adds_the_click_conditional_risk():
     p = torch.sigmoid(z)
     expected = -(torch.log(p[0]) + torch.log(1 - p[1])) / 2
     assert m["cvr"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_config_saved_before_the_wide_part_loads_as_it_was_trained():
+    """A registry version's config from before the wide part has none of its keys: no wide tables, strict load."""
+    old = Ranker(SPEC, embedding_dim=8, mlp=(16,), expert_dim=8)
+    config = {k: v for k, v in old.config.items() if not k.startswith("wide")}
+    rebuilt = Ranker.from_config(json.loads(json.dumps(config)))
+    rebuilt.load_state_dict(old.state_dict(), strict=True)
+    assert not rebuilt.wide_fields and len(rebuilt.wide) == 0
+
+
+def test_wide_tables_train_at_their_scale_and_the_online_schedule_keeps_it():
+    """The wide tables are SparseAdam's second group at ``wide_lr_scale`` x the rate; the online learner's schedule
+    sets every group to its rate x its scale, so the wide part keeps its factor."""
+    from infra.settings import TrainerSettings
+    from trainers.online import OnlineLearner
+
+    cfg = TrainerSettings(wide_fields=("advertiser_id", "device"), wide_tasks=("cvr",), wide_learning_rate_scale=10.0,
+                          online_learning_rate=1e-3, online_warmup_steps=1)
+    model = Ranker.from_settings(SPEC, cfg)
+    assert model.config["wide"] == ["advertiser_id", "device"] and model.config["wide_tasks"] == ["cvr"]
+    assert {tuple(t.weight.shape) for t in model.wide.values()} == {(1009, 1), (101, 1)}
+    dense_opt, sparse_opt = optimizers(model, 0.01)
+    assert [g["lr"] for g in sparse_opt.param_groups] == [0.01, pytest.approx(0.1)]
+    assert dense_opt.param_groups[0]["lr"] == 0.01
+    learner = OnlineLearner(model, cfg, torch.device("cpu"), "naive")
+    batch = encode(make_frame(64), SPEC)
+    model.fit_normalizer(batch.dense)
+    learner.learn(batch)
+    assert [g["lr"] for g in learner.opts[1].param_groups] == [1e-3, pytest.approx(1e-2)]
+
+
+def test_wide_part_starts_at_zero_and_learns_an_advertisers_cvr_on_the_cvr_logit_alone():
+    """The wide biases start at 0 (the same logits as without them, from the same seed); trained on clicks whose
+    conversions depend on the advertiser alone, the advertisers' CVR biases separate."""
+    frame = make_frame(6000, seed=8, click_logit=np.full(6000, math.log(0.3 / 0.7)), n_ads=40)
+    rng = np.random.default_rng(8)
+    cvr = np.where(frame["advertiser_id"] % 2 == 0, 0.4, 0.05)
+    frame["converted"] = frame["clicked"] & (rng.random(len(frame)) < cvr)
+    data = encode(frame, SPEC)
+    torch.manual_seed(3)
+    plain = Ranker(SPEC, embedding_dim=8, mlp=(64, 32), expert_dim=32)
+    torch.manual_seed(3)
+    wide = Ranker(SPEC, embedding_dim=8, mlp=(64, 32), expert_dim=32, wide=("advertiser_id",), wide_tasks=("cvr",),
+                  wide_lr_scale=10.0)
+    for model in (plain, wide):
+        model.fit_normalizer(data.dense)
+        model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(wide(data).cvr_logit, plain(data).cvr_logit)
+    train(wide, data, steps=60)
+    bias = wide.wide["advertiser_id"].weight.detach()[data.sparse[:, SPEC.sparse_fields.index("advertiser_id")], 0]
+    even = torch.as_tensor((frame["advertiser_id"] % 2 == 0).to_numpy())
+    gap = float(bias[even].mean() - bias[~even].mean())
+    # Truth: logit(0.4) - logit(0.05) = 2.5. Measured over training seeds 3-5: 2.32-2.44; with every advertiser at
+    # 0.2 instead, -0.17 to -0.09.
+    assert gap > 1.0, gap

@@ -254,19 +254,27 @@ class Ranker(RankerBase):
     a product the MLP has to approximate.
 
     The CVR tower reads its MMoE mixture (gradient into the shared layers scaled by ``cvr_shared_grad``) and, with
-    ``cvr_expert``, an expert of its own over the same inputs (PLE's task-specific expert)."""
+    ``cvr_expert``, an expert of its own over the same inputs (PLE's task-specific expert).
 
-    # What a saved config without these keys was trained as (before the CVR expert existed).
-    LEGACY = {"cvr_expert": (), "cvr_shared_grad": 1.0}
+    With ``wide`` (id fields) and ``wide_tasks``, each id of those fields also adds a bias of its own to those
+    tasks' logits (the wide part of Wide & Deep, one number per id and task, starting at 0): an advertiser's or a
+    user's own conversion rate is one number learned directly, not a direction the towers have to find in an
+    embedding. Its tables train at ``wide_lr_scale`` x the learning rate (``trainers.train.optimizers``): at the
+    towers' rate a bias moves about one rate per step it is touched, too slowly for a few hundred conversions."""
+
+    # What a saved config without these keys was trained as (before the CVR expert, before the wide part).
+    LEGACY = {"cvr_expert": (), "cvr_shared_grad": 1.0, "wide": (), "wide_tasks": (), "wide_lr_scale": 1.0}
 
     def __init__(self, spec: InputSpec, embedding_dim: int = 16, cross_layers: int = 2,
                  mlp: tuple[int, ...] = (128, 64), experts: int = 3, expert_dim: int = 64,
-                 interactions: bool = True, cvr_expert: tuple[int, ...] = (64,), cvr_shared_grad: float = 0.1) -> None:
+                 interactions: bool = True, cvr_expert: tuple[int, ...] = (64,), cvr_shared_grad: float = 0.1,
+                 wide: tuple[str, ...] = (), wide_tasks: tuple[str, ...] = TASKS, wide_lr_scale: float = 1.0) -> None:
         super().__init__(spec, embedding_dim)
         self.config = {"model": type(self).__name__, "spec": dataclasses.asdict(spec),
                        "embedding_dim": embedding_dim, "cross_layers": cross_layers, "mlp": list(mlp),
                        "experts": experts, "expert_dim": expert_dim, "interactions": interactions,
-                       "cvr_expert": list(cvr_expert), "cvr_shared_grad": cvr_shared_grad}
+                       "cvr_expert": list(cvr_expert), "cvr_shared_grad": cvr_shared_grad, "wide": list(wide),
+                       "wide_tasks": list(wide_tasks), "wide_lr_scale": wide_lr_scale}
         self.cvr_shared_grad = cvr_shared_grad
         self.interactions = interactions
         n_vectors = len(spec.sparse_fields) + 1
@@ -285,17 +293,30 @@ class Ranker(RankerBase):
                           nn.Linear(tower, 1))
             for task in TASKS
         )
+        self.wide_lr_scale = wide_lr_scale
+        self.wide_fields = tuple(spec.sparse_fields.index(field) for field in wide)
+        self.wide = nn.ModuleDict({
+            field: nn.Embedding(spec.buckets[i], len(wide_tasks), padding_idx=0, sparse=True)
+            for field, i in zip(wide, self.wide_fields, strict=True)
+        })
+        for table in self.wide.values():
+            nn.init.zeros_(table.weight)
+        self.register_buffer("wide_tasks", torch.tensor([TASKS.index(t) for t in wide_tasks], dtype=torch.long),
+                             persistent=False)
 
     @classmethod
     def from_settings(cls, spec: InputSpec, trainer_settings: Any) -> Ranker:
-        """The ranker sized by ``infra.settings.TrainerSettings`` (its ``embedding_dim``)."""
-        return cls(spec, embedding_dim=trainer_settings.embedding_dim)
+        """The ranker sized by ``infra.settings.TrainerSettings`` (its ``embedding_dim`` and wide part)."""
+        return cls(spec, embedding_dim=trainer_settings.embedding_dim, wide=tuple(trainer_settings.wide_fields),
+                   wide_tasks=tuple(trainer_settings.wide_tasks),
+                   wide_lr_scale=trainer_settings.wide_learning_rate_scale)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Ranker:
         """The model ``config`` describes (untrained: load its state_dict next)."""
         args = cls.LEGACY | {k: v for k, v in config.items() if k not in ("model", "spec")}
-        args["mlp"], args["cvr_expert"] = tuple(args["mlp"]), tuple(args["cvr_expert"])
+        for key in ("mlp", "cvr_expert", "wide", "wide_tasks"):
+            args[key] = tuple(args[key])
         return cls(spec_from_dict(config["spec"]), **args)
 
     def forward(self, batch: Batch, position: bool = True) -> RankerOutput:
@@ -314,8 +335,11 @@ class Ranker(RankerBase):
         cvr_in = scale_grad(cvr_in, self.cvr_shared_grad)
         if self.cvr_expert is not None:
             cvr_in = torch.cat([cvr_in, self.cvr_expert(x0)], 1)
-        ctr, cvr, neg = (tower(x) for tower, x in zip(self.towers, (ctr_in, cvr_in, neg_in), strict=True))
-        return self.output(ctr, cvr, neg, batch, position)
+        logits = torch.cat([tower(x) for tower, x in zip(self.towers, (ctr_in, cvr_in, neg_in), strict=True)], 1)
+        if self.wide_fields:
+            bias = sum(table(batch.sparse[:, i]) for i, table in zip(self.wide_fields, self.wide.values(), strict=True))
+            logits = logits.index_add(1, self.wide_tasks, bias.to(logits.dtype))
+        return self.output(*logits.split(1, 1), batch, position)
 
 
 class PlainMLP(RankerBase):

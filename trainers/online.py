@@ -313,7 +313,7 @@ class OnlineLearner:
         lr = learning_rate(self.cfg, self.steps)
         for opt in self.opts:
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
         step(self.model, self.opts, batch, self.scheme, self.device, clip_norm=self.cfg.online_clip_norm)
         self.steps += 1
         self.examples += len(batch)

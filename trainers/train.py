@@ -36,16 +36,21 @@ log = logging.getLogger(__name__)
 
 def optimizers(model: torch.nn.Module, lr: float) -> list[torch.optim.Optimizer]:
     """Adam for the dense parameters; SparseAdam for sparse embedding tables (only the rows a batch touches
-    are updated, so a step costs the batch, not the table)."""
-    sparse, dense = [], []
-    for module in model.modules():
-        if isinstance(module, torch.nn.Embedding) and module.sparse:
-            sparse += list(module.parameters(recurse=False))
-    sparse_ids = {id(p) for p in sparse}
+    are updated, so a step costs the batch, not the table). A ranker's wide tables are a group of their own at
+    ``wide_lr_scale`` x ``lr``; every group keeps its ``lr_scale``, so a schedule sets ``lr x lr_scale``."""
+    wide = getattr(model, "wide", None)
+    wide_ids = {id(p) for p in wide.parameters()} if isinstance(wide, torch.nn.Module) else set()
+    sparse = [p for module in model.modules() if isinstance(module, torch.nn.Embedding) and module.sparse
+              for p in module.parameters(recurse=False) if id(p) not in wide_ids]
+    sparse_ids = {id(p) for p in sparse} | wide_ids
     dense = [p for p in model.parameters() if id(p) not in sparse_ids]
-    out: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=lr)]
-    if sparse:
-        out.append(torch.optim.SparseAdam(sparse, lr=lr))
+    out: list[torch.optim.Optimizer] = [torch.optim.Adam([{"params": dense, "lr_scale": 1.0}], lr=lr)]
+    groups = [{"params": sparse, "lr_scale": 1.0}] if sparse else []
+    if wide_ids:
+        scale = float(getattr(model, "wide_lr_scale", 1.0))
+        groups.append({"params": list(wide.parameters()), "lr": lr * scale, "lr_scale": scale})
+    if groups:
+        out.append(torch.optim.SparseAdam(groups, lr=lr))
     return out
 
 
