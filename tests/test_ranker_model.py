@@ -70,9 +70,9 @@ def dense(grad: torch.Tensor) -> torch.Tensor:
 
 
 def train(model: torch.nn.Module, data: Batch, steps: int, lr: float = 1e-2, batch_size: int = 256,
-          seed: int = 0) -> None:
+          seed: int = 0, wide_lr_scale: float = 1.0) -> None:
     model.fit_normalizer(data.dense)
-    opts = optimizers(model, lr)
+    opts = optimizers(model, lr, wide_lr_scale)
     model.train()
     step, epoch = 0, 0
     while step < steps:
@@ -396,24 +396,25 @@ def test_a_config_saved_before_the_wide_part_loads_as_it_was_trained():
 
 
 def test_wide_tables_train_at_their_scale_and_the_online_schedule_keeps_it():
-    """The wide tables are SparseAdam's second group at ``wide_lr_scale`` x the rate; the online learner's schedule
-    sets every group to its rate x its scale, so the wide part keeps its factor."""
+    """The wide tables are SparseAdam's second group at ``wide_lr_scale`` x the rate; the online learner's tables
+    train at ``online_wide_learning_rate_scale`` x its rate, and its schedule sets every group to its rate x its
+    scale."""
     from infra.settings import TrainerSettings
     from trainers.online import OnlineLearner
 
-    cfg = TrainerSettings(wide_fields=("advertiser_id", "device"), wide_tasks=("cvr",), wide_learning_rate_scale=10.0,
-                          online_learning_rate=1e-3, online_warmup_steps=1)
+    cfg = TrainerSettings(wide_fields=("advertiser_id", "device"), wide_tasks=("cvr",), online_learning_rate=1e-3,
+                          online_warmup_steps=1, online_wide_learning_rate_scale=2.0)
     model = Ranker.from_settings(SPEC, cfg)
     assert model.config["wide"] == ["advertiser_id", "device"] and model.config["wide_tasks"] == ["cvr"]
     assert {tuple(t.weight.shape) for t in model.wide.values()} == {(1009, 1), (101, 1)}
-    dense_opt, sparse_opt = optimizers(model, 0.01)
+    dense_opt, sparse_opt = optimizers(model, 0.01, wide_lr_scale=10.0)
     assert [g["lr"] for g in sparse_opt.param_groups] == [0.01, pytest.approx(0.1)]
     assert dense_opt.param_groups[0]["lr"] == 0.01
     learner = OnlineLearner(model, cfg, torch.device("cpu"), "naive")
     batch = encode(make_frame(64), SPEC)
     model.fit_normalizer(batch.dense)
     learner.learn(batch)
-    assert [g["lr"] for g in learner.opts[1].param_groups] == [1e-3, pytest.approx(1e-2)]
+    assert [g["lr"] for g in learner.opts[1].param_groups] == [1e-3, pytest.approx(2e-3)]
 
 
 def test_wide_part_starts_at_zero_and_learns_an_advertisers_cvr_on_the_cvr_logit_alone():
@@ -427,14 +428,13 @@ def test_wide_part_starts_at_zero_and_learns_an_advertisers_cvr_on_the_cvr_logit
     torch.manual_seed(3)
     plain = Ranker(SPEC, embedding_dim=8, mlp=(64, 32), expert_dim=32)
     torch.manual_seed(3)
-    wide = Ranker(SPEC, embedding_dim=8, mlp=(64, 32), expert_dim=32, wide=("advertiser_id",), wide_tasks=("cvr",),
-                  wide_lr_scale=10.0)
+    wide = Ranker(SPEC, embedding_dim=8, mlp=(64, 32), expert_dim=32, wide=("advertiser_id",), wide_tasks=("cvr",))
     for model in (plain, wide):
         model.fit_normalizer(data.dense)
         model.eval()
     with torch.no_grad():
         torch.testing.assert_close(wide(data).cvr_logit, plain(data).cvr_logit)
-    train(wide, data, steps=60)
+    train(wide, data, steps=60, wide_lr_scale=10.0)
     bias = wide.wide["advertiser_id"].weight.detach()[data.sparse[:, SPEC.sparse_fields.index("advertiser_id")], 0]
     even = torch.as_tensor((frame["advertiser_id"] % 2 == 0).to_numpy())
     gap = float(bias[even].mean() - bias[~even].mean())

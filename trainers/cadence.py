@@ -85,7 +85,8 @@ def train_and_register(model: Ranker, train: Batch, held: pd.DataFrame, *, setti
     cfg = settings.trainer
     validation = encode(held[calibration_half(held)], model.spec) if len(held) else None
     progress = fit(model, train, epochs=epochs, batch_size=cfg.batch_size, lr=lr, device=device,
-                   checkpoint=checkpoint, desc=cadence, validation=validation, patience=cfg.early_stopping_patience)
+                   checkpoint=checkpoint, desc=cadence, validation=validation, patience=cfg.early_stopping_patience,
+                   wide_lr_scale=cfg.wide_learning_rate_scale)
     print(f"{cadence}: {progress.examples:,} examples in {progress.seconds:.1f} s "
           f"({progress.examples / max(progress.seconds, 1e-9):,.0f}/s); loss {progress.loss}", flush=True)
     scoring = ScoringModel(model.cpu(), negative_rate=negative_rate)

@@ -153,6 +153,10 @@ class RankerBase(nn.Module):
         normalized = (batch.dense - self.dense_mean) / self.dense_std
         return torch.cat([torch.where(missing, 0.0, normalized), missing.float()], 1)
 
+    def wide_logits(self, batch: Batch) -> Tensor:
+        """``[B, k]``: each row's wide-part bias on each of the k tasks it adds to (none here)."""
+        return batch.dense.new_zeros(len(batch), 0)
+
     def position_logit(self, batch: Batch, position: bool) -> Tensor:
         """``[B]`` CTR bias of each row's slot, or of ``DEFAULT_POSITION`` for every row when scoring."""
         if position:
@@ -259,22 +263,22 @@ class Ranker(RankerBase):
     With ``wide`` (id fields) and ``wide_tasks``, each id of those fields also adds a bias of its own to those
     tasks' logits (the wide part of Wide & Deep, one number per id and task, starting at 0): an advertiser's or a
     user's own conversion rate is one number learned directly, not a direction the towers have to find in an
-    embedding. Its tables train at ``wide_lr_scale`` x the learning rate (``trainers.train.optimizers``): at the
-    towers' rate a bias moves about one rate per step it is touched, too slowly for a few hundred conversions."""
+    embedding. Its tables are an optimizer group of their own (``trainers.train.optimizers``), so that they can train
+    faster than the towers."""
 
     # What a saved config without these keys was trained as (before the CVR expert, before the wide part).
-    LEGACY = {"cvr_expert": (), "cvr_shared_grad": 1.0, "wide": (), "wide_tasks": (), "wide_lr_scale": 1.0}
+    LEGACY = {"cvr_expert": (), "cvr_shared_grad": 1.0, "wide": (), "wide_tasks": ()}
 
     def __init__(self, spec: InputSpec, embedding_dim: int = 16, cross_layers: int = 2,
                  mlp: tuple[int, ...] = (128, 64), experts: int = 3, expert_dim: int = 64,
                  interactions: bool = True, cvr_expert: tuple[int, ...] = (64,), cvr_shared_grad: float = 0.1,
-                 wide: tuple[str, ...] = (), wide_tasks: tuple[str, ...] = TASKS, wide_lr_scale: float = 1.0) -> None:
+                 wide: tuple[str, ...] = (), wide_tasks: tuple[str, ...] = TASKS) -> None:
         super().__init__(spec, embedding_dim)
         self.config = {"model": type(self).__name__, "spec": dataclasses.asdict(spec),
                        "embedding_dim": embedding_dim, "cross_layers": cross_layers, "mlp": list(mlp),
                        "experts": experts, "expert_dim": expert_dim, "interactions": interactions,
                        "cvr_expert": list(cvr_expert), "cvr_shared_grad": cvr_shared_grad, "wide": list(wide),
-                       "wide_tasks": list(wide_tasks), "wide_lr_scale": wide_lr_scale}
+                       "wide_tasks": list(wide_tasks)}
         self.cvr_shared_grad = cvr_shared_grad
         self.interactions = interactions
         n_vectors = len(spec.sparse_fields) + 1
@@ -293,7 +297,6 @@ class Ranker(RankerBase):
                           nn.Linear(tower, 1))
             for task in TASKS
         )
-        self.wide_lr_scale = wide_lr_scale
         self.wide_fields = tuple(spec.sparse_fields.index(field) for field in wide)
         self.wide = nn.ModuleDict({
             field: nn.Embedding(spec.buckets[i], len(wide_tasks), padding_idx=0, sparse=True)
@@ -308,8 +311,7 @@ class Ranker(RankerBase):
     def from_settings(cls, spec: InputSpec, trainer_settings: Any) -> Ranker:
         """The ranker sized by ``infra.settings.TrainerSettings`` (its ``embedding_dim`` and wide part)."""
         return cls(spec, embedding_dim=trainer_settings.embedding_dim, wide=tuple(trainer_settings.wide_fields),
-                   wide_tasks=tuple(trainer_settings.wide_tasks),
-                   wide_lr_scale=trainer_settings.wide_learning_rate_scale)
+                   wide_tasks=tuple(trainer_settings.wide_tasks))
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Ranker:
@@ -337,9 +339,14 @@ class Ranker(RankerBase):
             cvr_in = torch.cat([cvr_in, self.cvr_expert(x0)], 1)
         logits = torch.cat([tower(x) for tower, x in zip(self.towers, (ctr_in, cvr_in, neg_in), strict=True)], 1)
         if self.wide_fields:
-            bias = sum(table(batch.sparse[:, i]) for i, table in zip(self.wide_fields, self.wide.values(), strict=True))
-            logits = logits.index_add(1, self.wide_tasks, bias.to(logits.dtype))
+            logits = logits.index_add(1, self.wide_tasks, self.wide_logits(batch).to(logits.dtype))
         return self.output(*logits.split(1, 1), batch, position)
+
+    def wide_logits(self, batch: Batch) -> Tensor:
+        """``[B, len(wide_tasks)]``: the sum of each row's ids' wide biases, per task of the wide part."""
+        if not self.wide_fields:
+            return super().wide_logits(batch)
+        return sum(table(batch.sparse[:, i]) for i, table in zip(self.wide_fields, self.wide.values(), strict=True))
 
 
 class PlainMLP(RankerBase):

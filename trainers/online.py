@@ -283,7 +283,7 @@ class OnlineLearner:
 
     def __init__(self, model: Ranker, cfg: TrainerSettings, device: torch.device, scheme: str, steps: int = 0):
         self.model, self.cfg, self.device, self.scheme = model.to(device), cfg, device, scheme
-        self.opts = optimizers(model, cfg.online_learning_rate)
+        self.opts = optimizers(model, cfg.online_learning_rate, cfg.online_wide_learning_rate_scale)
         self.drift = LossDriftMonitor()
         self.losses: list[float] = []
         self.examples = 0

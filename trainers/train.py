@@ -34,7 +34,7 @@ from trainers.model import autocast
 log = logging.getLogger(__name__)
 
 
-def optimizers(model: torch.nn.Module, lr: float) -> list[torch.optim.Optimizer]:
+def optimizers(model: torch.nn.Module, lr: float, wide_lr_scale: float = 1.0) -> list[torch.optim.Optimizer]:
     """Adam for the dense parameters; SparseAdam for sparse embedding tables (only the rows a batch touches
     are updated, so a step costs the batch, not the table). A ranker's wide tables are a group of their own at
     ``wide_lr_scale`` x ``lr``; every group keeps its ``lr_scale``, so a schedule sets ``lr x lr_scale``."""
@@ -47,8 +47,7 @@ def optimizers(model: torch.nn.Module, lr: float) -> list[torch.optim.Optimizer]
     out: list[torch.optim.Optimizer] = [torch.optim.Adam([{"params": dense, "lr_scale": 1.0}], lr=lr)]
     groups = [{"params": sparse, "lr_scale": 1.0}] if sparse else []
     if wide_ids:
-        scale = float(getattr(model, "wide_lr_scale", 1.0))
-        groups.append({"params": list(wide.parameters()), "lr": lr * scale, "lr_scale": scale})
+        groups.append({"params": list(wide.parameters()), "lr": lr * wide_lr_scale, "lr_scale": wide_lr_scale})
     if groups:
         out.append(torch.optim.SparseAdam(groups, lr=lr))
     return out
@@ -124,14 +123,15 @@ def _save_checkpoint(path: Path, model, opts, epoch: int, batch_index: int, prog
 def fit(model: torch.nn.Module, data: Batch, *, epochs: int, batch_size: int, lr: float, device: torch.device,
         scheme: str = "naive", seed: int = 0, checkpoint: Path | None = None, checkpoint_every: int = 200,
         desc: str = "train", validation: Batch | None = None, patience: int = 1,
-        on_epoch: Callable[[int], None] | None = None) -> Progress:
+        on_epoch: Callable[[int], None] | None = None, wide_lr_scale: float = 1.0) -> Progress:
     """Train ``model`` in place on ``data``; resume from ``checkpoint`` if it exists (same data and seed).
 
     With ``validation`` (and ``patience`` > 0), stop early and keep the best epoch's weights (module docstring);
     validation rows without both a click and a non-click cannot rank, and every epoch runs. ``on_epoch(n)`` is
-    called after epoch n (1-based) with the model as that epoch left it (for measurements)."""
+    called after epoch n (1-based) with the model as that epoch left it (for measurements). A ranker's wide
+    tables train at ``wide_lr_scale`` x ``lr``."""
     model.to(device)
-    opts = optimizers(model, lr)
+    opts = optimizers(model, lr, wide_lr_scale)
     progress = Progress()
     start_epoch, start_batch = 0, 0
     # Early stopping needs a choice to make (more than one epoch) and rows it can rank: at least one click and one
