@@ -392,7 +392,7 @@ def test_a_config_saved_before_the_wide_part_loads_as_it_was_trained():
     config = {k: v for k, v in old.config.items() if not k.startswith("wide")}
     rebuilt = Ranker.from_config(json.loads(json.dumps(config)))
     rebuilt.load_state_dict(old.state_dict(), strict=True)
-    assert not rebuilt.wide_fields and len(rebuilt.wide) == 0
+    assert not rebuilt.wide_columns and len(rebuilt.wide) == 0
 
 
 def test_wide_tables_train_at_their_scale_and_the_online_schedule_keeps_it():
@@ -417,7 +417,7 @@ def test_wide_tables_train_at_their_scale_and_the_online_schedule_keeps_it():
     assert [g["lr"] for g in learner.opts[1].param_groups] == [1e-3, pytest.approx(2e-3)]
 
 
-def test_wide_part_starts_at_zero_and_learns_an_advertisers_cvr_on_the_cvr_logit_alone():
+def test_wide_part_starts_at_zero_and_learns_an_advertisers_cvr():
     """The wide biases start at 0 (the same logits as without them, from the same seed); trained on clicks whose
     conversions depend on the advertiser alone, the advertisers' CVR biases separate."""
     frame = make_frame(6000, seed=8, click_logit=np.full(6000, math.log(0.3 / 0.7)), n_ads=40)

@@ -297,14 +297,14 @@ class Ranker(RankerBase):
                           nn.Linear(tower, 1))
             for task in TASKS
         )
-        self.wide_fields = tuple(spec.sparse_fields.index(field) for field in wide)
+        self.wide_columns = tuple(spec.sparse_fields.index(field) for field in wide)  # of ``batch.sparse``
         self.wide = nn.ModuleDict({
             field: nn.Embedding(spec.buckets[i], len(wide_tasks), padding_idx=0, sparse=True)
-            for field, i in zip(wide, self.wide_fields, strict=True)
+            for field, i in zip(wide, self.wide_columns, strict=True)
         })
         for table in self.wide.values():
             nn.init.zeros_(table.weight)
-        self.register_buffer("wide_tasks", torch.tensor([TASKS.index(t) for t in wide_tasks], dtype=torch.long),
+        self.register_buffer("wide_task_index", torch.tensor([TASKS.index(t) for t in wide_tasks], dtype=torch.long),
                              persistent=False)
 
     @classmethod
@@ -338,15 +338,15 @@ class Ranker(RankerBase):
         if self.cvr_expert is not None:
             cvr_in = torch.cat([cvr_in, self.cvr_expert(x0)], 1)
         logits = torch.cat([tower(x) for tower, x in zip(self.towers, (ctr_in, cvr_in, neg_in), strict=True)], 1)
-        if self.wide_fields:
-            logits = logits.index_add(1, self.wide_tasks, self.wide_logits(batch).to(logits.dtype))
+        if self.wide_columns:
+            logits = logits.index_add(1, self.wide_task_index, self.wide_logits(batch).to(logits.dtype))
         return self.output(*logits.split(1, 1), batch, position)
 
     def wide_logits(self, batch: Batch) -> Tensor:
         """``[B, len(wide_tasks)]``: the sum of each row's ids' wide biases, per task of the wide part."""
-        if not self.wide_fields:
+        if not self.wide_columns:
             return super().wide_logits(batch)
-        return sum(table(batch.sparse[:, i]) for i, table in zip(self.wide_fields, self.wide.values(), strict=True))
+        return sum(table(batch.sparse[:, i]) for i, table in zip(self.wide_columns, self.wide.values(), strict=True))
 
 
 class PlainMLP(RankerBase):
