@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 from trainers.data import Batch, InputSpec, encode, minibatches
 from trainers.loss import CVR_CLICK_WEIGHT, multitask_loss
 from trainers.model import PlainMLP, Ranker, RankerOutput, autocast, model_from_config, pick_device
-from trainers.train import optimizers
+from trainers.train import fit, optimizers
 
 SPEC = InputSpec.from_schemas(id_buckets=1009, small_buckets=101)
 USER_CTR = "user_features__user_ctr_7d"
@@ -441,3 +441,25 @@ def test_wide_part_starts_at_zero_and_learns_an_advertisers_cvr():
     # Truth: logit(0.4) - logit(0.05) = 2.5. Measured over training seeds 3-5: 2.32-2.44; with every advertiser at
     # 0.2 instead, -0.17 to -0.09.
     assert gap > 1.0, gap
+
+
+def test_wide_tables_slow_to_their_later_rate_after_the_first_epoch():
+    """``fit`` trains the wide tables at ``wide_lr_scale`` in the first epoch and ``wide_lr_scale_later`` after it:
+    the first epoch is the same either way, the second moves the biases far less at the lower scale."""
+    frame = make_frame(3000, seed=9, click_logit=np.full(3000, math.log(0.3 / 0.7)), n_ads=40)
+    frame["converted"] = frame["clicked"] & (np.random.default_rng(9).random(len(frame)) < 0.2)
+    data = encode(frame, SPEC)
+    moved, first = {}, {}
+    for later in (10.0, 1.0):
+        torch.manual_seed(3)
+        model = Ranker(SPEC, embedding_dim=8, mlp=(64, 32), expert_dim=32, wide=("advertiser_id",),
+                       wide_tasks=("cvr",))
+        model.fit_normalizer(data.dense)
+        table = model.wide["advertiser_id"].weight
+        after: list[torch.Tensor] = []
+        fit(model, data, epochs=2, batch_size=256, lr=1e-2, device=torch.device("cpu"), seed=1, wide_lr_scale=10.0,
+            wide_lr_scale_later=later, on_epoch=lambda _, t=table, a=after: a.append(t.detach().clone()))
+        first[later], moved[later] = after[0], float((after[1] - after[0]).abs().max())
+    torch.testing.assert_close(first[1.0], first[10.0])
+    assert float(first[10.0].abs().max()) > 0.3  # the fast first epoch moved them
+    assert moved[1.0] < 0.3 * moved[10.0], moved

@@ -86,7 +86,8 @@ def train_and_register(model: Ranker, train: Batch, held: pd.DataFrame, *, setti
     validation = encode(held[calibration_half(held)], model.spec) if len(held) else None
     progress = fit(model, train, epochs=epochs, batch_size=cfg.batch_size, lr=lr, device=device,
                    checkpoint=checkpoint, desc=cadence, validation=validation, patience=cfg.early_stopping_patience,
-                   wide_lr_scale=cfg.wide_learning_rate_scale)
+                   wide_lr_scale=cfg.wide_learning_rate_scale,
+                   wide_lr_scale_later=cfg.wide_learning_rate_scale_later)
     print(f"{cadence}: {progress.examples:,} examples in {progress.seconds:.1f} s "
           f"({progress.examples / max(progress.seconds, 1e-9):,.0f}/s); loss {progress.loss}", flush=True)
     scoring = ScoringModel(model.cpu(), negative_rate=negative_rate)

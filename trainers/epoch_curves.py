@@ -94,7 +94,8 @@ def curves(history: pd.DataFrame, held: pd.DataFrame, settings: Settings, epochs
                       f"{out[-1]['validation']:.4f}, held-out day {out[-1]['held_out']:.4f}", flush=True)
 
             fit(model, train, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate, device=CPU,
-                desc=f"epochs {label}", patience=0, on_epoch=score, wide_lr_scale=cfg.wide_learning_rate_scale)
+                desc=f"epochs {label}", patience=0, on_epoch=score, wide_lr_scale=cfg.wide_learning_rate_scale,
+                wide_lr_scale_later=cfg.wide_learning_rate_scale_later)
     return pd.DataFrame(out)
 
 

@@ -150,7 +150,8 @@ def fit_ranker(rows: pd.DataFrame, spec: InputSpec, settings: Settings, epochs: 
         model.fit_normalizer(train.dense)
     fit(model, train, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate * lr_factor,
         device=torch.device("cpu"), desc="batch", validation=validation, patience=cfg.early_stopping_patience,
-        wide_lr_scale=cfg.wide_learning_rate_scale)
+        wide_lr_scale=cfg.wide_learning_rate_scale,
+        wide_lr_scale_later=cfg.wide_learning_rate_scale_later)
     scoring = ScoringModel(model, negative_rate=rate)
     calibrate(scoring, held_rows, spec, torch.device("cpu"))
     return scoring

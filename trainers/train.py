@@ -34,6 +34,17 @@ from trainers.model import autocast
 log = logging.getLogger(__name__)
 
 
+WIDE_GROUP = "wide"  # the name of the optimizer group of a ranker's wide tables
+
+
+def set_wide_scale(opts: list[torch.optim.Optimizer], lr: float, scale: float) -> None:
+    """Set the wide tables' group (if any) to ``scale`` x ``lr``."""
+    for opt in opts:
+        for group in opt.param_groups:
+            if group.get("name") == WIDE_GROUP:
+                group["lr"], group["lr_scale"] = lr * scale, scale
+
+
 def optimizers(model: torch.nn.Module, lr: float, wide_lr_scale: float = 1.0) -> list[torch.optim.Optimizer]:
     """Adam for the dense parameters; SparseAdam for sparse embedding tables (only the rows a batch touches
     are updated, so a step costs the batch, not the table). A ranker's wide tables are a group of their own at
@@ -47,7 +58,8 @@ def optimizers(model: torch.nn.Module, lr: float, wide_lr_scale: float = 1.0) ->
     out: list[torch.optim.Optimizer] = [torch.optim.Adam([{"params": dense, "lr_scale": 1.0}], lr=lr)]
     groups = [{"params": sparse, "lr_scale": 1.0}] if sparse else []
     if wide_ids:
-        groups.append({"params": list(wide.parameters()), "lr": lr * wide_lr_scale, "lr_scale": wide_lr_scale})
+        groups.append({"params": list(wide.parameters()), "lr": lr * wide_lr_scale, "lr_scale": wide_lr_scale,
+                       "name": WIDE_GROUP})
     if groups:
         out.append(torch.optim.SparseAdam(groups, lr=lr))
     return out
@@ -123,13 +135,17 @@ def _save_checkpoint(path: Path, model, opts, epoch: int, batch_index: int, prog
 def fit(model: torch.nn.Module, data: Batch, *, epochs: int, batch_size: int, lr: float, device: torch.device,
         scheme: str = "naive", seed: int = 0, checkpoint: Path | None = None, checkpoint_every: int = 200,
         desc: str = "train", validation: Batch | None = None, patience: int = 1,
-        on_epoch: Callable[[int], None] | None = None, wide_lr_scale: float = 1.0) -> Progress:
+        on_epoch: Callable[[int], None] | None = None, wide_lr_scale: float = 1.0,
+        wide_lr_scale_later: float | None = None) -> Progress:
     """Train ``model`` in place on ``data``; resume from ``checkpoint`` if it exists (same data and seed).
 
     With ``validation`` (and ``patience`` > 0), stop early and keep the best epoch's weights (module docstring);
     validation rows without both a click and a non-click cannot rank, and every epoch runs. ``on_epoch(n)`` is
     called after epoch n (1-based) with the model as that epoch left it (for measurements). A ranker's wide
-    tables train at ``wide_lr_scale`` x ``lr``."""
+    tables train at ``wide_lr_scale`` x ``lr`` in the first epoch and at ``wide_lr_scale_later`` x ``lr`` (default:
+    the same) after it: a fast first pass takes each id to its level, and more passes at that rate memorize (each
+    touch moves a bias by about the rate, whatever its gradient: SparseAdam). A resumed run takes its groups' rates
+    from the checkpoint."""
     model.to(device)
     opts = optimizers(model, lr, wide_lr_scale)
     progress = Progress()
@@ -163,6 +179,8 @@ def fit(model: torch.nn.Module, data: Batch, *, epochs: int, batch_size: int, lr
                 if checkpoint is not None and progress.steps % checkpoint_every == 0:
                     _save_checkpoint(checkpoint, model, opts, epoch, i + 1, progress, best)
             start_batch = 0
+            if wide_lr_scale_later is not None:
+                set_wide_scale(opts, lr, wide_lr_scale_later)
             if on_epoch is not None:
                 on_epoch(epoch + 1)
             if early:
