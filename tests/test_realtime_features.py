@@ -4,6 +4,7 @@ deliveries and malformed records included), readable through Feast's ``get_onlin
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 from collections import Counter
@@ -94,9 +95,10 @@ def expected_counts(imps: pd.DataFrame, clicks: pd.DataFrame, key: str) -> pd.Da
     return pd.DataFrame(out)
 
 
-def run_worker_until_caught_up(settings: Settings, tmp_path, mid_run: Callable[[], None] | None = None) -> int:
-    """Run the worker until both stages are done; return how many times it was started. ``mid_run`` is called
-    once, when stage 2 has begun writing; a worker that exits after it is started again (a supervisor's
+def run_worker_until_caught_up(settings: Settings, tmp_path,
+                               mid_run: Callable[[subprocess.Popen], None] | None = None) -> int:
+    """Run the worker until both stages are done; return how many times it was started. ``mid_run(worker)`` is
+    called once, when stage 2 has begun writing; a worker that exits after it is started again (a supervisor's
     restart)."""
     group = f"rt-{uuid.uuid4().hex[:6]}"
     logs = iter(tmp_path / f"worker.{i}.log" for i in range(100))
@@ -109,7 +111,7 @@ def run_worker_until_caught_up(settings: Settings, tmp_path, mid_run: Callable[[
             a = group_lag(settings, f"{group}-fanout", [settings.topics.impressions, settings.topics.clicks])
             b = group_lag(settings, f"{group}-entities", [settings.topics.realtime_entity_events])
             if mid_run is not None and b[0] > 0:
-                mid_run()
+                mid_run(proc)
                 # A worker retrying its writes commits nothing for a while: not "done" yet.
                 mid_run, last, settle_until = None, None, time.monotonic() + 20
                 continue
@@ -184,11 +186,15 @@ def test_redis_restart_mid_run_loses_nothing(fresh_topics, tmp_path):
     send(first, settings, speed=0, start_ms=CFG.start_ms)
     redis = RedisServer(get_settings())  # the shared server (the run's settings point var_dir elsewhere)
 
-    def outage() -> None:
+    def outage(worker: subprocess.Popen) -> None:
         redis.stop()
         try:
             send(second, settings, speed=0, start_ms=CFG.start_ms)
-            time.sleep(5)  # the worker reads the second half and cannot write it
+            # Down until the worker has read the second half, failed its writes and exited (a fixed 5 s was too
+            # short for a loaded machine: the worker had not tried yet, and the test never met the outage).
+            deadline = time.monotonic() + 90
+            while worker.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
         finally:
             redis.start()
 
