@@ -18,10 +18,19 @@ import pandas as pd
 import torch
 
 from infra.settings import Settings, get_settings
-from streams.simulator.config import Effects, SimulatorConfig
 from streams.simulator.run import generate
 from trainers.data import InputSpec, encode
-from trainers.evaluate import DAY_MS, START, THREADS, _frame, downsample, fit_lightgbm, fit_ranker, oracle, task_metrics
+from trainers.evaluate import (
+    DAY_MS,
+    THREADS,
+    _frame,
+    downsample,
+    fit_lightgbm,
+    fit_ranker,
+    latent_config,
+    oracle,
+    task_metrics,
+)
 
 METRICS = (("ctr", "auc"), ("ctr", "nll"), ("cvr", "auc"), ("cvr", "nll"), ("ctcvr", "auc"), ("ctr", "ece"))
 
@@ -29,9 +38,7 @@ METRICS = (("ctr", "auc"), ("ctr", "nll"), ("cvr", "auc"), ("cvr", "nll"), ("ctc
 def world(settings: Settings, seed: int, days: int, users: int, ads: int, impressions_per_hour: int) -> pd.DataFrame:
     """``days`` history days and a held-out day of the latent world ``seed``, with the truth; ``day`` numbers them
     (the held-out day is ``days``)."""
-    cfg = SimulatorConfig(seed=seed, start=START, hours=24 * (days + 1), users=users, ads=ads,
-                          impressions_per_hour=impressions_per_hour, ctr=0.05, cvr=0.1, neg_rate=0.02,
-                          drift_logit_per_day=0.0, shock_hour=10**9, speed=0, prediction_log=False, effects=Effects())
+    cfg = latent_config(seed, 24 * (days + 1), users, ads, impressions_per_hour, shock_hour=10**9)  # no shock
     truth = generate(cfg, settings).truth
     frame = _frame(truth, float(truth["converted_in_window"].sum() / max(truth["converts"].sum(), 1)))
     frame["day"] = (frame["impression_time_ms"].to_numpy() - cfg.start_ms) // DAY_MS
