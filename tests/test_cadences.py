@@ -61,7 +61,7 @@ def test_full_retrain_then_warm_start(lake):
     assert registry.promoted() == first
     meta = registry.load(first)[1]
     assert meta["data_range"] == [days[0]] and meta["parent"] is None and meta["negative_rate"] == 0.5
-    assert set(meta["metrics"]) == {"ctr", "ctcvr"}
+    assert set(meta["metrics"]) == {"ctr", "cvr", "ctcvr"} and set(meta["calibrators"]) == {"ctr", "cvr"}
     assert meta["metrics"]["ctr"]["calibrated"]["auc"] > 0.55, meta["metrics"]
     # Candidate retrieval's towers are trained beside the ranker, on the same rows' clicks, and stored with it.
     towers = towers_of(registry, first)

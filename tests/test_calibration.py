@@ -157,3 +157,60 @@ def test_platt_never_reverses_the_ranking_on_a_small_noisy_fit():
     # Enough positives and a real signal: the full two-parameter fit, slope positive.
     y = rng.random(20_000) < raw / 2
     assert Calibrator("platt").fit(raw, y).a > 0 and Calibrator("platt").fit(raw, y).a != 1.0
+
+
+def test_apply_calibrators_serves_pctcvr_as_pctr_times_calibrated_pcvr():
+    from trainers.scoring import apply_calibrators
+
+    rng = np.random.default_rng(8)
+    raw = {"ctr": rng.uniform(0.01, 0.3, 500), "cvr": rng.uniform(0.01, 0.5, 500)}
+    raw["ctcvr"] = raw["ctr"] * raw["cvr"]
+    fitted = {task: Calibrator("platt").fit(raw[task], rng.random(500) < raw[task] / 2) for task in ("ctr", "cvr")}
+    out = apply_calibrators(fitted, raw)
+    assert np.allclose(out["cvr"], fitted["cvr"].transform(raw["cvr"]))
+    assert np.allclose(out["ctcvr"], out["ctr"] * out["cvr"]) and not np.allclose(out["ctcvr"], raw["ctcvr"])
+    # A version registered before pCVR had its own calibrator carries a CTCVR one: its pCVR stays the ratio.
+    older = {task: Calibrator("platt").fit(raw[task], rng.random(500) < raw[task] / 2) for task in ("ctr", "ctcvr")}
+    out = apply_calibrators(older, raw)
+    assert np.allclose(out["ctcvr"], np.minimum(older["ctcvr"].transform(raw["ctcvr"]), out["ctr"]))
+    assert np.allclose(out["cvr"], out["ctcvr"] / out["ctr"])
+
+
+def test_the_cadences_calibrate_pcvr_on_the_held_out_clicks():
+    """``cadence.calibrate`` fits pCVR's calibrator on the clicked rows of its fitting half (label: converted): there
+    the served pCVR's mean is the clicks' conversion rate (Platt keeps the mean on what it was fitted on), which the
+    older ratio of two separately calibrated maps, pCTCVR / pCTR, did not give. Metrics cover pCVR on the other half's
+    clicks and the product pCTCVR."""
+    import torch
+
+    from infra.settings import get_settings
+    from tests.test_cadences import training_rows
+    from trainers.cadence import calibrate, calibration_half
+    from trainers.data import InputSpec, encode
+    from trainers.model import Ranker
+    from trainers.scoring import ScoringModel
+    from trainers.train import fit
+
+    settings = get_settings()
+    cfg = settings.trainer.model_copy(update={"id_buckets": 5003, "small_buckets": 101})
+    rows = training_rows(settings)
+    first = rows["ds"] == rows["ds"].min()
+    spec = InputSpec.from_schemas(cfg.id_buckets, cfg.small_buckets)
+    torch.manual_seed(0)
+    model = Ranker.from_settings(spec, cfg)
+    fit(model, encode(rows[first], spec), epochs=1, batch_size=256, lr=cfg.learning_rate, device=torch.device("cpu"))
+    scoring = ScoringModel(model, negative_rate=0.5)
+    held = rows[~first].reset_index(drop=True)
+    metrics = calibrate(scoring, held, spec, torch.device("cpu"))
+
+    assert set(scoring.calibrators) == {"ctr", "cvr"} and set(metrics) == {"ctr", "cvr", "ctcvr"}
+    fitting = held[calibration_half(held)].reset_index(drop=True)
+    served = scoring.score(encode(fitting, spec))
+    assert np.allclose(served["ctcvr"], served["ctr"] * served["cvr"])
+    clicked = fitting["clicked"].to_numpy(bool)
+    rate = fitting["converted"].to_numpy(float)[clicked].mean()
+    assert served["cvr"][clicked].mean() == pytest.approx(rate, rel=1e-3), (served["cvr"][clicked].mean(), rate)
+    # pCVR's metrics are measured on the other half's clicks only.
+    evaluated = held[~calibration_half(held)]
+    clicks = evaluated[evaluated["clicked"].astype(bool)]
+    assert metrics["cvr"]["calibrated"]["rate"] == pytest.approx(clicks["converted"].mean())

@@ -75,7 +75,7 @@ def register(registry: Registry, settings: Settings, seed: int, promote: bool = 
     model = Ranker.from_settings(spec, settings.trainer)
     rng = np.random.default_rng(seed)  # calibrators and downsampling undone: the whole scoring path runs
     p = rng.uniform(0.01, 0.5, 2000)
-    calibrators = {task: Calibrator("platt").fit(p, rng.random(2000) < p / 2) for task in ("ctr", "ctcvr")}
+    calibrators = {task: Calibrator("platt").fit(p, rng.random(2000) < p / 2) for task in ("ctr", "cvr")}
     version = save(registry, ScoringModel(model, negative_rate=0.5, calibrators=calibrators), "full", {"seed": seed})
     if promote:
         registry.promote(version, f"test seed {seed}")

@@ -25,9 +25,12 @@ from trainers.retrieval import EXTRA_FILE, TwoTower, clicked_rows, train_two_tow
 from trainers.scoring import ScoringModel, reference_of, save
 from trainers.train import fit
 
-# The calibrated tasks and their labels (pCVR follows as pCTCVR / pCTR); a frame without a label column (older silver
-# days have no negative feedback) leaves that task uncalibrated.
+# The tasks measured on held-out rows and their labels; a frame without a label column (older silver days have no
+# negative feedback) leaves that task out.
 TASKS = {"ctr": "clicked", "ctcvr": "converted", "neg": "negative_feedback"}
+# The tasks with a calibrator. pCVR is a per-click rate, so its calibrator is fitted on the clicked rows with the
+# conversion label; pCTCVR then follows as pCTR x pCVR (``trainers.scoring.apply_calibrators``), not as a third map.
+CALIBRATED = ("ctr", "cvr", "neg")
 
 
 def labels(frame: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -41,6 +44,17 @@ def row_weights(frame: pd.DataFrame) -> np.ndarray:
     return 1.0 / frame["sample_rate"].to_numpy(dtype=np.float64)
 
 
+def task_rows(frame: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per task, (which rows, their labels, their weights): pCVR over the clicked rows (its label: converted), every
+    other task over all rows. Negatives count ``1 / sample_rate`` times (clicks are never downsampled)."""
+    y, w = labels(frame), row_weights(frame)
+    out = {task: (np.ones(len(frame), dtype=bool), y[task], w) for task in y}
+    if "ctr" in y and "ctcvr" in y:
+        clicked = y["ctr"] > 0.5
+        out["cvr"] = (clicked, y["ctcvr"][clicked], w[clicked])
+    return out
+
+
 ISOTONIC_MIN_POSITIVES = 1_000  # below this, isotonic steps overfit: Platt's two parameters do better
 
 
@@ -50,29 +64,32 @@ def calibration_half(held: pd.DataFrame) -> np.ndarray:
 
 
 def calibrate(scoring: ScoringModel, held: pd.DataFrame, spec, device: torch.device, method: str = "auto") -> dict:
-    """Fit the calibrators on half the held-out rows; return metrics (raw and calibrated) on the other half.
+    """Fit the calibrators (pCTR, pCVR on clicks, pNeg) on half the held-out rows; return metrics (raw and
+    calibrated) on the other half, pCTCVR's included.
 
-    ``method`` "auto": isotonic where the fitting half has ``ISOTONIC_MIN_POSITIVES`` positives, else Platt."""
+    ``method`` "auto": isotonic where the fitting rows have ``ISOTONIC_MIN_POSITIVES`` positives, else Platt."""
     if len(held) == 0:
         return {}
     fit_half = calibration_half(held)
-    metrics: dict[str, dict] = {}
     parts = {name: held[mask].reset_index(drop=True) for name, mask in (("fit", fit_half), ("eval", ~fit_half))}
     raw = {name: scoring.uncalibrated(encode(part, spec), device) for name, part in parts.items()}
-    y = {name: labels(part) for name, part in parts.items()}
-    w = {name: row_weights(part) for name, part in parts.items()}
+    rows = {name: task_rows(part) for name, part in parts.items()}
     scoring.calibrators = {}
-    for task in [t for t in y["fit"] if t in raw["fit"]]:  # (a peer without a negative-feedback model)
-        positives = y["fit"][task].sum()
-        if positives == 0 or positives == len(y["fit"][task]):
+    for task in CALIBRATED:
+        if task not in rows["fit"] or task not in raw["fit"]:  # (a peer without a negative-feedback model)
+            continue
+        mask, y, w = rows["fit"][task]
+        positives = y.sum()
+        if positives == 0 or positives == len(y):
             continue
         chosen = method if method != "auto" else "isotonic" if positives >= ISOTONIC_MIN_POSITIVES else "platt"
-        scoring.calibrators[task] = Calibrator(chosen).fit(raw["fit"][task], y["fit"][task], w["fit"])
+        scoring.calibrators[task] = Calibrator(chosen).fit(raw["fit"][task][mask], y, w)
     calibrated = scoring.calibrate(raw["eval"])
-    for task in scoring.calibrators:
-        if len(parts["eval"]):
-            metrics[task] = {"raw": summary(y["eval"][task], raw["eval"][task], w["eval"]),
-                             "calibrated": summary(y["eval"][task], calibrated[task], w["eval"])}
+    metrics: dict[str, dict] = {}
+    for task, (mask, y, w) in rows["eval"].items():
+        if task in raw["eval"] and len(y):
+            metrics[task] = {"raw": summary(y, raw["eval"][task][mask], w),
+                             "calibrated": summary(y, calibrated[task][mask], w)}
     return metrics
 
 

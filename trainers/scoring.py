@@ -5,7 +5,9 @@
 1. the network's outputs at the default position (no position bias at scoring);
 2. pCTR with negative downsampling undone exactly, ``p / (p + (1 - p) / w)`` (w: the negatives' keep rate);
    pCVR is a per-click rate, untouched by downsampling non-clicks, so pCTCVR = pCTR x pCVR stays exact;
-3. post-hoc calibrators (fitted on held-out rows) for CTR, CTCVR and negative feedback; pCVR = pCTCVR / pCTR.
+3. post-hoc calibrators (fitted on held-out rows) for CTR, CVR (on the clicked rows) and negative feedback;
+   pCTCVR = pCTR x pCVR. (Versions registered before pCVR had its own calibrator carry a CTCVR one instead and
+   serve pCVR as calibrated pCTCVR / calibrated pCTR, as they did.)
 
 ``save``/``load`` write and read it through the registry: weights as safetensors, the network's config,
 calibrators and the rest as JSON metadata (nothing is unpickled). ``reference_of`` gives a model's score
@@ -57,13 +59,18 @@ class ScoringModel:
 
 
 def apply_calibrators(calibrators: dict, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """pCTR, pCTCVR and pNeg through their calibrators (where fitted); pCVR follows as pCTCVR / pCTR."""
+    """Each task through its calibrator (where fitted); pCTCVR follows as pCTR x pCVR.
+
+    A version with a CTCVR calibrator (registered before pCVR had its own) keeps its ratio: pCVR = pCTCVR / pCTR."""
     out = dict(out)
-    for task in ("ctr", "ctcvr", "neg"):
+    for task in ("ctr", "cvr", "ctcvr", "neg"):
         if task in calibrators:
             out[task] = np.clip(calibrators[task].transform(out[task]), EPS, 1 - EPS)
-    out["ctcvr"] = np.minimum(out["ctcvr"], out["ctr"])
-    out["cvr"] = out["ctcvr"] / np.maximum(out["ctr"], EPS)
+    if "ctcvr" in calibrators:
+        out["ctcvr"] = np.minimum(out["ctcvr"], out["ctr"])
+        out["cvr"] = out["ctcvr"] / np.maximum(out["ctr"], EPS)
+    else:
+        out["ctcvr"] = out["ctr"] * out["cvr"]
     return out
 
 
