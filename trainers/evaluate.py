@@ -90,7 +90,9 @@ SCALES = {
 }
 
 
-def _frame(truth: pd.DataFrame, in_window_share: float) -> pd.DataFrame:
+def truth_frame(truth: pd.DataFrame, in_window_share: float) -> pd.DataFrame:
+    """The simulator's truth as training rows, in impression order: labels as the joiner's matured ones, and the
+    oracle's probabilities (pCVR scaled to the conversions that land within the window)."""
     f = truth.rename(columns={"event_time_ms": "impression_time_ms"}).copy()
     f["converted"] = f["converted_in_window"]
     f["oracle_ctr"] = f["true_pctr"]
@@ -211,7 +213,7 @@ def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float, ef
     gen = generate(cfg, settings)
     truth = gen.truth
     share = float(truth["converted_in_window"].sum() / max(truth["converts"].sum(), 1))
-    frame = _frame(truth, share)
+    frame = truth_frame(truth, share)
     day = (frame["impression_time_ms"].to_numpy() - cfg.start_ms) // DAY_MS
     history, held_day, drift_day = frame[day < h], frame[day == h], frame[day == h + 1]
     spec = InputSpec.from_schemas(settings.trainer.id_buckets, settings.trainer.small_buckets)
@@ -326,7 +328,7 @@ def evaluate_delay(settings: Settings, scale: Scale, seed: int, training_seed: i
     curve = historical_curve(cfg.model_copy(update={"seed": seed + 101, "hours": 48.0}), settings)
     spec = InputSpec.from_schemas(settings.trainer.id_buckets, settings.trainer.small_buckets)
     last_day = cfg.end_ms - DAY_MS
-    clicks = _frame(gen.truth, share)
+    clicks = truth_frame(gen.truth, share)
     clicks = clicks[clicks["clicked"] & (clicks["impression_time_ms"] >= last_day)]
     click_hours = hourly(clicks, last_day)
     y = clicks["converted"].to_numpy(float)

@@ -23,13 +23,13 @@ from trainers.data import InputSpec, encode
 from trainers.evaluate import (
     DAY_MS,
     THREADS,
-    _frame,
     downsample,
     fit_lightgbm,
     fit_ranker,
     latent_config,
     oracle,
     task_metrics,
+    truth_frame,
 )
 
 METRICS = (("ctr", "auc"), ("ctr", "nll"), ("cvr", "auc"), ("cvr", "nll"), ("ctcvr", "auc"), ("ctr", "ece"))
@@ -40,7 +40,7 @@ def world(settings: Settings, seed: int, days: int, users: int, ads: int, impres
     (the held-out day is ``days``)."""
     cfg = latent_config(seed, 24 * (days + 1), users, ads, impressions_per_hour, shock_hour=10**9)  # no shock
     truth = generate(cfg, settings).truth
-    frame = _frame(truth, float(truth["converted_in_window"].sum() / max(truth["converts"].sum(), 1)))
+    frame = truth_frame(truth, float(truth["converted_in_window"].sum() / max(truth["converts"].sum(), 1)))
     frame["day"] = (frame["impression_time_ms"].to_numpy() - cfg.start_ms) // DAY_MS
     return frame
 
