@@ -463,3 +463,46 @@ def test_wide_tables_slow_to_their_later_rate_after_the_first_epoch():
     torch.testing.assert_close(first[1.0], first[10.0])
     assert float(first[10.0].abs().max()) > 0.3  # the fast first epoch moved them
     assert moved[1.0] < 0.3 * moved[10.0], moved
+
+
+def test_a_checkpoint_from_before_the_wide_group_was_named_resumes_at_the_later_rate(tmp_path):
+    """A run killed in its second epoch and resumed from a checkpoint whose optimizer groups carry no name and the
+    first epoch's wide rate (as checkpoints written before the wide schedule did) ends as the uninterrupted run."""
+    frame = make_frame(3000, seed=9, click_logit=np.full(3000, math.log(0.3 / 0.7)), n_ads=40)
+    frame["converted"] = frame["clicked"] & (np.random.default_rng(9).random(len(frame)) < 0.2)
+    data = encode(frame, SPEC)
+    kwargs = dict(epochs=3, batch_size=256, lr=1e-2, device=torch.device("cpu"), seed=1, wide_lr_scale=10.0,
+                  wide_lr_scale_later=1.0)
+
+    def new_model() -> Ranker:
+        torch.manual_seed(3)
+        model = Ranker(SPEC, embedding_dim=8, mlp=(64, 32), expert_dim=32, wide=("advertiser_id",),
+                       wide_tasks=("cvr",))
+        model.fit_normalizer(data.dense)
+        return model
+
+    whole = new_model()
+    fit(whole, data, **kwargs)
+
+    class Killed(Exception):
+        pass
+
+    def killed(epoch: int) -> None:
+        if epoch == 2:
+            raise Killed
+
+    checkpoint = tmp_path / "run.pt"
+    resumed = new_model()
+    with pytest.raises(Killed):  # 12 batches an epoch: the last checkpoint is mid-way through the second
+        fit(resumed, data, checkpoint=checkpoint, checkpoint_every=5, on_epoch=killed, **kwargs)
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["epoch"] == 1 and 0 < state["batch_index"] < 12
+    for saved in state["optimizers"]:
+        for group in saved["param_groups"]:
+            if group.pop("name", None) is not None:
+                group["lr"], group["lr_scale"] = 1e-2 * 10.0, 10.0
+    torch.save(state, checkpoint)
+    resumed = new_model()
+    fit(resumed, data, checkpoint=checkpoint, **kwargs)
+    for name, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, msg=name)

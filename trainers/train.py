@@ -159,8 +159,14 @@ def fit(model: torch.nn.Module, data: Batch, *, epochs: int, batch_size: int, lr
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         for opt, s in zip(opts, state["optimizers"], strict=True):
-            opt.load_state_dict(s)
+            names = [group.get("name") for group in opt.param_groups]
+            opt.load_state_dict(s)  # takes the saved groups' keys: one saved before groups were named has no name
+            for group, name in zip(opt.param_groups, names, strict=True):
+                if name is not None:
+                    group["name"] = name
         start_epoch, start_batch = state["epoch"], state["batch_index"]
+        if start_epoch > 0 and wide_lr_scale_later is not None:  # past the first epoch, whatever rate was saved
+            set_wide_scale(opts, lr, wide_lr_scale_later)
         progress.steps, progress.examples = state["steps"], state["examples"]
         progress.validation, best = list(state.get("validation", [])), state.get("best")
         log.info("%s: resumed from %s at epoch %d batch %d", desc, checkpoint, start_epoch, start_batch)
