@@ -41,7 +41,7 @@ from streams.simulator.run import generate
 from trainers.cadence import train_and_register
 from trainers.data import InputSpec, encode
 from trainers.datasets import holdout_mask
-from trainers.evaluate import START, _frame, downsample
+from trainers.evaluate import START, downsample, truth_frame
 from trainers.model import Ranker
 from trainers.registry import Registry
 
@@ -65,7 +65,7 @@ class TimedRetriever(Retriever):
 
 def train(cfg: SimulatorConfig, settings: Settings) -> str:
     """The first ``TRAIN_HOURS`` of open-loop traffic through the batch cadence's training; returns the version."""
-    frame = _frame(generate(cfg, settings).truth, 1.0)
+    frame = truth_frame(generate(cfg, settings).truth, 1.0)
     frame = frame[frame["impression_time_ms"] < cfg.start_ms + TRAIN_HOURS * 3_600_000]
     rows = downsample(frame, NEGATIVE_RATE)
     held = holdout_mask(rows["impression_id"], settings.trainer.calibration_share)

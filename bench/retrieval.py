@@ -28,7 +28,7 @@ from infra.settings import get_settings
 from streams.simulator.config import SimulatorConfig
 from streams.simulator.run import generate
 from trainers.data import InputSpec, encode
-from trainers.evaluate import DAY_MS, START, _frame
+from trainers.evaluate import DAY_MS, START, truth_frame
 from trainers.retrieval import AD_FIELDS, AdIndex, Catalog, recall, train_two_tower
 
 K = 500
@@ -39,7 +39,7 @@ def world(seed: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     cfg = SimulatorConfig(seed=seed, start=START, hours=72, users=20_000, ads=2_000, impressions_per_hour=12_000,
                           ctr=0.05, cvr=0.1, speed=0, prediction_log=False)
     with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as var:  # the run's truth files, read back here
-        frame = _frame(generate(cfg, get_settings().model_copy(update={"var_dir": Path(var)})).truth, 1.0)
+        frame = truth_frame(generate(cfg, get_settings().model_copy(update={"var_dir": Path(var)})).truth, 1.0)
     day = (frame["impression_time_ms"].to_numpy() - cfg.start_ms) // DAY_MS
     return frame[day < 2], frame[day == 2], frame.drop_duplicates("ad_id")[list(AD_FIELDS)]
 

@@ -15,7 +15,7 @@ from streams.serving.auction import ecpm
 from streams.simulator.config import SimulatorConfig
 from streams.simulator.run import generate
 from trainers.data import InputSpec, encode
-from trainers.evaluate import DAY_MS, START, _frame, downsample, fit_ranker
+from trainers.evaluate import DAY_MS, START, downsample, fit_ranker, truth_frame
 from trainers.preranker import Funnel, agreement, distil
 from trainers.retrieval import AD_FIELDS
 
@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
         update={"id_buckets": 20_011, "small_buckets": 101})})
     cfg = SimulatorConfig(seed=7, start=START, hours=48, users=2_000, ads=400, impressions_per_hour=6_000, ctr=0.05,
                           cvr=0.1, speed=0, prediction_log=False)
-    frame = _frame(generate(cfg, settings).truth, 1.0)
+    frame = truth_frame(generate(cfg, settings).truth, 1.0)
     day = (frame["impression_time_ms"].to_numpy() - cfg.start_ms) // DAY_MS
     train, held = frame[day == 0], frame[day == 1]
     scoring = fit_ranker(downsample(train, 0.5), SPEC, settings, epochs=2, rate=0.5)

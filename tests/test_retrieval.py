@@ -14,7 +14,7 @@ from infra.settings import get_settings
 from streams.simulator.config import SimulatorConfig
 from streams.simulator.run import generate
 from trainers.data import InputSpec, encode
-from trainers.evaluate import DAY_MS, START, _frame
+from trainers.evaluate import DAY_MS, START, truth_frame
 from trainers.retrieval import (
     AD_FIELDS,
     AdIndex,
@@ -34,7 +34,7 @@ def trained(tmp_path_factory) -> tuple[TwoTower, pd.DataFrame, pd.DataFrame, pd.
     settings = get_settings().model_copy(update={"var_dir": Path(tmp_path_factory.mktemp("retrieval"))})
     cfg = SimulatorConfig(seed=5, start=START, hours=72, users=3_000, ads=400, impressions_per_hour=6_000, ctr=0.05,
                           cvr=0.1, speed=0, prediction_log=False)
-    frame = _frame(generate(cfg, settings).truth, 1.0)
+    frame = truth_frame(generate(cfg, settings).truth, 1.0)
     day = (frame["impression_time_ms"].to_numpy() - cfg.start_ms) // DAY_MS
     history, held = frame[day < 2], frame[day == 2]
     model = train_two_tower(encode(history, SPEC), SPEC, epochs=3, seed=1, progress=False)
