@@ -90,6 +90,11 @@ SCALES = {
 }
 
 
+def in_window_share(truth: pd.DataFrame) -> float:
+    """The share of the truth's conversions that land within the attribution window (what labels can see)."""
+    return float(truth["converted_in_window"].sum() / max(truth["converts"].sum(), 1))
+
+
 def truth_frame(truth: pd.DataFrame, in_window_share: float) -> pd.DataFrame:
     """The simulator's truth as training rows, in impression order: labels as the joiner's matured ones, and the
     oracle's probabilities (pCVR scaled to the conversions that land within the window)."""
@@ -212,7 +217,7 @@ def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float, ef
                         shock_hour=24 * (h + 1), effects=effects)
     gen = generate(cfg, settings)
     truth = gen.truth
-    share = float(truth["converted_in_window"].sum() / max(truth["converts"].sum(), 1))
+    share = in_window_share(truth)
     frame = truth_frame(truth, share)
     day = (frame["impression_time_ms"].to_numpy() - cfg.start_ms) // DAY_MS
     history, held_day, drift_day = frame[day < h], frame[day == h], frame[day == h + 1]
@@ -324,7 +329,7 @@ def evaluate_delay(settings: Settings, scale: Scale, seed: int, training_seed: i
                           drift_logit_per_day=0.0, speed=0, prediction_log=False)
     gen = generate(cfg, settings)
     truth = gen.truth.set_index("impression_id")
-    share = float(truth["converted_in_window"].sum() / max(truth["converts"].sum(), 1))
+    share = in_window_share(truth)
     curve = historical_curve(cfg.model_copy(update={"seed": seed + 101, "hours": 48.0}), settings)
     spec = InputSpec.from_schemas(settings.trainer.id_buckets, settings.trainer.small_buckets)
     last_day = cfg.end_ms - DAY_MS

@@ -51,6 +51,7 @@ from trainers.evaluate import (
     fit_ranker,
     goals_table,
     headline,
+    in_window_share,
     json_default,
     task_metrics,
 )
@@ -162,7 +163,7 @@ def split_world(frame: pd.DataFrame, truth: pd.DataFrame, cfg: SimulatorConfig,
     """The training-set rows with their labels and the oracle's probabilities, split into (history days, the
     held-out day); the warm-up days train nothing."""
     truth = truth.set_index("impression_id")
-    share = float(truth["converted_in_window"].sum() / max(truth["converts"].sum(), 1))
+    share = in_window_share(truth)
     frame = frame.sort_values(["impression_time_ms", "impression_id"], kind="stable").reset_index(drop=True)
     frame["oracle_ctr"] = truth["true_pctr"].reindex(frame["impression_id"]).to_numpy()
     frame["oracle_cvr"] = truth["true_pcvr"].reindex(frame["impression_id"]).to_numpy() * share

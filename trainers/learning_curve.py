@@ -26,6 +26,7 @@ from trainers.evaluate import (
     downsample,
     fit_lightgbm,
     fit_ranker,
+    in_window_share,
     latent_config,
     oracle,
     task_metrics,
@@ -40,7 +41,7 @@ def world(settings: Settings, seed: int, days: int, users: int, ads: int, impres
     (the held-out day is ``days``)."""
     cfg = latent_config(seed, 24 * (days + 1), users, ads, impressions_per_hour, shock_hour=10**9)  # no shock
     truth = generate(cfg, settings).truth
-    frame = truth_frame(truth, float(truth["converted_in_window"].sum() / max(truth["converts"].sum(), 1)))
+    frame = truth_frame(truth, in_window_share(truth))
     frame["day"] = (frame["impression_time_ms"].to_numpy() - cfg.start_ms) // DAY_MS
     return frame
 
