@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 
 from infra.settings import get_settings
@@ -79,3 +80,28 @@ def test_claims_and_their_spread(tmp_path):
     row = spread_table(log).loc["above"]
     assert row["runs"] == 4 and row["failures"] == 1 and row["min"] == 0.4 and row["max"] == 0.9
     assert abs(row["worst margin"] + 0.1) < 1e-12 and abs(row["mean margin / sd"] - 0.15 / row["sd"]) < 1e-12
+
+
+
+def test_the_delay_learners_score_the_same_in_processes_as_one_after_another():
+    """``evaluate_delay`` runs its learners in spawned processes; each is independent and single-threaded, so the
+    scores must not depend on how many processes ran them."""
+    from trainers.evaluate import Scale, delay_data, learn_in_processes
+
+    tiny = Scale(users=300, ads=60, impressions_per_hour=300, history_days=1, delay_days=1,
+                 delay_impressions_per_hour=300)
+    data = delay_data(get_settings(), tiny, seed=5)
+    assert set(data.rows_of) == {"naive", "fnw", "delay_curve", "oracle labels"} and len(data.clicks) > 100
+    jobs = [("fnw", 5), ("delay_curve", 5), ("oracle labels", 6)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        in_turn = learn_in_processes(data, jobs, workers=1)
+        in_processes = learn_in_processes(data, jobs, workers=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(in_turn) == set(in_processes) == set(jobs)
+    for job in jobs:
+        assert len(in_turn[job]) == len(data.clicks) and np.array_equal(in_turn[job], in_processes[job]), job
+    # Different streams and seeds give different learners: the comparison is not between constants.
+    assert not np.array_equal(in_turn["fnw", 5], in_turn["delay_curve", 5])

@@ -30,6 +30,7 @@ import base64
 import io
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -316,9 +317,74 @@ def joiner_examples(gen, settings: Settings, since_ms: int, scheme: str = "naive
     return rows.reset_index(drop=True)
 
 
-def evaluate_delay(settings: Settings, scale: Scale, seed: int, training_seed: int | None = None,
-                   learners: int = 1) -> dict:
-    """CVR log loss on the last day for the online ranker under each label scheme (see the module docstring)."""
+def scheme_of(stream: str) -> str:
+    """The label scheme an online learner of the delay evaluation's ``stream`` trains with (oracle labels: naive)."""
+    return stream if stream in ("naive", "fnw", "delay_curve") else "naive"
+
+
+@dataclass(frozen=True)
+class DelayData:
+    """What every delay learner reads: each label stream's rows (emission order), the last day's clicks and
+    their hours, the last day's start, the input spec and the settings."""
+
+    rows_of: dict[str, pd.DataFrame]
+    clicks: pd.DataFrame
+    click_hours: np.ndarray
+    last_day: int
+    spec: InputSpec
+    settings: Settings
+
+    def learn_and_score(self, name: str, training_seed: int) -> np.ndarray:
+        """The last day's pCVR per click from a fresh online ranker fed the stream ``name`` (seed ``training_seed``)."""
+        return _learn_and_score(self.rows_of[name], self.clicks, self.click_hours, self.last_day, scheme_of(name),
+                                self.spec, self.settings, training_seed)
+
+
+_WORKER_DATA: DelayData | None = None
+
+
+def _worker_init(data: DelayData, threads: int) -> None:
+    global _WORKER_DATA
+    _WORKER_DATA = data
+    torch.set_num_threads(threads)
+
+
+def _worker_job(name: str, training_seed: int) -> np.ndarray:
+    assert _WORKER_DATA is not None, "the worker was not initialised"
+    return _WORKER_DATA.learn_and_score(name, training_seed)
+
+
+def default_workers() -> int:
+    """Processes for the delay learners: one per core at the caller's torch thread count."""
+    return max(1, (os.cpu_count() or 1) // max(torch.get_num_threads(), 1))
+
+
+def learn_in_processes(data: DelayData, jobs: list[tuple[str, int]], workers: int | None = None,
+                       ) -> dict[tuple[str, int], np.ndarray]:
+    """Every (stream, training seed) learner's scores. Learners are independent and each runs single-process at
+    the caller's torch thread count, so their scores are the same whether they run here one after another
+    (``workers`` 1) or in ``workers`` spawned processes at once (tests/test_evaluate.py checks it)."""
+    workers = min(default_workers() if workers is None else workers, len(jobs))
+    if workers <= 1:
+        return {job: data.learn_and_score(*job) for job in jobs}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    out: dict[tuple[str, int], np.ndarray] = {}
+    began = time.monotonic()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                             initargs=(data, torch.get_num_threads())) as pool:
+        futures = {pool.submit(_worker_job, *job): job for job in jobs}
+        for future in as_completed(futures):
+            out[futures[future]] = future.result()
+            print(f"evaluate: delay: {len(out)} of {len(jobs)} learners done in {workers} processes "
+                  f"({time.monotonic() - began:.0f} s)", flush=True)
+    return out
+
+
+def delay_data(settings: Settings, scale: Scale, seed: int) -> DelayData:
+    """The delay world of ``seed``: each label scheme's examples as the joiner emits them, the oracle's labels, and
+    the last day's clicks to score."""
     from label_joiner.delay_report import historical_curve
     from label_joiner.replay import new_join, replay
     from label_joiner.rules import Rules
@@ -336,7 +402,6 @@ def evaluate_delay(settings: Settings, scale: Scale, seed: int, training_seed: i
     clicks = truth_frame(gen.truth, share)
     clicks = clicks[clicks["clicked"] & (clicks["impression_time_ms"] >= last_day)]
     click_hours = hourly(clicks, last_day)
-    y = clicks["converted"].to_numpy(float)
     streams: dict[str, pd.DataFrame] = {}
     for scheme in ("naive", "fnw", "delay_curve"):
         join = new_join(Rules.from_settings(settings.windows),
@@ -353,28 +418,33 @@ def evaluate_delay(settings: Settings, scale: Scale, seed: int, training_seed: i
     category = gen.truth.set_index("impression_id")["category_id"]
     rows_of: dict[str, pd.DataFrame] = {}
     for name, ex in streams.items():
-        scheme = name if name in ("naive", "fnw", "delay_curve") else "naive"
-        rows = _scheme_rows(ex, scheme) if name != "oracle labels" else ex
+        rows = _scheme_rows(ex, scheme_of(name)) if name != "oracle labels" else ex
         rows["category_id"] = category.reindex(rows["impression_id"]).to_numpy()
         rows_of[name] = rows
+    return DelayData(rows_of, clicks, click_hours, last_day, spec, settings)
+
+
+def evaluate_delay(settings: Settings, scale: Scale, seed: int, training_seed: int | None = None,
+                   learners: int = 1, workers: int | None = None) -> dict:
+    """CVR log loss on the last day for the online ranker under each label scheme (see the module docstring);
+    the learners run in ``workers`` processes (default: one per core)."""
+    data = delay_data(settings, scale, seed)
+    rows_of, y = data.rows_of, data.clicks["converted"].to_numpy(float)
     # Every scheme's learner starts from the same initial weights for a training seed (common random numbers);
     # the log loss is averaged over ``learners`` learners per scheme (training seeds ``training_seed`` on), since
     # one learner's trajectory moves it by about as much as the naive-to-oracle gap (README: "How noisy").
-    losses: dict[str, list[float]] = {name: [] for name in rows_of}
-    means: dict[str, list[float]] = {name: [] for name in rows_of}
     first = seed if training_seed is None else training_seed
-    for training_seed in range(first, first + learners):
-        for name, rows in rows_of.items():
-            scheme = name if name in ("naive", "fnw", "delay_curve") else "naive"
-            p = _learn_and_score(rows, clicks, click_hours, last_day, scheme, spec, settings, training_seed)
-            losses[name].append(log_loss(y, p))
-            means[name].append(float(p.mean()))
-        print(f"evaluate: delay: training seed {training_seed}: " + ", ".join(
-            f"{name} {losses[name][-1]:.4f}" for name in rows_of), flush=True)
+    jobs = [(name, s) for s in range(first, first + learners) for name in rows_of]
+    scored = learn_in_processes(data, jobs, workers)
+    losses = {name: [log_loss(y, scored[name, s]) for s in range(first, first + learners)] for name in rows_of}
+    means = {name: [float(scored[name, s].mean()) for s in range(first, first + learners)] for name in rows_of}
+    for i, s in enumerate(range(first, first + learners)):
+        print(f"evaluate: delay: training seed {s}: " + ", ".join(
+            f"{name} {losses[name][i]:.4f}" for name in rows_of), flush=True)
     out: dict[str, dict] = {}
     for name, rows in rows_of.items():
         out[name] = {"cvr_logloss": float(np.mean(losses[name])), "mean_pcvr": float(np.mean(means[name])),
-                     "rate": float(y.mean()), "examples": int(len(rows)), "clicks scored": int(len(clicks)),
+                     "rate": float(y.mean()), "examples": int(len(rows)), "clicks scored": int(len(y)),
                      "learners": learners, "cvr_logloss per learner": losses[name]}
     naive, best = out["naive"]["cvr_logloss"], out["oracle labels"]["cvr_logloss"]
     for name in out:
@@ -639,7 +709,7 @@ def delay_intervals(per_seed: list[dict]) -> dict:
 def run(settings: Settings, scale_name: str = "small", seed: int = SEED, negative_rate: float = 0.25,
         out_dir: Path | None = None, threads: int = THREADS, training_seed: int | None = None,
         learners: int | None = None, seeds: int = 1, delay_seeds: int = 1, effects: Effects | None = None,
-        epochs: int | None = None) -> dict:
+        epochs: int | None = None, workers: int | None = None) -> dict:
     """The whole evaluation under ``threads`` torch threads (the caller's count is restored afterwards).
 
     ``seed`` draws the simulated worlds; ``training_seed`` (default ``seed``) the models' initial weights, so the
@@ -647,7 +717,8 @@ def run(settings: Settings, scale_name: str = "small", seed: int = SEED, negativ
     ``delay_learners``. ``seeds`` (``delay_seeds``) worlds ``seed``, ``seed + 1``, ... give the headline table
     and the goals (the delay table) their 95 % intervals; the claims, plots and drift curve are the first
     world's. ``effects``: the models' worlds with the simulator's feature-visible effects (default: none).
-    ``epochs``: the batch models' epochs at most, instead of the scale's."""
+    ``epochs``: the batch models' epochs at most, instead of the scale's. ``workers``: processes for the delay
+    learners (default: one per core at ``threads``; the numbers do not depend on it)."""
     scale = SCALES[scale_name] if epochs is None else replace(SCALES[scale_name], epochs=epochs)
     began = time.monotonic()
     previous = torch.get_num_threads()
@@ -661,7 +732,7 @@ def run(settings: Settings, scale_name: str = "small", seed: int = SEED, negativ
             print(f"evaluate: world {i + 1} of {seeds} done ({time.monotonic() - began:.0f} s)", flush=True)
         for i in range(max(delay_seeds, 1)):
             delays.append(evaluate_delay(settings, scale, seed + i, training_seed + i * 1000,
-                                         learners or scale.delay_learners))
+                                         learners or scale.delay_learners, workers))
             print(f"evaluate: delay world {i + 1} of {delay_seeds} done ({time.monotonic() - began:.0f} s)",
                   flush=True)
         result = {"scale": {"name": scale_name, **asdict(scale)}, "seed": seed, "training_seed": training_seed,
@@ -737,6 +808,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--effects", choices=("off", "realistic"), default="off",
                    help="the models' worlds with the simulator's feature-visible effects (Effects.realistic)")
     p.add_argument("--epochs", type=int, help="batch epochs at most (early stopping picks; default: the scale's)")
+    p.add_argument("--workers", type=int, help="processes for the delay learners (default: one per core)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     settings = get_settings()
@@ -748,7 +820,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if table["failures"].sum() == 0 else 1
     run(settings, args.scale, args.seed, out_dir=args.out, threads=threads[0], learners=args.learners,
         seeds=args.worlds, delay_seeds=args.delay_worlds,
-        effects=Effects.realistic() if args.effects == "realistic" else None, epochs=args.epochs)
+        effects=Effects.realistic() if args.effects == "realistic" else None, epochs=args.epochs,
+        workers=args.workers)
     return 0
 
 
