@@ -47,7 +47,7 @@ def load_world(seed: int, cache: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     start = midnight - timedelta(days=scale.warmup_days + scale.history_days + 1)
     settings = ef.run_settings(f"epochs{int(time.time())}s{seed}")
     cfg = ef.world_config(settings, scale, seed, start)
-    history, held = ef.split_world(*ef.through_the_pipeline(settings, cfg), cfg, scale)
+    history, held = ef.split_world(*ef.through_the_pipeline(settings, cfg, scale.warmup_days), cfg, scale)
     cache.parent.mkdir(parents=True, exist_ok=True)
     pd.to_pickle({"history": history, "held": held}, cache)
     return history, held

@@ -93,9 +93,10 @@ def run_settings(run_id: str) -> Settings:
         "windows": base.windows.model_copy(update={"conversion_window_s": 3600.0})})
 
 
-def through_the_pipeline(settings: Settings, cfg: SimulatorConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Send the run, compute its features and build its training sets; (rows of every day with their
-    features, the truth)."""
+def through_the_pipeline(settings: Settings, cfg: SimulatorConfig,
+                         warmup_days: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Send the run, compute its features and build its training sets; (rows of every day after the first
+    ``warmup_days`` with their features, the truth)."""
     from batch_jobs import bronze, gold, realtime_log, silver
     from batch_jobs import training_set as ts
     from infra.demo import wait_until_still
@@ -128,9 +129,15 @@ def through_the_pipeline(settings: Settings, cfg: SimulatorConfig) -> tuple[pd.D
     realtime_log.run(None, settings)
     for ds in days:
         silver.run(ds, settings)
-        print(f"evaluate-features: gold {ds}: {gold.run(ds, settings)}", flush=True)
-    print(f"evaluate-features: training set {ts.run(days[0], days[-1], settings, negative_rate=1.0)}", flush=True)
-    frame = read_days(spark_session("evaluate_features", settings), settings, [d.isoformat() for d in days])
+        # Gold of ``ds`` becomes readable at the day's end, after every impression of the run but the next
+        # day's: the held-out (last) day's gold would join nothing.
+        if ds != days[-1]:
+            print(f"evaluate-features: gold {ds}: {gold.run(ds, settings)}", flush=True)
+    # The warm-up days train nothing: their training rows are not built.
+    trained = days[warmup_days:]
+    print(f"evaluate-features: training set {ts.run(trained[0], trained[-1], settings, negative_rate=1.0)}",
+          flush=True)
+    frame = read_days(spark_session("evaluate_features", settings), settings, [d.isoformat() for d in trained])
     return frame, gen.truth
 
 
@@ -183,7 +190,7 @@ def split_world(frame: pd.DataFrame, truth: pd.DataFrame, cfg: SimulatorConfig,
 def evaluate_world(settings: Settings, scale: FeatureScale, seed: int, rate: float, start: datetime) -> dict:
     """One world through the pipeline; per model, with and without features, the held-out day's metrics."""
     cfg = world_config(settings, scale, seed, start)
-    history, held = split_world(*through_the_pipeline(settings, cfg), cfg, scale)
+    history, held = split_world(*through_the_pipeline(settings, cfg, scale.warmup_days), cfg, scale)
     spec = InputSpec.from_schemas(settings.trainer.id_buckets, settings.trainer.small_buckets)
     oracle = {"ctr": held["oracle_ctr"].to_numpy(), "cvr": held["oracle_cvr"].to_numpy()}
     oracle["ctcvr"] = oracle["ctr"] * oracle["cvr"]
