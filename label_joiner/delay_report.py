@@ -1,8 +1,8 @@
 """Each label scheme judged on what the joiner actually emits, against the simulator's truth, on the freshest day.
 
 ``python -m label_joiner.delay_report`` (``make delay-report``) fits the delay curve on an older run,
-simulates a recent run of ``--history-days`` plus one day, replays it through the joiner once per scheme
-(in-process, the worker's own code), and looks at the last simulated day's clicks as a trainer reading the
+simulates a recent run of ``--history-days`` plus one day, replays it through one join per scheme (one pass,
+in-process, the worker's own code), and looks at the last simulated day's clicks as a trainer reading the
 training-example stream at the end of the run would see them:
 
 * naive and delay_curve: the newest example per impression (corrections supersede earlier ones); its
@@ -29,7 +29,7 @@ import pandas as pd
 
 from infra.settings import Settings, get_settings
 from label_joiner.delay_curve import DelayCurve
-from label_joiner.replay import new_join, replay
+from label_joiner.replay import new_join, replay_each
 from label_joiner.rules import Rules
 from label_joiner.schemes import make_scheme
 from streams.simulator.config import SimulatorConfig
@@ -50,11 +50,13 @@ def historical_curve(cfg: SimulatorConfig, settings: Settings) -> DelayCurve:
     return DelayCurve.fit(matured, settings.windows.conversion_window_s)
 
 
-def emitted(recent: SimulatorConfig, gen, scheme: str, curve: DelayCurve, settings: Settings) -> pd.DataFrame:
-    """Every training example the joiner emits over the recent run (the run's end is "now")."""
-    join = new_join(Rules.from_settings(settings.windows),
-                    make_scheme(scheme, curve, settings.windows.elapsed_windows_s))
-    return replay(join, gen.schedule, flush=False, advance_every=200).examples_frame()
+def emitted(gen, schemes: list[str], curve: DelayCurve, settings: Settings) -> dict[str, pd.DataFrame]:
+    """Per scheme, every training example the joiner emits over the generated run ``gen`` (its end is "now");
+    one replay feeds every scheme's join."""
+    joins = [new_join(Rules.from_settings(settings.windows),
+                      make_scheme(scheme, curve, settings.windows.elapsed_windows_s)) for scheme in schemes]
+    results = replay_each(joins, gen.schedule, flush=False, advance_every=200)
+    return {scheme: result.examples_frame() for scheme, result in zip(schemes, results, strict=True)}
 
 
 def report(recent: SimulatorConfig, history: SimulatorConfig, settings: Settings) -> tuple[pd.DataFrame, dict]:
@@ -65,8 +67,7 @@ def report(recent: SimulatorConfig, history: SimulatorConfig, settings: Settings
     day_start = recent.end_ms - DAY_MS
     rows, labels = {}, {}
     clicks = None
-    for scheme in ("naive", "fnw", "delay_curve"):
-        ex = emitted(recent, gen, scheme, curve, settings)
+    for scheme, ex in emitted(gen, ["naive", "fnw", "delay_curve"], curve, settings).items():
         day = ex[ex["clicked"] & (ex["click_time_ms"] >= day_start)]
         if scheme == "naive":
             clicks = day.drop_duplicates("impression_id")[["impression_id", "click_time_ms"]]

@@ -34,10 +34,15 @@ class ReplayResult:
 def replay(join: PartitionJoin, schedule: Schedule, flush: bool = True, advance_every: int = 1) -> ReplayResult:
     """Feed every delivery, in delivery order, to ``join`` (one partition holding everything), moving
     its clock every ``advance_every`` events; with ``flush``, close every window at the end."""
+    return replay_each([join], schedule, flush, advance_every)[0]
+
+
+def replay_each(joins: list[PartitionJoin], schedule: Schedule, flush: bool = True,
+                advance_every: int = 1) -> list[ReplayResult]:
+    """``replay`` into several joins at once (e.g. one per label scheme), decoding each delivery once; each join
+    gets its own copy of the event and its own result, exactly as if replayed alone."""
     cls_of = {schedule.topics[c]: c for c in SOURCE if c in schedule.topics}
-    result = ReplayResult()
-    out = result.outputs
-    store = join.store
+    results = [ReplayResult() for _ in joins]
     for n, (topic, _key, value, headers, when) in enumerate(iter_messages(schedule)):
         cls = cls_of.get(topic)
         if cls is None:
@@ -45,17 +50,20 @@ def replay(join: PartitionJoin, schedule: Schedule, flush: bool = True, advance_
         try:
             event = decode(cls, value, headers)
         except InvalidEvent:
-            result.undecodable += 1
+            for result in results:
+                result.undecodable += 1
             continue
-        join.on_event(SOURCE[cls], event.model_dump(), arrival=when, offset=n, out=out)
-        if n % advance_every == 0:
-            # One merged input in arrival order: nothing waits behind what was read, so its arrival is the clock.
-            join.advance_to(when, out)
-        store.commit()
+        for join, result in zip(joins, results, strict=True):
+            join.on_event(SOURCE[cls], event.model_dump(), arrival=when, offset=n, out=result.outputs)
+            if n % advance_every == 0:
+                # One merged input in arrival order: nothing waits behind what was read, so its arrival is the clock.
+                join.advance_to(when, result.outputs)
+            join.store.commit()
     if flush:
-        join.finish_all(out)
-        store.commit()
-    return result
+        for join, result in zip(joins, results, strict=True):
+            join.finish_all(result.outputs)
+            join.store.commit()
+    return results
 
 
 def new_join(rules, scheme) -> PartitionJoin:

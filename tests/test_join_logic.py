@@ -8,7 +8,7 @@ from infra.settings import WindowSettings, get_settings
 from label_joiner.delay_curve import DelayCurve
 from label_joiner.evaluate import join_accuracy
 from label_joiner.join import CLOCK_KEY, SOURCES, Emitted, PartitionJoin
-from label_joiner.replay import new_join, replay
+from label_joiner.replay import new_join, replay, replay_each
 from label_joiner.rules import Rules
 from label_joiner.schemes import DelayCurveScheme, FakeNegativeScheme, NaiveScheme
 from streams.simulator.config import SimulatorConfig
@@ -204,6 +204,22 @@ def test_outputs_are_identical_on_replay():
     a, b = ({(r.offset, r.reason.split(":")[0].replace("orphan", "outside")) for r in run.rejected} for run in runs)
     assert {o for o, _ in a} == {o for o, _ in b} and len(a) > 50
 
+
+
+def test_replaying_into_several_joins_at_once_equals_replaying_each_alone():
+    """``replay_each`` decodes a delivery once for every join: each join's outputs (defects and dead letters of
+    a run with corrupt records included) are those of its own replay."""
+    cfg = SimulatorConfig(hours=2, users=2_000, ads=400, impressions_per_hour=3_000, speed=0, cvr=0.2,
+                          prediction_log=False, seed=9, start="2026-11-10T00:00:00Z")
+    sched = generate(cfg, get_settings().model_copy(update={"windows": W}), drain=True).schedule
+    alone = [replay(new_join(R, scheme()), sched, advance_every=50) for scheme in (NaiveScheme, FakeNegativeScheme)]
+    together = replay_each([new_join(R, scheme()) for scheme in (NaiveScheme, FakeNegativeScheme)], sched,
+                           advance_every=50)
+    for a, b in zip(alone, together, strict=True):
+        assert a.outputs.examples == b.outputs.examples and a.outputs.matured == b.outputs.matured
+        assert a.outputs.rejected == b.outputs.rejected and a.undecodable == b.undecodable
+    assert together[0].outputs.examples != together[1].outputs.examples  # the schemes differ
+    assert len(together[1].outputs.examples) > 500 and together[0].outputs.rejected
 
 def test_delay_curve_scheme_waits_the_elapsed_window_then_corrects():
     curve = DelayCurve(grid_s=[0.0, 3600.0, 86_400.0], cdf_values=[0.0, 0.5, 1.0], cvr=0.2, n_clicks=100,

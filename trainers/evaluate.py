@@ -385,10 +385,7 @@ def learn_in_processes(data: DelayData, jobs: list[tuple[str, int]], workers: in
 def delay_data(settings: Settings, scale: Scale, seed: int) -> DelayData:
     """The delay world of ``seed``: each label scheme's examples as the joiner emits them, the oracle's labels, and
     the last day's clicks to score."""
-    from label_joiner.delay_report import historical_curve
-    from label_joiner.replay import new_join, replay
-    from label_joiner.rules import Rules
-    from label_joiner.schemes import make_scheme
+    from label_joiner.delay_report import emitted, historical_curve
 
     cfg = SimulatorConfig(seed=seed + 100, start=START, hours=24 * scale.delay_days, users=scale.users,
                           ads=scale.ads, impressions_per_hour=scale.delay_impressions_per_hour, ctr=0.15, cvr=0.2,
@@ -403,10 +400,7 @@ def delay_data(settings: Settings, scale: Scale, seed: int) -> DelayData:
     clicks = clicks[clicks["clicked"] & (clicks["impression_time_ms"] >= last_day)]
     click_hours = hourly(clicks, last_day)
     streams: dict[str, pd.DataFrame] = {}
-    for scheme in ("naive", "fnw", "delay_curve"):
-        join = new_join(Rules.from_settings(settings.windows),
-                        make_scheme(scheme, curve, settings.windows.elapsed_windows_s))
-        ex = replay(join, gen.schedule, flush=False, advance_every=200).examples_frame()
+    for scheme, ex in emitted(gen, ["naive", "fnw", "delay_curve"], curve, settings).items():
         streams[scheme] = ex.sort_values("as_of_ms", kind="stable").reset_index(drop=True)
         print(f"evaluate: delay: {scheme}: {len(ex):,} examples", flush=True)
     oracle_ex = gen.truth.rename(columns={"event_time_ms": "impression_time_ms"}).copy()
