@@ -7,8 +7,10 @@ latent user x ad part goes through the production path, on topics, a lake and a 
 
 1. the simulator sends it to Kafka (the campaign catalog first);
 2. the real-time feature worker (``streams.realtime_app``) computes the real-time rows and the user's recent ads;
-3. per day: bronze, the real-time log, silver, gold (each behind its data-quality gate);
-4. the point-in-time training-set builder (``batch_jobs.training_set``, every row kept) joins each impression to
+3. bronze, the real-time log, then per day silver and (but for the held-out day) gold, each behind its data-quality
+   gate;
+4. the point-in-time training-set builder (``batch_jobs.training_set``, every row kept; not for the warm-up days)
+   joins each impression to
    the gold and real-time rows as of its time.
 
 After ``warmup_days`` (processed, so gold has a day behind it, but not trained on), the ``history`` days train
@@ -129,8 +131,8 @@ def through_the_pipeline(settings: Settings, cfg: SimulatorConfig,
     realtime_log.run(None, settings)
     for ds in days:
         silver.run(ds, settings)
-        # Gold of ``ds`` becomes readable at the day's end, after every impression of the run but the next
-        # day's: the held-out (last) day's gold would join nothing.
+        # Gold of ``ds`` is stamped at the day's end, so it serves the next day's impressions: the held-out (last)
+        # day's gold would serve none.
         if ds != days[-1]:
             print(f"evaluate-features: gold {ds}: {gold.run(ds, settings)}", flush=True)
     # The warm-up days train nothing: their training rows are not built.
