@@ -10,8 +10,7 @@ latent user x ad part goes through the production path, on topics, a lake and a 
 3. bronze, the real-time log, then per day silver and (but for the held-out day) gold, each behind its data-quality
    gate;
 4. the point-in-time training-set builder (``batch_jobs.training_set``, every row kept; not for the warm-up days)
-   joins each impression to
-   the gold and real-time rows as of its time.
+   joins each impression to the gold and real-time rows as of its time.
 
 After ``warmup_days`` (processed, so gold has a day behind it, but not trained on), the ``history`` days train
 every model (negatives downsampled to ``negative_rate`` in process, as
