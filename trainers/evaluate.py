@@ -335,9 +335,25 @@ class DelayData:
     settings: Settings
 
     def learn_and_score(self, name: str, training_seed: int) -> np.ndarray:
-        """The last day's pCVR per click from a fresh online ranker fed the stream ``name`` (seed ``training_seed``)."""
-        return _learn_and_score(self.rows_of[name], self.clicks, self.click_hours, self.last_day, scheme_of(name),
-                                self.spec, self.settings, training_seed)
+        """The last day's pCVR per click from a fresh online ranker (seed ``training_seed``) that learns the stream
+        ``name`` in emission order; each hour of the last day, that hour's clicks are scored before the ranker
+        learns the examples emitted after the hour began."""
+        rows, spec, cfg = self.rows_of[name], self.spec, self.settings.trainer
+        torch.manual_seed(training_seed)
+        learner = OnlineLearner(Ranker.from_settings(spec, cfg), cfg, torch.device("cpu"), scheme_of(name))
+        learner.model.fit_normalizer(encode(rows.iloc[: min(len(rows), 20_000)], spec).dense)
+        as_of = rows["as_of_ms"].to_numpy()
+        p = np.zeros(len(self.clicks))
+        cursor = 0
+        for hour in range(24):
+            end = int(np.searchsorted(as_of, self.last_day + hour * HOUR_MS, side="left"))
+            for start in range(cursor, end, cfg.online_batch_size):
+                learner.learn(encode(rows.iloc[start:min(start + cfg.online_batch_size, end)], spec))
+            cursor = end
+            m = self.click_hours == hour
+            if m.any():
+                p[m] = ScoringModel(learner.model).uncalibrated(encode(self.clicks[m], spec))["cvr"]
+        return p
 
 
 _WORKER_DATA: DelayData | None = None
@@ -445,31 +461,6 @@ def evaluate_delay(settings: Settings, scale: Scale, seed: int, training_seed: i
         gap = naive - best
         out[name]["gap closed"] = float((naive - out[name]["cvr_logloss"]) / gap) if gap > 0 else math.nan
     return out
-
-
-def _learn_and_score(rows: pd.DataFrame, clicks: pd.DataFrame, click_hours: np.ndarray, last_day: int, scheme: str,
-                     spec: InputSpec, settings: Settings, seed: int) -> np.ndarray:
-    """A fresh online ranker learns ``rows`` in emission order; each hour of the last day, that hour's clicks are
-    scored (pCVR) before the ranker learns the examples emitted after the hour began."""
-    torch.manual_seed(seed)
-    learner = OnlineLearner(Ranker.from_settings(spec, settings.trainer), settings.trainer, torch.device("cpu"),
-                            scheme)
-    first = encode(rows.iloc[: min(len(rows), 20_000)], spec)
-    learner.model.fit_normalizer(first.dense)
-    as_of = rows["as_of_ms"].to_numpy()
-    p = np.zeros(len(clicks))
-    bs = settings.trainer.online_batch_size
-    cursor = 0
-    for hour in range(24):
-        upto = last_day + hour * HOUR_MS
-        end = int(np.searchsorted(as_of, upto, side="left"))
-        for start in range(cursor, end, bs):
-            learner.learn(encode(rows.iloc[start:min(start + bs, end)], spec))
-        cursor = end
-        m = click_hours == hour
-        if m.any():
-            p[m] = ScoringModel(learner.model).uncalibrated(encode(clicks[m], spec))["cvr"]
-    return p
 
 
 def _scheme_rows(ex: pd.DataFrame, scheme: str) -> pd.DataFrame:
