@@ -11,10 +11,22 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import torch
+from scipy.special import expit
 
 from infra.settings import get_settings
-from trainers.evaluate import CLAIMS, GOALS, THREADS, Goal, claims_table, interval, run
+from trainers.evaluate import (
+    CLAIMS,
+    GOALS,
+    THREADS,
+    Goal,
+    additive_part,
+    claims_table,
+    interval,
+    oracle_without_interaction,
+    run,
+)
 
 
 def test_evaluation_against_the_simulators_truth(tmp_path, capsys):
@@ -65,6 +77,43 @@ def test_a_goal_is_met_only_when_its_whole_interval_is_beyond_the_bar():
     tight = [{"x": v} for v in (0.049, 0.05, 0.051)]
     assert above.check(tight)["met"] and below.check(tight)["met"]
     assert above.check([{"x": 0.01}])["met"]  # one world: the value itself decides
+
+
+def test_additive_part_keeps_per_user_and_per_ad_terms_and_drops_a_pure_interaction():
+    rng = np.random.default_rng(0)
+    user, ad = rng.integers(0, 40, 5_000), rng.integers(0, 15, 5_000)
+    user_term, ad_term = rng.normal(0, 1, 40), rng.normal(0, 1, 15)
+    additive = user_term[user] + ad_term[ad]
+    assert np.allclose(additive_part(additive, user, ad), additive, atol=1e-6)  # unbalanced rows: still exact
+    # Every user x ad pair once, factors centred: a pure interaction, which no per-id bias carries.
+    grid_user, grid_ad = np.repeat(np.arange(40), 15), np.tile(np.arange(15), 40)
+    x, y = rng.normal(0, 1, 40), rng.normal(0, 1, 15)
+    x, y = x - x.mean(), y - y.mean()
+    assert np.allclose(additive_part(x[grid_user] * y[grid_ad], grid_user, grid_ad), 0.0, atol=1e-9)
+    # Both together: the interaction comes off, the biases stay.
+    both = user_term[grid_user] + ad_term[grid_ad] + x[grid_user] * y[grid_ad]
+    fit = additive_part(both, grid_user, grid_ad)
+    assert np.allclose(fit, user_term[grid_user] + ad_term[grid_ad], atol=1e-9)
+
+
+def test_the_oracle_without_the_interaction_takes_only_the_interaction_out():
+    rng = np.random.default_rng(1)
+    user, ad = np.repeat(np.arange(300), 100), np.tile(np.arange(100), 300)
+    x, y = rng.normal(0, 1, 300), rng.normal(0, 1, 100)
+    x, y = x - x.mean(), y - y.mean()
+    base = rng.normal(-2, 0.5, len(user))  # what the effects and the biases give each row
+    ad_bias = rng.normal(0, 1, 100)[ad]
+    truth = pd.DataFrame({"user_id": user, "ad_id": ad,
+                          "ctr_latent_logit": x[user] * y[ad], "true_pctr": expit(base + x[user] * y[ad]),
+                          "cvr_latent_logit": ad_bias, "true_pcvr": expit(base + ad_bias)})
+    out = oracle_without_interaction(truth, in_window_share=0.8)
+    # The whole latent part was interaction: what is left ranks rows as the base does, and is still calibrated.
+    ctr = out["oracle_ctr_additive"].to_numpy()
+    assert (np.argsort(ctr, kind="stable") == np.argsort(base, kind="stable")).all()
+    assert abs(ctr.mean() / truth["true_pctr"].mean() - 1) < 0.01
+    assert abs(ctr.mean() / expit(base).mean() - 1) > 0.05  # setting the interaction to 0 would not be
+    # A latent part that is one bias per ad is kept: pCVR is the oracle's, scaled to the window.
+    assert np.allclose(out["oracle_cvr_additive"], 0.8 * truth["true_pcvr"], atol=1e-5)
 
 
 def test_claims_and_their_spread(tmp_path):

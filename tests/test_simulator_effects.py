@@ -75,6 +75,16 @@ def test_effects_off_is_the_latent_truth_and_each_effect_adds_its_term():
     assert abs(real.loc[real["clicked"], "converts"].mean() / BASE.cvr - 1) < 0.1
 
 
+def test_the_truth_records_the_latent_user_x_ad_part_of_each_logit():
+    off = truth(Effects())
+    world = build_world(BASE, np.random.default_rng(BASE.seed))
+    user, ad = off["user_id"].to_numpy(), off["ad_id"].to_numpy()
+    gen, slot = ad // world.n_slots, ad % world.n_slots
+    assert np.allclose(off["ctr_latent_logit"], 4 * (world.user_ctr_f[user] * world.ad_ctr_f[gen, slot]).sum(1))
+    assert np.allclose(off["cvr_latent_logit"], 4 * (world.user_cvr_f[user] * world.ad_cvr_f[gen, slot]).sum(1))
+    assert off["ctr_latent_logit"].std() > 1.0  # the largest single part of the click logit
+
+
 def recency_from_clicks(run: pd.DataFrame, half_life_h: float = 6.0) -> np.ndarray:
     """2^(-hours since the newest click, on an impression of an earlier hour, by the user in the row's category /
     half life), from the outcomes ``run`` recorded (rows in time order)."""

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy.special import expit, logit
 
 from infra.settings import Settings, get_settings
 from streams.simulator.config import Effects, SimulatorConfig
@@ -108,6 +109,44 @@ def truth_frame(truth: pd.DataFrame, in_window_share: float) -> pd.DataFrame:
     return f.sort_values("impression_time_ms", kind="stable").reset_index(drop=True)
 
 
+def additive_part(values: np.ndarray, user: np.ndarray, ad: np.ndarray, sweeps: int = 30) -> np.ndarray:
+    """The least-squares fit of ``values`` as a per-user plus a per-ad term over these rows (alternating means):
+    the part of a user x ad quantity that one bias per user and one per ad can carry."""
+    users, user_index = np.unique(user, return_inverse=True)
+    ads, ad_index = np.unique(ad, return_inverse=True)
+    user_rows, ad_rows = np.bincount(user_index), np.bincount(ad_index)
+    user_term, ad_term = np.zeros(len(users)), np.zeros(len(ads))
+    for _ in range(sweeps):
+        user_term = np.bincount(user_index, values - ad_term[ad_index], len(users)) / user_rows
+        ad_term = np.bincount(ad_index, values - user_term[user_index], len(ads)) / ad_rows
+    return user_term[user_index] + ad_term[ad_index]
+
+
+def averaged_over(base_logit: np.ndarray, residual: np.ndarray, quantiles: int = 64, grid: int = 1024) -> np.ndarray:
+    """``E[sigmoid(base + r)]`` for each row's ``base_logit``, ``r`` drawn from the rows' ``residual`` (``quantiles``
+    of it; the expectation tabulated on ``grid`` points of the base and interpolated): the calibrated probability of
+    a predictor that knows the base but not which residual a row has."""
+    r = np.quantile(residual, (np.arange(quantiles) + 0.5) / quantiles)
+    points = np.linspace(base_logit.min(), base_logit.max(), grid)
+    return np.interp(base_logit, points, expit(points[:, None] + r[None, :]).mean(1))
+
+
+def oracle_without_interaction(truth: pd.DataFrame, in_window_share: float) -> pd.DataFrame:
+    """The oracle's pCTR and pCVR (``oracle_ctr_additive``, ``oracle_cvr_additive``) without the user x ad latent
+    interaction, all but its per-user and per-ad part (:func:`additive_part`, fitted over the run's impressions): the
+    rest is averaged out of the true logits (:func:`averaged_over`), so the probabilities stay calibrated. The
+    best any learner does from the effects the features see and one bias per id, without learning the interaction
+    (which needs each user x ad direction seen often). pCVR scaled to the window as the oracle's is."""
+    user, ad = truth["user_id"].to_numpy(), truth["ad_id"].to_numpy()
+    out = {}
+    for task, p in (("ctr", truth["true_pctr"].to_numpy()), ("cvr", truth["true_pcvr"].to_numpy())):
+        latent = truth[f"{task}_latent_logit"].to_numpy()
+        residual = latent - additive_part(latent, user, ad)
+        out[f"oracle_{task}_additive"] = averaged_over(logit(np.clip(p, 1e-12, 1 - 1e-12)) - residual, residual)
+    out["oracle_cvr_additive"] = out["oracle_cvr_additive"] * in_window_share
+    return pd.DataFrame(out, index=truth.index)
+
+
 def downsample(frame: pd.DataFrame, rate: float) -> pd.DataFrame:
     """Keep every click and a deterministic ``rate`` of the rest; ``sample_rate`` travels with the rows."""
     keep = frame["clicked"].to_numpy() | holdout_mask(frame["impression_id"], rate, salt="negatives")
@@ -131,6 +170,17 @@ def task_metrics(frame: pd.DataFrame, p: dict[str, np.ndarray]) -> dict[str, dic
 def oracle(frame: pd.DataFrame) -> dict[str, np.ndarray]:
     ctr, cvr = frame["oracle_ctr"].to_numpy(), frame["oracle_cvr"].to_numpy()
     return {"ctr": ctr, "cvr": cvr, "ctcvr": ctr * cvr, "neg": frame["oracle_neg"].to_numpy()}
+
+
+# The oracle less the user x ad interaction (:func:`oracle_without_interaction`): the ceiling of a learner that does
+# not learn the interaction.
+NO_INTERACTION = "(a) oracle without the user x ad interaction"
+
+
+def oracle_additive(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The :data:`NO_INTERACTION` oracle's probabilities from ``frame``'s ``oracle_*_additive`` columns."""
+    ctr, cvr = frame["oracle_ctr_additive"].to_numpy(), frame["oracle_cvr_additive"].to_numpy()
+    return {"ctr": ctr, "cvr": cvr, "ctcvr": ctr * cvr}
 
 
 def train_batch(frame: pd.DataFrame, spec: InputSpec, settings: Settings, scale: Scale, rate: float,
@@ -220,6 +270,7 @@ def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float, ef
     truth = gen.truth
     share = in_window_share(truth)
     frame = truth_frame(truth, share)
+    frame = pd.concat([frame, oracle_without_interaction(frame, share)], axis=1)
     day = (frame["impression_time_ms"].to_numpy() - cfg.start_ms) // DAY_MS
     history, held_day, drift_day = frame[day < h], frame[day == h], frame[day == h + 1]
     spec = InputSpec.from_schemas(settings.trainer.id_buckets, settings.trainer.small_buckets)
@@ -240,6 +291,7 @@ def evaluate_models(settings: Settings, scale: Scale, seed: int, rate: float, ef
 
     held_batch = encode(held_day, spec)
     rows = {"(a) oracle": task_metrics(held_day, oracle(held_day)),
+            NO_INTERACTION: task_metrics(held_day, oracle_additive(held_day)),
             "(b) full retrain": task_metrics(held_day, full.score(held_batch)),
             "(c) warm start": task_metrics(held_day, warm.score(held_batch)),
             "(f) river baseline": task_metrics(held_day, river_p),

@@ -42,6 +42,7 @@ from trainers.data import InputSpec, encode
 from trainers.evaluate import (
     GOALS,
     LIGHTGBM,
+    NO_INTERACTION,
     ORACLE,
     OURS,
     RIVER,
@@ -54,6 +55,8 @@ from trainers.evaluate import (
     headline,
     in_window_share,
     json_default,
+    oracle_additive,
+    oracle_without_interaction,
     task_metrics,
 )
 from trainers.river_baseline import RiverBaseline
@@ -179,6 +182,9 @@ def split_world(frame: pd.DataFrame, truth: pd.DataFrame, cfg: SimulatorConfig,
     # Hides and reports as silver counted them (the joiner's rules), and the oracle's pNeg.
     frame["negative"] = pd.array(frame["negative_feedback"], dtype="boolean").fillna(False).to_numpy(dtype=bool)
     frame["oracle_neg"] = truth["true_pneg"].reindex(frame["impression_id"]).to_numpy()
+    additive = oracle_without_interaction(truth, share).reindex(frame["impression_id"])
+    for column in additive:
+        frame[column] = additive[column].to_numpy()
     day = (frame["impression_time_ms"].to_numpy() - cfg.start_ms) // DAY_MS
     first, last = scale.warmup_days, scale.warmup_days + scale.history_days
     history, held = frame[(day >= first) & (day < last)], frame[day == last].reset_index(drop=True)
@@ -196,8 +202,8 @@ def evaluate_world(settings: Settings, scale: FeatureScale, seed: int, rate: flo
     oracle = {"ctr": held["oracle_ctr"].to_numpy(), "cvr": held["oracle_cvr"].to_numpy()}
     oracle["ctcvr"] = oracle["ctr"] * oracle["cvr"]
     oracle["neg"] = held["oracle_neg"].to_numpy()
-    rows = {"(a) oracle": task_metrics(held, oracle)}
-    scores = {"(a) oracle": oracle}
+    scores = {"(a) oracle": oracle, NO_INTERACTION: oracle_additive(held)}
+    rows = {name: task_metrics(held, p) for name, p in scores.items()}
     for label, view in (("with features", lambda f: f), ("ids and context only", without_features)):
         train, test = downsample(view(history), rate), encode(view(held), spec)
         torch.manual_seed(seed)

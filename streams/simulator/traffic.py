@@ -58,12 +58,26 @@ def conversion_delays(cfg: SimulatorConfig, rng: np.random.Generator, n: int) ->
                     rng.lognormal(np.log(cfg.conv_slow_median_s), cfg.conv_slow_sigma, n))
 
 
+LATENT_SCALE = 4.0  # the user x ad factors' dot product is multiplied by this in both logits
+
+
+def latent_ctr_logit(world: World, user: np.ndarray, slot: np.ndarray, gen: np.ndarray) -> np.ndarray:
+    """The user x ad latent part of each impression's click logit: what no feature observes, and only ids seen
+    together often enough can teach (``trainers.evaluate.oracle_without_interaction``)."""
+    return LATENT_SCALE * np.einsum("ij,ij->i", world.user_ctr_f[user], world.ad_ctr_f[gen, slot])
+
+
+def latent_cvr_logit(world: World, user: np.ndarray, slot: np.ndarray, gen: np.ndarray) -> np.ndarray:
+    """The user x ad latent part of each impression's conversion logit (as :func:`latent_ctr_logit`)."""
+    return LATENT_SCALE * np.einsum("ij,ij->i", world.user_cvr_f[user], world.ad_cvr_f[gen, slot])
+
+
 def true_ctr_logit(cfg: SimulatorConfig, world: World, user: np.ndarray, slot: np.ndarray, gen: np.ndarray,
                    place: np.ndarray, device: np.ndarray, position: np.ndarray, t_ms: np.ndarray) -> np.ndarray:
     """The click logit of each impression before the run's offset (the hidden truth)."""
     days = (t_ms - cfg.start_ms) / 86_400_000.0
-    logit = (4.0 * np.einsum("ij,ij->i", world.user_ctr_f[user], world.ad_ctr_f[gen, slot])
-             + world.ad_ctr_bias[gen, slot] + PLACEMENT_LOGIT[place] + DEVICE_LOGIT[device]
+    logit = (latent_ctr_logit(world, user, slot, gen) + world.ad_ctr_bias[gen, slot]
+             + PLACEMENT_LOGIT[place] + DEVICE_LOGIT[device]
              + world.user_category_affinity[user, world.category_of(slot)]
              + POSITION_LOGIT_PER_SLOT * position + cfg.drift_logit_per_day * days)
     if cfg.shock_hour is not None:
@@ -84,8 +98,7 @@ def true_cvr_logit(cfg: SimulatorConfig, world: World, user: np.ndarray, slot: n
                    t_ms: np.ndarray) -> np.ndarray:
     """The conversion logit (given a click) of each impression before the run's offset."""
     days = (t_ms - cfg.start_ms) / 86_400_000.0
-    logit = (4.0 * np.einsum("ij,ij->i", world.user_cvr_f[user], world.ad_cvr_f[gen, slot])
-             + world.ad_cvr_bias[gen, slot] + cfg.drift_logit_per_day * days)
+    logit = latent_cvr_logit(world, user, slot, gen) + world.ad_cvr_bias[gen, slot] + cfg.drift_logit_per_day * days
     if cfg.effects.advertiser_cvr_sd:
         logit = logit + cfg.effects.advertiser_cvr_sd * world.advertiser_cvr_z[world.advertiser_of(slot)]
     return logit
@@ -219,6 +232,9 @@ def simulate_traffic(cfg: SimulatorConfig, world: World, rng: np.random.Generato
         "served_pcvr": served_pcvr,
         "true_pctr": true_pctr,
         "true_pcvr": true_pcvr,
+        # The latent parts of the logits above (the oracle without the user x ad interaction needs them).
+        "ctr_latent_logit": latent_ctr_logit(world, user, slot, gen),
+        "cvr_latent_logit": latent_cvr_logit(world, user, slot, gen),
         "clicked": clicked,
         "click_time_ms": np.where(clicked, click_ms, -1),
         "converts": converts,
