@@ -4,12 +4,14 @@ Two simulated runs, generated in process (no broker: the truth of every impressi
 
 * **models**: ``history_days`` days of traffic, a held-out day, then a day with an abrupt drift (``shock_hour``:
   half the ad categories' CTR moves up, half down). On the held-out day, per task (CTR, CVR on clicks, CTCVR):
-  (a) the oracle (true probabilities), (b) a full retrain over the history, (c) a full retrain over all but
-  the last history day, warm-started on it, (f) the River baseline (learned on the same stream), (g) LightGBM on
-  the ranker's own inputs and rows (``trainers.lightgbm_baseline``). On the drift day: (d) the online ranker (the
-  full model, then updated with the label joiner's examples as the joiner emits them, label delays included:
-  each mini-batch of impressions is scored with what was emitted before it) and (e) the same model frozen; hour
-  by hour, with the daily warm start (trained on the held-out day, serving the drift day) beside them.
+  (a) the oracle (true probabilities) and the oracle without the user x ad interaction (what a learner that does
+  not learn the interaction can reach: :func:`oracle_without_interaction`), (b) a full retrain over the history,
+  (c) a full retrain over all but the last history day, warm-started on it, (f) the River baseline (learned on the
+  same stream), (g) LightGBM on the ranker's own inputs and rows (``trainers.lightgbm_baseline``). On the drift
+  day: (d) the online ranker (the full model, then updated with the label joiner's examples as the joiner emits
+  them, label delays included: each mini-batch of impressions is scored with what was emitted before it) and (e)
+  the same model frozen; hour by hour, with the daily warm start (trained on the held-out day, serving the drift
+  day) beside them.
 * **delay**: a run with many conversions, fed through the label joiner (``label_joiner.replay``) under each
   delay-correction scheme; the online ranker learns each scheme's examples in the order they are emitted and,
   hour by hour on the last day, is scored on that hour's clicks before learning them, against the conversion

@@ -15,7 +15,8 @@ latent user x ad part goes through the production path, on topics, a lake and a 
 After ``warmup_days`` (processed, so gold has a day behind it, but not trained on), the ``history`` days train
 every model (negatives downsampled to ``negative_rate`` in process, as
 ``trainers.evaluate`` does; undone and calibrated the same way); the last day scores them against the truth of
-each impression (the oracle: the true probabilities). Each model is trained twice on the same rows: **with** the
+each impression (the oracle: the true probabilities; and the oracle without the user x ad interaction, the ceiling
+of a learner that does not learn it). Each model is trained twice on the same rows: **with** the
 feature service's columns (``<view>__<feature>``: gold, real-time and the recent-ads history) and **without**
 them (the columns dropped: ids and context only). Models: the ranker (a full retrain), LightGBM on the ranker's
 inputs and River FTRL.
