@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 
-from trainers.evaluate import goals_table
-from trainers.evaluate_features import NO_INTERACTION, run
+from trainers.evaluate import NO_INTERACTION, goals_table
+from trainers.evaluate_features import run
 
 
 def test_the_real_features_speed_up_the_rankers_first_epoch(kafka_settings, redis_settings, tmp_path, capsys):
