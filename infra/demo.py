@@ -52,15 +52,24 @@ def wait_until_caught_up(settings, group: str, timeout_s: float = 300.0) -> None
     print("demo: the joiner did not catch up in time; see its log")
 
 
-def wait_until_still(settings, group: str, topics: list[str], timeout_s: float = 300.0) -> None:
-    """Wait until a group's committed offsets stop moving (its transactional inputs end in markers)."""
-    deadline, last = time.monotonic() + timeout_s, None
+def wait_until_still(settings, group: str, topics: list[str], timeout_s: float = 300.0, quiet_s: float = 30.0,
+                     poll_s: float = 3.0) -> None:
+    """Wait until a group has committed every message in ``topics``, or its committed offsets have not moved for
+    ``quiet_s`` (a transactional input can end in a marker the group never commits past). The quiet window must
+    outlast the worker's slowest commit interval: a loaded worker commits every few seconds, and two equal polls
+    a few seconds apart once ended the wait with 49,000 events still to read."""
+    deadline = time.monotonic() + timeout_s
+    last, since = None, time.monotonic()
     while time.monotonic() < deadline:
         now = group_lag(settings, group, topics)
-        if now == last and now[0] > 0:
+        done, total = now
+        if total > 0 and done >= total:
             return
-        last = now
-        time.sleep(3)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif done > 0 and time.monotonic() - since >= quiet_s:
+            return
+        time.sleep(poll_s)
     print(f"demo: {group} did not settle in time; see its log")
 
 
