@@ -85,13 +85,13 @@ def matured_clicks(events, end_ms: int, settings: Settings):
             .where(F.col("matured_d") < 30))
 
 
-def compute(spark, settings: Settings, ds: date) -> dict[type[FeatureRow], object]:
-    """The four gold frames of ``ds`` (columns exactly the tables' fields)."""
+def known_impressions(spark, settings: Settings, ds: date):
+    """The impressions known by the end of ``ds`` from its last 30 days (and the conversion maturity before them),
+    each with its category, its age in days, and its click and conversion (flag and time) as known by then."""
     from pyspark.sql import functions as F
 
-    start_ms, end_ms = day_bounds(ds)
+    _, end_ms = day_bounds(ds)
     rules = Rules.from_settings(settings.windows)
-    ts = F.lit(day_end(ds)).cast("timestamp").alias("event_timestamp")
     catalog = campaigns_as_of(spark, settings, end_ms)
     imps = (known_by(spark, settings, Impression, end_ms, rules)
             .where(F.col("event_time_ms") >= end_ms - 30 * DAY_MS - maturity_ms(settings))
@@ -103,8 +103,19 @@ def compute(spark, settings: Settings, ds: date) -> dict[type[FeatureRow], objec
               .groupBy("impression_id").agg(F.lit(1).alias("click"), F.min("event_time_ms").alias("click_ms")))
     convs = (known_by(spark, settings, Conversion, end_ms, rules)
              .groupBy("impression_id").agg(F.lit(1).alias("conv"), F.min("event_time_ms").alias("conv_ms")))
-    joined = (imps.join(clicks, "impression_id", "left").join(convs, "impression_id", "left")
-              .fillna(0, ["click", "conv"]).cache())
+    return (imps.join(clicks, "impression_id", "left").join(convs, "impression_id", "left")
+            .fillna(0, ["click", "conv"]))
+
+
+def compute(spark, settings: Settings, ds: date, joined=None) -> dict[type[FeatureRow], object]:
+    """The four gold frames of ``ds`` (columns exactly the tables' fields), from ``joined`` (default: a fresh
+    :func:`known_impressions` of ``ds``; a caller that caches it releases it)."""
+    from pyspark.sql import functions as F
+
+    _, end_ms = day_bounds(ds)
+    ts = F.lit(day_end(ds)).cast("timestamp").alias("event_timestamp")
+    catalog = campaigns_as_of(spark, settings, end_ms)
+    joined = known_impressions(spark, settings, ds) if joined is None else joined
     events = joined.where(F.col("age_d") < 30)
     matured = matured_clicks(joined, end_ms, settings)
 
@@ -206,9 +217,13 @@ def run(ds: date, settings: Settings | None = None, quality: bool = True) -> dic
 
     settings = settings or get_settings()
     spark = spark_session("gold", settings)
-    frames = {table: frame.withColumn("ds", F.lit(ds.isoformat())).cache()
-              for table, frame in compute(spark, settings, ds).items()}
+    # Every view reads the day's known impressions: cached once, and released with the views when the day is
+    # written (a driver that runs day after day, as a backfill or the evaluation does, kept every day's copy).
+    joined = known_impressions(spark, settings, ds).cache()
+    frames = {}
     try:
+        frames = {table: frame.withColumn("ds", F.lit(ds.isoformat())).cache()
+                  for table, frame in compute(spark, settings, ds, joined).items()}
         if quality:
             for table, frame in frames.items():
                 path = gold_path(settings, table)
@@ -225,6 +240,7 @@ def run(ds: date, settings: Settings | None = None, quality: bool = True) -> dic
     finally:
         for frame in frames.values():
             frame.unpersist()
+        joined.unpersist()
     return written
 
 

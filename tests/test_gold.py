@@ -118,3 +118,39 @@ def test_gold_counts_what_was_known_and_cvrs_only_matured_clicks(tmp_path):
     camp1_ctr = smooth(5, 8, adv1_ctr, gold.PRIOR_IMPRESSIONS)
     assert ads.loc[10, "ad_ctr_7d"] == pytest.approx(smooth(5, 8, camp1_ctr, gold.PRIOR_IMPRESSIONS))
     assert ads.loc[10, "ad_category_id"] == 3 and ads.loc[10, "ad_campaign_age_days"] == pytest.approx(2.0)
+
+
+def test_a_gold_run_releases_the_impressions_it_cached(tmp_path, monkeypatch):
+    """A driver that runs gold day after day (a backfill, the features evaluation) keeps no day's impressions
+    cached: they filled its heap at full scale. The views read them cached while the day is computed."""
+    from pyspark import StorageLevel
+
+    settings = settings_for(tmp_path)
+    spark = spark_session("test", settings)
+    write_bronze(spark, settings, Impression, [impression(f"i{k}", END - (k + 1) * H, 10 + 10 * (k % 2), user=k % 3)
+                                               for k in range(6)])
+    write_bronze(spark, settings, Click, [{"click_id": "c0", "impression_id": "i0", "user_id": 0, "ad_id": 10,
+                                           "event_time_ms": END - H + M}])
+    write_bronze(spark, settings, Conversion, [{"conversion_id": "v0", "click_id": "c0", "impression_id": "i0",
+                                                "user_id": 0, "ad_id": 10, "event_time_ms": END - H + 2 * M,
+                                                "value": 1.0}])
+    write_bronze(spark, settings, Campaign, [
+        {"campaign_id": c, "advertiser_id": c, "category_id": 3, "daily_budget": 100.0,
+         "start_time_ms": END - 48 * H, "event_time_ms": END - 72 * H} for c in (1, 2)])
+    seen = {}
+    known_impressions, compute = gold.known_impressions, gold.compute
+
+    def recorded_known(*args, **kwargs):
+        seen["joined"] = known_impressions(*args, **kwargs)
+        return seen["joined"]
+
+    def recorded_compute(*args, **kwargs):
+        seen["cached while computed"] = seen["joined"].storageLevel.useMemory
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(gold, "known_impressions", recorded_known)
+    monkeypatch.setattr(gold, "compute", recorded_compute)
+    written = gold.run(DS, settings, quality=False)
+    assert written["ad_features"] == 2 and written["user_features"] == 3
+    assert seen["cached while computed"]
+    assert seen["joined"].storageLevel == StorageLevel.NONE
